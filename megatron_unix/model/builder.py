@@ -1,0 +1,38 @@
+"""Build a Uni-X GPTModel for this pipeline stage."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+
+from megatron_unix.model.config import UniXConfig
+from megatron_unix.model.spec import block_spec
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by: int = 128) -> int:
+    """Megatron's padding: a multiple of ``divisible_by * TP`` (stripped again on export)."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(config: UniXConfig, vocab_size: int, max_sequence_length: int, *,
+                pre_process: bool | None = None, post_process: bool | None = None,
+                vp_stage: int | None = None) -> GPTModel:
+    """A Megatron GPTModel whose decoder layers follow the Uni-X spec (``vocab_size`` unpadded)."""
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, vp_stage=vp_stage),
+        vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(config.rotary_base),
+        vp_stage=vp_stage,
+    )

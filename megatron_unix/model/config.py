@@ -1,0 +1,89 @@
+"""UniXConfig: Megatron's TransformerConfig plus what makes a model Uni-X (spec §1-2, §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from megatron_unix import platform
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "te")
+
+
+@dataclass
+class UniXConfig(TransformerConfig):
+    """Dimensions come from TransformerConfig; Uni-X adds the split and the vocabulary layout."""
+
+    vision_encode_layers: int = 0
+    """N: the first N layers hold a text and a vision copy."""
+    vision_decode_layers: int = 0
+    """M: the last M layers hold a text and a vision copy."""
+    vq_offset: int = 151665
+    """Id of VQ code 0 (= text tokenizer length)."""
+    vq_codebook_size: int = 8192
+    boi_id: int = 151652
+    eoi_id: int = 151653
+    eos_id: int = 151643
+    separator_ids: tuple[int, ...] = ()
+    """Tokens routed to vision besides BOI and the codes (e.g. <|vision_pad|>)."""
+    document_isolation: bool = True
+    """False reproduces the reference's training: attention spans the whole packed row."""
+    tie_word_embeddings: bool = True
+    rotary_base: float = 1_000_000.0
+    core_attention_backend: str = "auto"
+    """One of ATTENTION_BACKENDS; "auto" picks the fastest that this machine has."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, m, layers = self.vision_encode_layers, self.vision_decode_layers, self.num_layers
+        if n < 0 or m < 0 or n + m > layers:
+            raise ValueError(
+                f"--vision-encode-layers ({n}) + --vision-decode-layers ({m}) must be within 0..--num-layers ({layers})"
+            )
+        if self.context_parallel_size > 1:
+            raise ValueError(
+                "--context-parallel-size > 1 is not supported yet: Uni-X routes tokens by modality "
+                "inside a row, and the context-parallel split of segments is a later issue"
+            )
+        if self.core_attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.core_attention_backend!r}")
+
+    def is_separated(self, layer_index: int) -> bool:
+        """Whether global layer ``layer_index`` (0-based) holds a vision copy."""
+        return layer_index < self.vision_encode_layers or layer_index >= self.num_layers - self.vision_decode_layers
+
+    def separated_index(self, layer_index: int) -> int:
+        """Index of a separated layer among all separated layers: encode 0..N-1, then decode."""
+        if layer_index < self.vision_encode_layers:
+            return layer_index
+        return self.vision_encode_layers + layer_index - (self.num_layers - self.vision_decode_layers)
+
+    @property
+    def num_separated_layers(self) -> int:
+        return self.vision_encode_layers + self.vision_decode_layers
+
+
+QWEN_DEFAULTS: dict[str, Any] = dict(
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-6,
+    gated_linear_unit=True,
+    activation_func=F.silu,
+    add_bias_linear=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    bf16=False,
+    params_dtype=None,
+)
+
+
+def make_config(**fields: Any) -> UniXConfig:
+    """A UniXConfig with Qwen's layer choices and this machine's safe defaults under ``fields``."""
+    merged = {**QWEN_DEFAULTS, **platform.config_defaults(), **fields}
+    if merged["params_dtype"] is None:
+        import torch
+
+        merged["params_dtype"] = torch.bfloat16 if merged.get("bf16") else torch.float32
+    return UniXConfig(**merged)
