@@ -38,8 +38,8 @@ class ModalityRoute:
     """One modality's stream inside a separated layer.
 
     ``index`` lists the stream positions of this modality's tokens in order; the gathered stream
-    is right-padded to ``padded_len`` (a multiple of the TP size under sequence parallelism) and
-    the padding forms its own segment. ``positions`` indexes rotary tables (padding at 0).
+    is right-padded to ``padded_len`` (a multiple of the TP size under sequence parallelism, and
+    never zero) and the padding forms its own segment; its outputs are discarded. ``positions`` indexes rotary tables (padding at 0).
     """
 
     index: torch.Tensor
@@ -123,7 +123,9 @@ def build_routing(
     routes = []
     for selected in (~is_vision, is_vision):
         index = torch.nonzero(selected).flatten()
-        padded = max(_round_up(index.numel(), tp), tp if tp > 1 else 0)
+        # Never an empty stream: Megatron's layers cannot run on zero tokens, and DDP needs every
+        # copy to produce (here exactly zero) gradients, so an absent modality runs on padding only.
+        padded = max(_round_up(index.numel(), tp), tp)
         pad = padded - index.numel()
         positions = torch.cat([index, torch.zeros(pad, dtype=index.dtype, device=index.device)])
         routes.append(ModalityRoute(index, padded, positions, _segment_params(key[index], padded, pad)))

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Megatron and the Hugging Face reference format (spec §5)."""

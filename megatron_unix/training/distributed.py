@@ -1,0 +1,61 @@
+"""Start torch.distributed and Megatron's parallel state, from torchrun or from slurm alone."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_unix import platform
+
+
+def _env_from_slurm() -> None:
+    """Under ``srun`` without torchrun, map SLURM_* onto the torch.distributed variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        os.environ["MASTER_ADDR"] = first_slurm_node(nodes)
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def first_slurm_node(nodelist: str) -> str:
+    """First host of a slurm nodelist such as ``gpu[012-015,020],cpu1`` -> ``gpu012``."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+               context_parallel: int = 1, timeout_minutes: int = 10) -> None:
+    """Initialise the process group (single process when no launcher variables are set)."""
+    platform.setup()
+    if context_parallel > 1:
+        raise ValueError("--context-parallel-size > 1 is not supported yet (a later issue)")
+    _env_from_slurm()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(platform.distributed_backend(), timeout=timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not divisible by --tensor-model-parallel-size ({tensor_parallel}) "
+            f"x --pipeline-model-parallel-size ({pipeline_parallel})"
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+    platform.seed_model_parallel(seed)
