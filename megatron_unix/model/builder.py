@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
@@ -15,15 +16,33 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_
     return -(-vocab_size // multiple) * multiple
 
 
+class UniXGPTModel(GPTModel):
+    """GPTModel whose loss ignores the vocabulary rows added for tensor parallelism, so the loss
+    is the cross-entropy over the real vocabulary, as in the exported HF model."""
+
+    def __init__(self, *args, real_vocab_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        width = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * width
+        padded = torch.arange(start, start + width, device=logits.device) >= self.real_vocab_size
+        if padded.any():
+            logits = logits.masked_fill(padded, torch.finfo(logits.dtype).min)
+        return super().compute_language_model_loss(labels, logits)
+
+
 def build_model(config: UniXConfig, vocab_size: int, max_sequence_length: int, *,
                 pre_process: bool | None = None, post_process: bool | None = None,
-                vp_stage: int | None = None) -> GPTModel:
+                vp_stage: int | None = None) -> UniXGPTModel:
     """A Megatron GPTModel whose decoder layers follow the Uni-X spec (``vocab_size`` unpadded)."""
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    return UniXGPTModel(
+        real_vocab_size=vocab_size,
         config=config,
         transformer_layer_spec=block_spec(config, vp_stage=vp_stage),
         vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),

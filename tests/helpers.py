@@ -1,0 +1,52 @@
+"""Build a tiny production model and express its weights in the reference's HF names."""
+
+from __future__ import annotations
+
+import torch
+
+from tiny import TINY_MODEL, TINY_VOCAB
+
+
+def build_tiny(seed: int = 0, **overrides):
+    """A TP=1/PP=1 Uni-X with random norms and biases (Megatron initialises those to 1 and 0)."""
+    from megatron_unix import platform
+    from megatron_unix.model import build_model, make_config
+
+    platform.seed_model_parallel(seed)
+    config = make_config(**{**TINY_MODEL, **overrides})
+    model = build_model(config, TINY_VOCAB, 64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.copy_(0.5 + torch.rand(param.shape, generator=g))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+    return model, config
+
+
+def reference_cfg(config) -> dict:
+    return dict(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_query_groups, head_dim=config.kv_channels, rms_eps=config.layernorm_epsilon,
+        rope_theta=config.rotary_base, n_encode=config.vision_encode_layers, n_decode=config.vision_decode_layers,
+        vq_offset=config.vq_offset, boi_id=config.boi_id, separator_ids=list(config.separator_ids),
+        document_isolation=config.document_isolation,
+    )
+
+
+def hf_weights(model, config) -> dict[str, torch.Tensor]:
+    from megatron_unix.conversion.mappings import megatron_to_hf
+
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return megatron_to_hf(state, config, TINY_VOCAB)
+
+
+def logits(model, config, batch) -> torch.Tensor:
+    """Production logits [b, s, vocab] (padding columns dropped)."""
+    from megatron_unix.model import build_routing
+
+    tokens = batch["tokens"]
+    routing = build_routing(tokens, batch["document_ids"], config)
+    out = model(tokens.reshape(1, -1), None, None, packed_seq_params=routing)
+    return out[..., :TINY_VOCAB].reshape(*tokens.shape, TINY_VOCAB)
