@@ -1,0 +1,79 @@
+"""Isolation properties of the production model, and the checks that refuse bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import build_tiny, logits
+from tiny import TEXT_VOCAB, VQ_CODES, make_batch
+
+ROWS = [["t2i", "mid", "i2t"], ["text", "image", "t2i"]]
+
+
+def _vision_code_positions(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens >= TEXT_VOCAB
+
+
+def test_fully_separated_text_ignores_images(megatron_single):
+    model, config = build_tiny(seed=3, vision_encode_layers=2, vision_decode_layers=2)
+    batch = make_batch(ROWS, seq=48, seed=3)
+    changed = {**batch, "tokens": batch["tokens"].clone()}
+    codes = _vision_code_positions(batch["tokens"])
+    changed["tokens"][codes] = TEXT_VOCAB + (batch["tokens"][codes] - TEXT_VOCAB + 7) % VQ_CODES
+    text = ~codes & (batch["tokens"] != config.boi_id)
+    before, after = logits(model, config, batch), logits(model, config, changed)
+    assert torch.equal(before[text], after[text])
+    assert not torch.allclose(before[codes], after[codes])
+
+
+@pytest.mark.parametrize("isolation", [True, False])
+def test_documents_do_not_see_each_other(megatron_single, isolation):
+    model, config = build_tiny(seed=4, document_isolation=isolation)
+    batch = make_batch(ROWS, seq=48, seed=4)
+    first_doc = batch["document_ids"] == 0
+    changed = {**batch, "tokens": batch["tokens"].clone()}
+    changed["tokens"][first_doc & (batch["tokens"] < 89)] = 5  # rewrite the text of document 0
+    before, after = logits(model, config, batch), logits(model, config, changed)
+    later = ~first_doc
+    if isolation:
+        assert torch.equal(before[later], after[later])
+    else:
+        assert not torch.allclose(before[later], after[later])
+
+
+def test_config_refuses_bad_settings():
+    from megatron_unix.model import make_config
+    from tiny import TINY_MODEL
+
+    with pytest.raises(ValueError, match="--vision-encode-layers"):
+        make_config(**{**TINY_MODEL, "vision_encode_layers": 3, "vision_decode_layers": 2})
+    with pytest.raises(ValueError, match="--context-parallel-size"):
+        make_config(**TINY_MODEL, context_parallel_size=2)
+    with pytest.raises(ValueError, match="--attention-backend"):
+        make_config(**TINY_MODEL, core_attention_backend="magic")
+
+
+def test_backend_that_cannot_run_says_why():
+    from megatron_unix.model.attention import select_backend
+
+    assert select_backend("auto", on_gpu=False) == "sdpa"
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        select_backend("varlen", on_gpu=False)
+
+
+def test_attention_backends_agree_on_segments():
+    """The sdpa mask path equals per-segment causal attention computed segment by segment."""
+    from megatron_unix.model.attention import sdpa_backend
+    from megatron_unix.model.routing import _segment_params
+
+    g = torch.Generator().manual_seed(0)
+    segments = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    q, k, v = (torch.randn(10, 4, 8, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: 2 kv heads
+    out = sdpa_backend(q, k, v, _segment_params(segments, 10), 8 ** -0.5, 0.0)
+    for seg in segments.unique():
+        idx = (segments == seg).nonzero().flatten()
+        kk, vv = (x[idx].repeat_interleave(2, dim=1).transpose(0, 1) for x in (k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(q[idx].transpose(0, 1), kk, vv, is_causal=True)
+        torch.testing.assert_close(out[idx], ref.transpose(0, 1))
