@@ -1,0 +1,1 @@
+"""Data: synthetic packed batches for demos, tests and benchmarks (indexed datasets come next)."""
