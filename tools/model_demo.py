@@ -78,7 +78,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed + ps.get_data_parallel_rank())
     for iteration in range(1, args.train_iters + 1):
         start = time.perf_counter()
-        batch = make_batch(random_rows(args.micro_batch_size, 4, g), args.seq_length, layout, seed=int(g.seed() % 2**31))
+        batch = make_batch(random_rows(args.micro_batch_size, 4, g), args.seq_length, layout, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         results = run(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
