@@ -21,6 +21,7 @@ from megatron_unix.training import distributed  # noqa: E402
 UNIX_1_5B = dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, num_query_groups=2,
                  kv_channels=128, vision_encode_layers=9, vision_decode_layers=5, qk_layernorm=True)
 VOCAB = 160128
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 dense bf16
 
 
 def main() -> None:
@@ -71,9 +72,11 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.iters
     tokens_per_s = args.seq_length / seconds
-    flops = 6 * (params - VOCAB * config.hidden_size) / 1 * args.seq_length  # dense matmuls, attention not counted
+    # Every token passes one copy of each layer: count the dense model's weights (plus the output head).
+    active = params - config.num_separated_layers * sum(p.numel() for p in model.decoder.layers[0].vision.parameters())
+    tflops = 6 * active * args.seq_length / seconds / 1e12
     print(f"Uni-X 1.5B 9:5: {params:,} parameters, loss {loss.item():.3f}, {tokens_per_s:,.0f} tokens/s, "
-          f"~{flops / seconds / 1e12:.0f} TFLOP/s (no attention term), peak memory "
+          f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / PEAK_BF16_TFLOPS:.1f}% (6*N*T, no attention term), peak memory "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, attention backend "
           f"{model.decoder.layers[0].self_attention.core_attention.backend_name}")
 
