@@ -29,8 +29,7 @@ class Accelerators:
     torch_varlen: bool
 
     def describe(self) -> str:
-        flags = {k: v for k, v in self.__dict__.items()}
-        return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items())
+        return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in self.__dict__.items())
 
 
 def _has_module(name: str) -> bool:

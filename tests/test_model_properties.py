@@ -65,13 +65,13 @@ def test_backend_that_cannot_run_says_why():
 def test_attention_backends_agree_on_segments():
     """The sdpa mask path equals per-segment causal attention computed segment by segment."""
     from megatron_unix.model.attention import sdpa_backend
-    from megatron_unix.model.routing import _segment_params
+    from megatron_unix.model.routing import segment_params
 
     g = torch.Generator().manual_seed(0)
     segments = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
     q, k, v = (torch.randn(10, 4, 8, generator=g) for _ in range(3))
     k, v = k[:, :2], v[:, :2]  # GQA: 2 kv heads
-    out = sdpa_backend(q, k, v, _segment_params(segments, 10), 8 ** -0.5, 0.0)
+    out = sdpa_backend(q, k, v, segment_params(segments, 10), 8 ** -0.5, 0.0)
     for seg in segments.unique():
         idx = (segments == seg).nonzero().flatten()
         kk, vv = (x[idx].repeat_interleave(2, dim=1).transpose(0, 1) for x in (k, v))
@@ -93,3 +93,53 @@ def test_published_parameter_counts(megatron_single, shape, expected):
     config = make_config(**shape, num_query_groups=2, kv_channels=128, qk_layernorm=True, perform_initialization=False)
     model = build_model(config, 160128, 128)
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_routing_segments_and_sequence_parallel_padding():
+    from megatron_unix.model import build_routing, make_config
+    from tiny import BOI, EOI, TINY_MODEL
+
+    config = make_config(**TINY_MODEL, tensor_model_parallel_size=2, sequence_parallel=True)
+    tokens = torch.tensor([[1, 2, BOI, 100, 101, EOI, 3, 4], [5, BOI, 102, EOI, 6, 7, 8, 9]])
+    docs = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]])
+    routing = build_routing(tokens, docs, config)
+    assert routing.cu_seqlens_q.tolist() == [0, 6, 8, 13, 16]
+    text, vision = routing.routes
+    assert text.index.tolist() == [0, 1, 5, 6, 7, 8, 11, 12, 13, 14, 15]
+    assert vision.index.tolist() == [2, 3, 4, 9, 10]
+    # text of doc 0 row 0 is one segment across the image; padded to a multiple of TP=2
+    assert text.padded_len == 12 and text.params.cu_seqlens_q.tolist() == [0, 3, 5, 8, 11, 12]
+    assert vision.padded_len == 6 and vision.params.cu_seqlens_q.tolist() == [0, 3, 5, 6]
+    assert vision.positions.tolist() == [2, 3, 4, 9, 10, 0]
+
+
+def test_image_only_micro_batch_trains_both_copies(megatron_single):
+    """No text token at all: the text copies of separated layers still get (zero) gradients,
+    so DDP's hooks fire, and the shared layers train."""
+    from megatron_unix.model import build_routing
+
+    model, config = build_tiny(seed=5)
+    tokens = TEXT_VOCAB + torch.arange(2 * 16).reshape(2, 16) % VQ_CODES
+    routing = build_routing(tokens, None, config)
+    loss = model(tokens.reshape(1, -1), None, None, labels=tokens.reshape(1, -1), packed_seq_params=routing).mean()
+    loss.backward()
+    text_copy = model.decoder.layers[0].mlp.linear_fc1.weight
+    vision_copy = model.decoder.layers[0].vision.mlp.linear_fc1.weight
+    assert text_copy.grad is not None and torch.count_nonzero(text_copy.grad) == 0
+    assert torch.count_nonzero(vision_copy.grad) > 0
+    assert torch.count_nonzero(model.decoder.layers[1].mlp.linear_fc1.weight.grad) > 0
+
+
+def test_activation_recompute_gives_the_same_gradients(megatron_single):
+    from megatron_unix.model import build_routing
+
+    batch = make_batch(ROWS, seq=48, seed=6)
+    grads = []
+    for recompute in ({}, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)):
+        model, config = build_tiny(seed=6, **recompute)
+        routing = build_routing(batch["tokens"], batch["document_ids"], config)
+        model(batch["tokens"].reshape(1, -1), None, None, labels=batch["labels"].reshape(1, -1),
+              packed_seq_params=routing).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

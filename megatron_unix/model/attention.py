@@ -12,16 +12,18 @@ One module, ``UniXCoreAttention``, takes Megatron's ``core_attention`` slot. It 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_unix import platform
 from megatron_unix.model.config import UniXConfig
-from megatron_unix.model.routing import UniXPackedSeqParams, _segment_params
+from megatron_unix.model.routing import UniXPackedSeqParams, segment_params
 
 # A backend maps q [t, hq, d], k/v [t, hkv, d], params, softmax scale -> out [t, hq, d].
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, UniXPackedSeqParams, float, float], torch.Tensor]
@@ -136,12 +138,15 @@ class UniXCoreAttention(MegatronModule):
         if packed_seq_params is None or packed_seq_params.segment_ids is None:
             # No routing given (e.g. a plain causal batch): each row is one segment.
             rows = torch.arange(b, device=query.device).repeat_interleave(t)
-            packed_seq_params = _segment_params(rows, t * b)
+            packed_seq_params = segment_params(rows, t * b)
             query, key, value = (x.transpose(0, 1).reshape(b * t, 1, *x.shape[2:]) for x in (query, key, value))
         elif b != 1:
             raise ValueError("Uni-X attention expects the micro-batch as one stream ([s, 1, ...])")
         dropout = self.dropout if self.training else 0.0
-        out = self._backend()(query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, self.scale, dropout)
+        # Heads differ across TP ranks: dropout draws from the model-parallel RNG state.
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()
+        with rng:
+            out = self._backend()(query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, self.scale, dropout)
         out = out.reshape(t * b, 1, -1)
         if b != 1:
             out = out.view(b, t, -1).transpose(0, 1)

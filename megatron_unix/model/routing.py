@@ -60,7 +60,7 @@ def vision_token_mask(tokens: torch.Tensor, config: UniXConfig) -> torch.Tensor:
     return mask
 
 
-def _segment_params(segment_ids: torch.Tensor, stream_len: int, pad: int = 0) -> UniXPackedSeqParams:
+def segment_params(segment_ids: torch.Tensor, stream_len: int, pad: int = 0) -> UniXPackedSeqParams:
     """Params for a stream whose tokens carry run-labelled ``segment_ids``, plus ``pad`` tokens."""
     device = segment_ids.device
     if segment_ids.numel():
@@ -115,7 +115,7 @@ def build_routing(
     else:
         key = rows
     key = key.reshape(-1)
-    stream = _segment_params(key, b * s)
+    stream = segment_params(key, b * s)
     if config.num_separated_layers == 0:
         return stream
     tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
@@ -128,6 +128,6 @@ def build_routing(
         padded = max(_round_up(index.numel(), tp), tp)
         pad = padded - index.numel()
         positions = torch.cat([index, torch.zeros(pad, dtype=index.dtype, device=index.device)])
-        routes.append(ModalityRoute(index, padded, positions, _segment_params(key[index], padded, pad)))
+        routes.append(ModalityRoute(index, padded, positions, segment_params(key[index], padded, pad)))
     stream.routes = (routes[0], routes[1])
     return stream
