@@ -1,0 +1,70 @@
+"""The multimodal tokenizer over real SentencePiece and HF tokenizers trained here on small text."""
+
+from __future__ import annotations
+
+import pytest
+
+SPECIALS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
+CORPUS = [
+    "The caption of this image is: a red bicycle leaning on a wall.",
+    "Generate an image based on this description.",
+    "Uni-X separates the first and last layers by modality and shares the middle ones.",
+    "A quick brown fox jumps over the lazy dog near the river bank.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("sp")
+    (root / "corpus.txt").write_text("\n".join(CORPUS))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=120,
+        user_defined_symbols=SPECIALS, model_type="bpe", minloglevel=2,
+    )
+    return root / "sp.model"
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
+    root = tmp_path_factory.mktemp("hf")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("source", ["sentencepiece_model", "hf_tokenizer_dir"])
+def test_layout_of_the_vocabulary(request, source):
+    from megatron_unix.data.tokenizer import MultimodalTokenizer, load_text_tokenizer
+
+    path = request.getfixturevalue(source)
+    text = load_text_tokenizer(path)
+    tok = MultimodalTokenizer.from_pretrained(path, codebook_size=64)
+    assert tok.vq_offset == len(text)
+    assert tok.vocab_size == len(text) + 64
+    assert tok.image_tokens([0, 63]) == [len(text), len(text) + 63]
+    assert [tok.eos_id, tok.boi_id, tok.eoi_id, tok.separator_id] == [text.token_id(s) for s in SPECIALS]
+    assert tok.eod == tok.pad == tok.eos_id
+    ids = tok.tokenize("a red bicycle")
+    assert max(ids) < tok.vq_offset
+    assert tok.detokenize(ids + tok.image_tokens([5])).strip() == "a red bicycle"
+    assert tok.unique_identifiers["vq_offset"] == tok.vq_offset
+
+
+def test_bad_inputs_are_named(sentencepiece_model, tmp_path):
+    from megatron_unix.data.tokenizer import MultimodalTokenizer
+
+    tok = MultimodalTokenizer.from_pretrained(sentencepiece_model, codebook_size=64)
+    with pytest.raises(ValueError, match="VQ code 64 is outside the codebook 0..63"):
+        tok.image_tokens([1, 64])
+    with pytest.raises(ValueError, match="no BOI token '<image>'"):
+        MultimodalTokenizer.from_pretrained(sentencepiece_model, boi="<image>")
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        MultimodalTokenizer.from_pretrained(tmp_path / "missing.model")
