@@ -6,11 +6,8 @@ import random
 
 import pytest
 
-from test_tokenizer import hf_tokenizer_dir  # noqa: F401  (fixture)
-
-
 @pytest.fixture(scope="module")
-def tok(hf_tokenizer_dir):  # noqa: F811
+def tok(hf_tokenizer_dir):
     from megatron_unix.data.tokenizer import MultimodalTokenizer
 
     return MultimodalTokenizer.from_pretrained(hf_tokenizer_dir, codebook_size=16)

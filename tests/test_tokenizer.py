@@ -4,40 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-SPECIALS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
-CORPUS = [
-    "The caption of this image is: a red bicycle leaning on a wall.",
-    "Generate an image based on this description.",
-    "Uni-X separates the first and last layers by modality and shares the middle ones.",
-    "A quick brown fox jumps over the lazy dog near the river bank.",
-] * 20
-
-
-@pytest.fixture(scope="module")
-def sentencepiece_model(tmp_path_factory):
-    import sentencepiece
-
-    root = tmp_path_factory.mktemp("sp")
-    (root / "corpus.txt").write_text("\n".join(CORPUS))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=120,
-        user_defined_symbols=SPECIALS, model_type="bpe", minloglevel=2,
-    )
-    return root / "sp.model"
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
-    root = tmp_path_factory.mktemp("hf")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(root)
-    return root
+from conftest import SPECIALS
 
 
 @pytest.mark.parametrize("source", ["sentencepiece_model", "hf_tokenizer_dir"])

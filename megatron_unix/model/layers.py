@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,

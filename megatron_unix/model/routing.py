@@ -10,7 +10,7 @@ ids alone, so every pipeline stage computes the same routing from the same batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
