@@ -44,9 +44,7 @@ def hf_weights(model, config) -> dict[str, torch.Tensor]:
 
 def logits(model, config, batch) -> torch.Tensor:
     """Production logits [b, s, vocab] (padding columns dropped)."""
-    from megatron_unix.model import build_routing
+    from megatron_unix.training.step import stream_forward
 
-    tokens = batch["tokens"]
-    routing = build_routing(tokens, batch["document_ids"], config)
-    out = model(tokens.reshape(1, -1), None, None, packed_seq_params=routing)
-    return out[..., :TINY_VOCAB].reshape(*tokens.shape, TINY_VOCAB)
+    out = stream_forward(model, batch)
+    return out[..., :TINY_VOCAB].reshape(*batch["tokens"].shape, TINY_VOCAB)

@@ -116,12 +116,11 @@ def test_routing_segments_and_sequence_parallel_padding():
 def test_image_only_micro_batch_trains_both_copies(megatron_single):
     """No text token at all: the text copies of separated layers still get (zero) gradients,
     so DDP's hooks fire, and the shared layers train."""
-    from megatron_unix.model import build_routing
+    from megatron_unix.training.step import stream_forward
 
     model, config = build_tiny(seed=5)
     tokens = TEXT_VOCAB + torch.arange(2 * 16).reshape(2, 16) % VQ_CODES
-    routing = build_routing(tokens, None, config)
-    loss = model(tokens.reshape(1, -1), None, None, labels=tokens.reshape(1, -1), packed_seq_params=routing).mean()
+    loss = stream_forward(model, {"tokens": tokens}, labels=tokens).mean()
     loss.backward()
     text_copy = model.decoder.layers[0].mlp.linear_fc1.weight
     vision_copy = model.decoder.layers[0].vision.mlp.linear_fc1.weight
@@ -131,15 +130,13 @@ def test_image_only_micro_batch_trains_both_copies(megatron_single):
 
 
 def test_activation_recompute_gives_the_same_gradients(megatron_single):
-    from megatron_unix.model import build_routing
+    from megatron_unix.training.step import stream_forward
 
     batch = make_batch(ROWS, seq=48, seed=6)
     grads = []
     for recompute in ({}, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)):
-        model, config = build_tiny(seed=6, **recompute)
-        routing = build_routing(batch["tokens"], batch["document_ids"], config)
-        model(batch["tokens"].reshape(1, -1), None, None, labels=batch["labels"].reshape(1, -1),
-              packed_seq_params=routing).mean().backward()
+        model, _ = build_tiny(seed=6, **recompute)
+        stream_forward(model, batch, batch["labels"]).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -37,11 +37,9 @@ def test_logits_and_gradients_match_reference(megatron_single, name):
     expected = unix_reference_forward(weights, cfg, batch["tokens"], batch["document_ids"])
     assert _relative_error(got.detach(), expected) < 1e-5
 
-    from megatron_unix.model import build_routing
+    from megatron_unix.training.step import stream_forward
 
-    routing = build_routing(batch["tokens"], batch["document_ids"], config)
-    per_token = model(batch["tokens"].reshape(1, -1), None, None, labels=batch["labels"].reshape(1, -1),
-                      packed_seq_params=routing)
+    per_token = stream_forward(model, batch, batch["labels"])
     mask = batch["loss_mask"].reshape(1, -1)
     loss = (per_token * mask).sum() / mask.sum()
     loss.backward()

@@ -33,7 +33,8 @@ def main() -> None:
         sys.exit("tools/check_gpu.py needs a CUDA GPU")
     distributed.initialize(1, 1, seed=1)
     from megatron_unix.data.synthetic import Layout, make_batch, random_rows
-    from megatron_unix.model import build_model, build_routing, make_config
+    from megatron_unix.model import build_model, make_config
+    from megatron_unix.training.step import stream_forward
 
     layout = Layout(vq_offset=151665, vq_codes=8192, boi_id=151652, eoi_id=151653, eos_id=151643)
     g = torch.Generator().manual_seed(0)
@@ -46,9 +47,8 @@ def main() -> None:
         config = make_config(**small, bf16=True, core_attention_backend=backend)
         torch.manual_seed(0)
         model = build_model(config, VOCAB, args.seq_length).cuda().bfloat16()
-        routing = build_routing(batch["tokens"], batch["document_ids"], config)
         with torch.no_grad():
-            outputs[backend] = model(batch["tokens"].view(1, -1), None, None, packed_seq_params=routing).float()
+            outputs[backend] = stream_forward(model, batch).float()
         del model
     a, b = outputs["sdpa"], outputs["varlen"]
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
@@ -60,14 +60,12 @@ def main() -> None:
     config = make_config(**UNIX_1_5B, bf16=True)
     model = build_model(config, VOCAB, args.seq_length).cuda().bfloat16()
     params = sum(p.numel() for p in model.parameters())
-    routing = build_routing(batch["tokens"], batch["document_ids"], config)
     torch.cuda.reset_peak_memory_stats()
     for i in range(args.iters + 1):
         if i == 1:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = model(batch["tokens"].view(1, -1), None, None, labels=batch["labels"].view(1, -1),
-                     packed_seq_params=routing).float().mean()
+        loss = stream_forward(model, batch, batch["labels"]).float().mean()
         loss.backward()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.iters

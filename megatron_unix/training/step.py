@@ -41,14 +41,19 @@ def loss_func(loss_mask: torch.Tensor, vision_targets: torch.Tensor, output_tens
     return loss, {"lm loss": loss.detach().clone(), "modality_sums": report}
 
 
+def stream_forward(model: torch.nn.Module, batch: Batch, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Route a ``[b, s]`` batch and run it as one ``[1, b*s]`` stream: logits ``[1, b*s, V]``,
+    or per-token losses ``[1, b*s]`` when ``labels`` are given."""
+    routing = build_routing(batch["tokens"], batch.get("document_ids"), unwrap(model).config)
+    flat_labels = None if labels is None else labels.reshape(1, -1)
+    return model(batch["tokens"].reshape(1, -1), None, None, labels=flat_labels, packed_seq_params=routing)
+
+
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     """Megatron schedule step. Every stage reads the batch, so every stage can route."""
     batch = next(data_iterator)
-    config = unwrap(model).config
-    routing = build_routing(batch["tokens"], batch.get("document_ids"), config)
-    stream = lambda name: batch[name].reshape(1, -1)  # noqa: E731
-    output = model(stream("tokens"), None, None, labels=stream("labels"), packed_seq_params=routing)
-    vision_targets = batch["labels"] >= config.vq_offset
+    output = stream_forward(model, batch, batch["labels"])
+    vision_targets = batch["labels"] >= unwrap(model).config.vq_offset
     return output, partial(loss_func, batch["loss_mask"], vision_targets)
 
 

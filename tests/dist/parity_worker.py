@@ -41,7 +41,7 @@ def main() -> None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_unix.model import build_model, make_config
-    from megatron_unix.training.step import forward_step, grad_norm, unwrap
+    from megatron_unix.training.step import forward_step, grad_norm, stream_forward
     from tiny import TINY_MODEL, TINY_VOCAB, make_batches
 
     config = make_config(**TINY_MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
@@ -68,11 +68,7 @@ def main() -> None:
     norm = grad_norm([ddp])
 
     def logits_step(data_iterator, chunk):
-        from megatron_unix.model.routing import build_routing
-
-        batch = next(data_iterator)
-        routing = build_routing(batch["tokens"], batch["document_ids"], unwrap(chunk).config)
-        out = chunk(batch["tokens"].reshape(1, -1), None, None, packed_seq_params=routing)
+        out = stream_forward(chunk, next(data_iterator))
         return out, lambda o, non_loss_data=True: gather_from_tensor_model_parallel_region(o)
 
     ddp.eval()
