@@ -138,6 +138,18 @@ class CpuRNGStatesTracker:
 _SETUP_DONE = False
 
 
+def _clip_grads_cpu(parameters, max_norm: float, total_norm: float, use_decoupled_grad: bool = False) -> None:
+    """Megatron's ``clip_grad_by_total_norm_fp32`` without its CUDA-tensor assertion and fused scale."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff >= 1.0:
+        return
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grad.detach().mul_(coeff)
+
+
 def setup() -> Accelerators:
     """Apply the CPU bridges once (no-op with a GPU); return the accelerators found."""
     global _SETUP_DONE
@@ -156,6 +168,9 @@ def setup() -> Accelerators:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.manual_seed = lambda *a, **k: None  # type: ignore[assignment]
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
     _CudaToCpu().__enter__()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _SETUP_DONE = True

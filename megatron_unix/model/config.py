@@ -87,3 +87,27 @@ def make_config(**fields: Any) -> UniXConfig:
 
         merged["params_dtype"] = torch.bfloat16 if merged.get("bf16") else torch.float32
     return UniXConfig(**merged)
+
+
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "vision_encode_layers", "vision_decode_layers", "qk_layernorm", "add_qkv_bias", "tie_word_embeddings",
+    "rotary_base", "layernorm_epsilon", "vq_offset", "vq_codebook_size", "boi_id", "eoi_id", "eos_id",
+    "separator_ids",
+)
+"""The UniXConfig fields that define the weights (with ``vocab_size``: the architecture)."""
+
+
+def architecture(config: UniXConfig, vocab_size: int) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild this model at any parallel layout (JSON-friendly)."""
+    arch: dict[str, Any] = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+    arch["separator_ids"] = list(arch["separator_ids"])
+    arch["vocab_size"] = vocab_size
+    return arch
+
+
+def config_from_architecture(arch: dict[str, Any], **fields: Any) -> UniXConfig:
+    """A config for ``arch`` with run-time ``fields`` (parallel sizes, precision, recompute...)."""
+    stored = {name: arch[name] for name in ARCHITECTURE_FIELDS}
+    stored["separator_ids"] = tuple(stored["separator_ids"])
+    return make_config(**stored, **fields)

@@ -1,0 +1,220 @@
+"""Command-line arguments of pretrain_unix.py, with Megatron-LM's flag names, and their validation.
+
+Architecture flags default to ``None``: a run that loads a checkpoint takes them from the
+checkpoint (see :func:`merge_model_args`), a fresh run needs them (or the tiny defaults of
+``--model-preset tiny``). :func:`validate` runs before any process group or model exists, so a bad
+setting fails in seconds with the flag named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Sequence
+
+from megatron_unix.data.indexed import output_files
+from megatron_unix.model.config import ARCHITECTURE_FIELDS
+
+ARCHITECTURE = ARCHITECTURE_FIELDS + ("vocab_size",)
+"""Stored in every checkpoint; a run that loads one takes unset flags from it."""
+
+TINY_PRESET = dict(num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, num_query_groups=2,
+                   kv_channels=32, vision_encode_layers=1, vision_decode_layers=1, qk_layernorm=True,
+                   add_qkv_bias=False, tie_word_embeddings=True, rotary_base=1e6, layernorm_epsilon=1e-6)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain or fine-tune a Uni-X model with Megatron-Core.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "vision_encode_layers", "vision_decode_layers"):
+        g.add_argument(_flag(name), type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron compatibility")
+    g.add_argument("--qk-layernorm", action="store_true", default=None, help="Qwen3 layer style")
+    g.add_argument("--add-qkv-bias", action="store_true", default=None, help="Qwen2 layer style")
+    g.add_argument("--untie-embeddings-and-output-weights", dest="tie_word_embeddings", action="store_false",
+                   default=None)
+    g.add_argument("--rotary-base", type=float, default=None)
+    g.add_argument("--norm-epsilon", dest="layernorm_epsilon", type=float, default=None)
+    g.add_argument("--model-preset", choices=["tiny"], default=None,
+                   help="fill unset architecture flags with a tiny CPU-sized model")
+    g.add_argument("--no-document-isolation", dest="document_isolation", action="store_false",
+                   help="attend across packed documents, as the reference actually trained")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "varlen", "flash_attn", "te"])
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+
+    g = p.add_argument_group("tokenizer and data")
+    g.add_argument("--tokenizer-model", help="HF tokenizer directory or SentencePiece .model")
+    g.add_argument("--vq-codebook-size", type=int, default=8192)
+    g.add_argument("--boi-token", default="<|vision_start|>")
+    g.add_argument("--eoi-token", default="<|vision_end|>")
+    g.add_argument("--eos-token", default="<|endoftext|>")
+    g.add_argument("--separator-token", default="<|vision_pad|>", help="routed as vision; '' for none")
+    g.add_argument("--data-path", nargs="+", default=None, help="prefixes, optionally weighted: 0.7 a 0.3 b")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--long-text", choices=["truncate", "split"], default="truncate",
+                   help="a text sample longer than a row: cut it, or continue it over rows")
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--num-workers", type=int, default=1, help="data loader workers")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--skip-nonfinite-steps", action="store_true",
+                   help="skip an iteration whose loss or grad norm is NaN/inf instead of stopping")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="start from these weights with fresh optimizer state (used when --load has none)")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older iter_* directories")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and data")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
+                   help="do not save and exit on SIGTERM (slurm preemption)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--metrics-file", default=None, help="default: SAVE/metrics.jsonl")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU (default: known GPUs' bf16 peak; none on CPU)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.model_preset == "tiny":
+        for name, value in TINY_PRESET.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    return args
+
+
+def merge_model_args(args: argparse.Namespace, stored: dict[str, Any]) -> None:
+    """Fill unset architecture flags from a checkpoint; a flag set to another value is an error."""
+    for name in ARCHITECTURE:
+        if name not in stored:
+            continue
+        given = getattr(args, name, None)
+        if given is None:
+            setattr(args, name, stored[name])
+        elif _normalise(given) != _normalise(stored[name]):
+            raise ValueError(f"{_flag(name)} {given} contradicts the checkpoint, which has {stored[name]}")
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def validate(args: argparse.Namespace, world_size: int) -> None:
+    """Every setting that can be checked before start-up; errors name the flag."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+                         f"--pipeline-model-parallel-size ({pp})")
+    dp = world_size // (tp * pp)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
+                         f"({args.micro_batch_size}) x data-parallel size ({dp})")
+    if not (args.load or args.pretrained_checkpoint):
+        missing = [n for n in ARCHITECTURE[:6] if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load "
+                             "a checkpoint)")
+    if args.num_attention_heads is not None and args.num_attention_heads % tp:
+        raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads "
+                         f"({args.num_attention_heads})")
+    if args.num_query_groups is not None and args.num_query_groups % tp:
+        raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups "
+                         f"({args.num_query_groups})")
+    if args.num_layers is not None and (args.num_layers < pp or args.num_layers % pp):
+        raise ValueError(f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({args.num_layers}) "
+                         "so that every stage has layers")
+    if args.sequence_parallel and tp == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.seq_length is None:
+        raise ValueError("--seq-length must be given")
+    if not args.data_path:
+        raise ValueError("--data-path must name at least one dataset prefix (see tools/preprocess_data.py)")
+    for prefix in data_prefixes(args.data_path):
+        missing = [str(p) for p in output_files(prefix) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"--data-path {prefix}: missing {', '.join(missing)}")
+    if args.tokenizer_model is None:
+        raise ValueError("--tokenizer-model must name the tokenizer the data was preprocessed with")
+    if args.save_interval and not args.save:
+        raise ValueError("--save-interval needs --save")
+    if args.bf16 and not _has_cuda():
+        raise ValueError("--bf16 needs a GPU: Megatron's mixed-precision optimizer is CUDA-only (CPU runs fp32)")
+    if args.use_distributed_optimizer and not _has_cuda():
+        raise ValueError("--use-distributed-optimizer needs a GPU (Megatron's distributed optimizer is CUDA-only)")
+
+
+def data_prefixes(data_path: list[str]) -> list[str]:
+    """The prefixes of ``--data-path`` (weights, when given, precede each prefix)."""
+    def is_number(token: str) -> bool:
+        try:
+            float(token)
+        except ValueError:
+            return False
+        return True
+
+    if len(data_path) > 1 and is_number(data_path[0]):
+        if len(data_path) % 2:
+            raise ValueError(f"--data-path {' '.join(data_path)}: expected weight/prefix pairs")
+        return data_path[1::2]
+    return list(data_path)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
