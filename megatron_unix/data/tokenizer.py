@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 
 class TextTokenizer(Protocol):
@@ -136,3 +136,25 @@ class MultimodalTokenizer:
         return dict(vq_offset=self.vq_offset, vq_codebook_size=self.codebook_size, boi_id=self.boi_id,
                     eoi_id=self.eoi_id, eos_id=self.eos_id,
                     separator_ids=(self.separator_id,) if self.separator_id is not None else ())
+
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Path,
+                        specials: Sequence[str] = QWEN_SPECIALS) -> Path:
+    """A byte-level BPE tokenizer (Qwen's kind) trained on ``texts``, saved as a HF tokenizer dir.
+
+    For quickstarts, tests and benchmarks, where no pretrained tokenizer can be downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    output_dir = Path(output_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=specials[0]).save_pretrained(output_dir)
+    return output_dir

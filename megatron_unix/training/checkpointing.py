@@ -27,6 +27,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_unix.training.step import unwrap
+
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 FAULT_INJECTION = "MEGATRON_UNIX_KILL_DURING_SAVE"
@@ -100,7 +102,7 @@ def _rng_sharded_object() -> ShardedObject:
 
 
 def _state_dict(model: torch.nn.Module, optimizer, scheduler, with_rng: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {"model": model.sharded_state_dict()}
+    state: dict[str, Any] = {"model": unwrap(model).sharded_state_dict()}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=False)
     if scheduler is not None:
@@ -167,6 +169,7 @@ def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, sche
     same_layout = {k: common["parallel"][k] for k in ("tp", "pp")} == \
         {k: v for k, v in _parallel_sizes().items() if k in ("tp", "pp")}
     with_rng = load_rng and same_layout and common["parallel"]["dp"] == ps.get_data_parallel_world_size()
+    model = unwrap(model)
     request = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(request["model"], is_loading=True)

@@ -11,6 +11,7 @@ from megatron.core import tensor_parallel
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.transformer.module import param_is_not_shared
 
+from megatron_unix import platform
 from megatron_unix.model.routing import build_routing
 
 Batch = dict[str, torch.Tensor]
@@ -51,7 +52,7 @@ def stream_forward(model: torch.nn.Module, batch: Batch, labels: torch.Tensor | 
 
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     """Megatron schedule step. Every stage reads the batch, so every stage can route."""
-    batch = next(data_iterator)
+    batch = {key: value.to(platform.device(), non_blocking=True) for key, value in next(data_iterator).items()}
     output = stream_forward(model, batch, batch["labels"])
     vision_targets = batch["labels"] >= unwrap(model).config.vq_offset
     return output, partial(loss_func, batch["loss_mask"], vision_targets)

@@ -1,0 +1,124 @@
+"""Model FLOPs (Megatron's formula, attention counted per actual segment), MFU, and the log sinks.
+
+Training FLOPs are 3x the forward (backward = 2x forward), as in Megatron-LM; activation recompute
+is not counted (model FLOPs, not hardware FLOPs). The attention term counts the causal (query, key)
+pairs each layer really computes: per document in shared layers, per document and modality in
+separated layers (padding is its own document, and it is computed, so it counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_unix.model.config import UniXConfig
+from megatron_unix.model.routing import vision_token_mask
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "B200": 2250.0, "GH200": 989.0}
+"""Dense bf16 peak per device by name fragment (vendor data sheets)."""
+
+
+def _causal_pairs(keys: torch.Tensor) -> int:
+    """Sum of n(n+1)/2 over the groups of equal ``keys`` (the causal pairs within each group)."""
+    counts = torch.unique(keys, return_counts=True)[1].to(torch.float64)
+    return int((counts * (counts + 1) / 2).sum())
+
+
+def attention_pairs(batch: dict[str, torch.Tensor], config: UniXConfig) -> tuple[int, int]:
+    """(pairs of a shared layer, pairs of a separated layer) for a ``[b, s]`` micro-batch."""
+    tokens = batch["tokens"]
+    rows = torch.arange(tokens.shape[0]).unsqueeze(1).expand_as(tokens).to(torch.int64)
+    if config.document_isolation and "document_ids" in batch:
+        segment = rows * (tokens.shape[1] + 1) + batch["document_ids"].to(torch.int64)
+    else:
+        segment = rows
+    vision = vision_token_mask(tokens, config).to(torch.int64)
+    return _causal_pairs(segment.flatten()), _causal_pairs((segment * 2 + vision).flatten())
+
+
+def training_flops(config: UniXConfig, padded_vocab: int, tokens: int, shared_pairs: int,
+                   separated_pairs: int) -> float:
+    """fwd+bwd FLOPs of ``tokens`` tokens whose attention covers the given pair counts per layer."""
+    h, d = config.hidden_size, config.kv_channels
+    q_width, kv_width = config.num_attention_heads * d, (config.num_query_groups or config.num_attention_heads) * d
+    linear = 2 * h * (q_width + 2 * kv_width) + 2 * q_width * h + 6 * h * config.ffn_hidden_size
+    per_pair = 4 * q_width  # QK^T and AV
+    separated = config.num_separated_layers
+    shared = config.num_layers - separated
+    forward = (tokens * (config.num_layers * linear + 2 * h * padded_vocab)
+               + per_pair * (shared * shared_pairs + separated * separated_pairs))
+    return 3.0 * forward
+
+
+def peak_tflops(override: float | None) -> float | None:
+    """Per-device peak for MFU: the flag, else a known GPU's bf16 peak, else None (CPU)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def memory_gib() -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsSinks:
+    """metrics.jsonl, TensorBoard and wandb; only constructed on the logging rank."""
+
+    def __init__(self, metrics_file: str | None, tensorboard_dir: str | None, wandb_project: str | None,
+                 wandb_name: str | None, wandb_dir: str | None, config: dict[str, Any], resume_iteration: int) -> None:
+        self.metrics_file = Path(metrics_file) if metrics_file else None
+        if self.metrics_file:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_after(self.metrics_file, resume_iteration)
+        self.tensorboard = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+        self.wandb = None
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=wandb_name, dir=wandb_dir or None, config=config,
+                                    resume="allow")
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["iteration"]
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _truncate_after(path: Path, iteration: int) -> None:
+    """On resume, drop records of iterations after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

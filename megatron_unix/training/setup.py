@@ -1,0 +1,72 @@
+"""Model, DDP wrapper, optimizer and LR schedule of a training run, from its arguments."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_unix.model import build_model
+from megatron_unix.model.config import UniXConfig, config_from_architecture
+
+
+def model_config(args: argparse.Namespace, arch: dict[str, Any]) -> UniXConfig:
+    """The architecture plus this run's parallelism, precision and recompute settings."""
+    recompute = {}
+    if args.recompute_granularity == "full":
+        recompute = dict(recompute_granularity="full", recompute_method=args.recompute_method,
+                         recompute_num_layers=args.recompute_num_layers)
+    elif args.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return config_from_architecture(
+        arch, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel,
+        document_isolation=args.document_isolation, core_attention_backend=args.attention_backend,
+        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, init_method_std=args.init_method_std,
+        **recompute,
+    )
+
+
+def wrap_model(config: UniXConfig, model: torch.nn.Module, *, use_distributed_optimizer: bool = False,
+               overlap_grad_reduce: bool = False, bucket_size: int | None = None) -> DistributedDataParallel:
+    """Megatron DDP around one model chunk, hooked into the schedules (no_sync, finalize grads)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build(args: argparse.Namespace, config: UniXConfig, vocab_size: int) -> DistributedDataParallel:
+    model = build_model(config, vocab_size, args.seq_length)
+    return wrap_model(config, model, use_distributed_optimizer=args.use_distributed_optimizer,
+                      overlap_grad_reduce=args.overlap_grad_reduce)
+
+
+def build_optimizer(args: argparse.Namespace, ddp: DistributedDataParallel):
+    """Megatron's optimizer (Adam; bf16 and distributed on GPU, fp32 wrapping torch AdamW on CPU)
+    and Megatron's LR/WD schedule, stepped in samples like Megatron-LM."""
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+    ), [ddp])
+    samples = args.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * samples,
+        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * samples, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * samples,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
