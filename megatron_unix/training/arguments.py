@@ -155,15 +155,6 @@ def world_size_from_env() -> int:
 def validate(args: argparse.Namespace, world_size: int) -> None:
     """Every setting that can be checked before start-up; errors name the flag."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-                         f"--pipeline-model-parallel-size ({pp})")
-    dp = world_size // (tp * pp)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
-                         f"({args.micro_batch_size}) x data-parallel size ({dp})")
     if not (args.load or args.pretrained_checkpoint):
         missing = [n for n in ARCHITECTURE[:6] if getattr(args, n) is None]
         if missing:
@@ -178,6 +169,15 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if args.num_layers is not None and (args.num_layers < pp or args.num_layers % pp):
         raise ValueError(f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({args.num_layers}) "
                          "so that every stage has layers")
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+                         f"--pipeline-model-parallel-size ({pp})")
+    dp = world_size // (tp * pp)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
+                         f"({args.micro_batch_size}) x data-parallel size ({dp})")
     if args.sequence_parallel and tp == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length is None:

@@ -32,7 +32,8 @@ from megatron_unix.training.step import unwrap
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 FAULT_INJECTION = "MEGATRON_UNIX_KILL_DURING_SAVE"
-"""Test hook: when set, the process kills itself after the shards are written, before the commit."""
+"""Test hook: set to an iteration, the save of that iteration SIGKILLs its process after the shards
+are written and before the commit, as a node failure would."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -132,7 +133,7 @@ def save(root: str | Path, iteration: int, model: torch.nn.Module, *, optimizer=
                  has_optimizer=optimizer is not None)
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
-    if os.environ.get(FAULT_INJECTION):
+    if os.environ.get(FAULT_INJECTION) == str(iteration):
         os.kill(os.getpid(), 9)
     if rank0:
         _commit(root, partial, final, iteration)

@@ -1,0 +1,180 @@
+"""pretrain_unix.py end to end on CPU: parallel parity, exact resume, crash-safe and SIGTERM saves,
+non-finite loss, early errors for bad settings, logging sinks, and the quickstart."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CODEBOOK, IMAGE_CODES = 64, 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, hf_tokenizer_dir) -> dict[str, str]:
+    """A text dataset and an image-text dataset (16-code images) written with the production writer."""
+    from conftest import CORPUS
+    from megatron_unix.data.indexed import DatasetWriter
+    from megatron_unix.data.layouts import pair_sample, text_sample
+    from megatron_unix.data.tokenizer import MultimodalTokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    tok = MultimodalTokenizer.from_pretrained(hf_tokenizer_dir, codebook_size=CODEBOOK)
+    rng = random.Random(0)
+    with DatasetWriter(root / "text") as writer:
+        for line in CORPUS:
+            sample = text_sample(tok, line)
+            writer.add(sample.tokens, sample.trained, 0)
+        writer.commit()
+    with DatasetWriter(root / "pairs") as writer:
+        for i in range(60):
+            codes = [rng.randrange(CODEBOOK) for _ in range(IMAGE_CODES)]
+            sample = pair_sample(tok, CORPUS[i % 4][:30], codes, rng)
+            writer.add(sample.tokens, sample.trained, IMAGE_CODES + 1)
+        writer.commit()
+    return {"tokenizer": str(hf_tokenizer_dir), "text": str(root / "text"), "pairs": str(root / "pairs")}
+
+
+def common_args(data: dict[str, str], iters: int = 4) -> list[str]:
+    return ["--model-preset", "tiny", "--tokenizer-model", data["tokenizer"], "--vq-codebook-size", str(CODEBOOK),
+            "--data-path", "0.5", data["text"], "0.5", data["pairs"], "--split", "90,10,0", "--seq-length", "64",
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(iters), "--log-interval", "1",
+            "--lr", "3e-3", "--lr-warmup-iters", "1", "--clip-grad", "1.0"]
+
+
+def run(args: list[str], nproc: int = 1, env: dict[str, str] | None = None, check: bool = True,
+        timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc-per-node", str(nproc), "--master-port",
+                                                     str(20000 + os.getpid() % 9000)]
+    proc = subprocess.run(launcher + [str(ROOT / "pretrain_unix.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(metrics_file: Path) -> dict[int, dict]:
+    return {r["iteration"]: r for r in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    """The reference run: 4 iterations in one process, every sink on."""
+    save = tmp_path_factory.mktemp("straight")
+    run(common_args(data) + ["--save", str(save), "--eval-interval", "2", "--eval-iters", "1",
+                             "--tensorboard-dir", str(save / "tb"), "--wandb-project", "unix-test",
+                             "--wandb-save-dir", str(save)], env={"WANDB_MODE": "offline"})
+    return save
+
+
+def test_metrics_file_and_sinks(straight):
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4]
+    for key in ("iteration", "consumed_samples", "loss", "text_loss", "vision_loss", "lr", "grad_norm",
+                "tokens_per_sec", "tflops", "mfu", "mem_gib"):
+        assert key in train[0], key
+    assert train[-1]["consumed_samples"] == 16
+    assert all(r["tokens_per_sec"] > 0 and r["tflops"] > 0 for r in train)
+    both = [r for r in train if r["text_loss"] is not None and r["vision_loss"] is not None]
+    assert both and all(0 < r["text_loss"] < 10 and 0 < r["vision_loss"] < 10 for r in both)
+    valid = [r for r in records if "valid_loss" in r]
+    assert [r["iteration"] for r in valid] == [2, 4] and all(r["valid_vision_loss"] > 0 for r in valid)
+    assert list((straight / "tb").glob("events.out.tfevents.*"))
+    assert list((straight / "wandb").glob("offline-run-*"))
+    assert (straight / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+def test_resume_is_exact(data, straight, tmp_path):
+    run(common_args(data) + ["--save", str(tmp_path), "--exit-interval", "2"])
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    run(common_args(data) + ["--save", str(tmp_path), "--load", str(tmp_path)])
+    expected, resumed = losses(straight / "metrics.jsonl"), losses(tmp_path / "metrics.jsonl")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for it in range(1, 5):
+        assert resumed[it]["loss"] == expected[it]["loss"], it
+        assert resumed[it]["grad_norm"] == expected[it]["grad_norm"], it
+        assert resumed[it]["lr"] == expected[it]["lr"], it
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_parallel_runs_match_single_process(data, straight, tmp_path, layout):
+    flags = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+             "pp2": ["--pipeline-model-parallel-size", "2"], "dp2": []}[layout]
+    run(common_args(data) + flags + ["--save", str(tmp_path)], nproc=2)
+    expected, got = losses(straight / "metrics.jsonl"), losses(tmp_path / "metrics.jsonl")
+    for it in range(1, 5):
+        assert got[it]["loss"] == pytest.approx(expected[it]["loss"], rel=1e-5), it
+        assert got[it]["text_loss"] == pytest.approx(expected[it]["text_loss"], rel=1e-5), it
+        assert got[it]["grad_norm"] == pytest.approx(expected[it]["grad_norm"], rel=1e-4), it
+
+
+def test_kill_during_save_keeps_previous_checkpoint(data, straight, tmp_path):
+    proc = run(common_args(data) + ["--save", str(tmp_path), "--save-interval", "2"],
+               env={"MEGATRON_UNIX_KILL_DURING_SAVE": "4"}, check=False)
+    assert proc.returncode != 0
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (tmp_path / "iter_0000004.partial").is_dir() and not (tmp_path / "iter_0000004").exists()
+    run(common_args(data) + ["--save", str(tmp_path), "--load", str(tmp_path)])
+    assert losses(tmp_path / "metrics.jsonl")[4]["loss"] == losses(straight / "metrics.jsonl")[4]["loss"]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
+    cmd = [sys.executable, str(ROOT / "pretrain_unix.py"), *common_args(data, iters=10_000), "--save", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "received SIGTERM" in out
+    last = max(losses(metrics))
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == str(last)
+    assert (tmp_path / f"iter_{last:07d}" / "metadata.json").is_file()
+
+
+def test_nonfinite_loss_stops_or_skips(data, tmp_path):
+    args = common_args(data, iters=4) + ["--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0"]
+    proc = run(args, check=False)
+    assert proc.returncode != 0 and "lm loss is nan" in proc.stderr and "iteration " in proc.stderr
+    proc = run(args + ["--skip-nonfinite-steps", "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert "skipping the step" in proc.stdout
+    assert losses(tmp_path / "m.jsonl")[4]["skipped_iterations"] >= 1
+
+
+BAD_SETTINGS = {
+    "heads": (["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads"),
+    "query-groups": (["--tensor-model-parallel-size", "4", "--num-attention-heads", "8"], 4, "--num-query-groups"),
+    "global-batch": (["--global-batch-size", "3"], 2, "--global-batch-size"),
+    "empty-stage": (["--pipeline-model-parallel-size", "8"], 8, "--pipeline-model-parallel-size"),
+    "missing-data": (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SETTINGS))
+def test_bad_settings_fail_early_naming_the_flag(data, name):
+    from megatron_unix.training.arguments import parse_args, validate
+
+    extra, world, flag = BAD_SETTINGS[name]
+    args = parse_args(common_args(data) + extra)
+    with pytest.raises((ValueError, FileNotFoundError), match=flag.replace("-", r"\-")):
+        validate(args, world)
+
+
+def test_bad_setting_cli_exits_before_any_work(data):
+    start = time.time()
+    proc = run(common_args(data) + ["--global-batch-size", "3", "--micro-batch-size", "2"], check=False)
+    assert proc.returncode == 2 and "--global-batch-size" in proc.stderr
+    assert time.time() - start < 60
