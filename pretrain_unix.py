@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from megatron_unix.training.arguments import parse_args
-from megatron_unix.training.loop import pretrain
+from megatron_unix.training.loop import NonFiniteLoss, pretrain
 
 
 def main() -> int:
@@ -24,6 +24,9 @@ def main() -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         import torch.distributed as dist
 

@@ -7,6 +7,8 @@ side into the Megatron layout and split it back. Layer mappings are relative to 
 
 from __future__ import annotations
 
+import collections.abc
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -113,9 +115,11 @@ def megatron_to_hf(state_dict: dict[str, torch.Tensor], config: UniXConfig, voca
     return out
 
 
-def hf_to_megatron(hf: dict[str, torch.Tensor], config: UniXConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """HF names -> unsharded Megatron weights; vocabulary rows zero-padded to ``padded_vocab``."""
-    out: dict[str, torch.Tensor] = {}
+def iter_hf_to_megatron(hf: collections.abc.Mapping[str, torch.Tensor], config: UniXConfig,
+                        padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF names -> (Megatron name, tensor), one mapping at a time, so that a converter reading a lazy
+    ``hf`` (tensors loaded on access) holds one tensor besides the model; vocabulary rows are
+    zero-padded to ``padded_vocab``."""
     for mapping in all_mappings(config):
         present = [name in hf for name in mapping.hf]
         if not any(present):
@@ -126,5 +130,10 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], config: UniXConfig, padded_vocab
         tensor = mapping.to_megatron([hf[name] for name in mapping.hf], config)
         if mapping.megatron in VOCAB_TENSORS and tensor.shape[0] < padded_vocab:
             tensor = torch.cat([tensor, tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])])
-        out[mapping.megatron] = tensor
-    return out
+        yield mapping.megatron, tensor
+
+
+def hf_to_megatron(hf: collections.abc.Mapping[str, torch.Tensor], config: UniXConfig,
+                   padded_vocab: int) -> dict[str, torch.Tensor]:
+    """HF names -> unsharded Megatron weights; vocabulary rows zero-padded to ``padded_vocab``."""
+    return dict(iter_hf_to_megatron(hf, config, padded_vocab))

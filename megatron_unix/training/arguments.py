@@ -178,6 +178,10 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
                          f"({args.micro_batch_size}) x data-parallel size ({dp})")
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if args.train_iters and args.lr_warmup_iters >= decay_iters:
+        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --lr-decay-iters "
+                         f"(or --train-iters): {decay_iters}")
     if args.sequence_parallel and tp == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length is None:

@@ -32,8 +32,9 @@ from megatron_unix.training.step import unwrap
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 FAULT_INJECTION = "MEGATRON_UNIX_KILL_DURING_SAVE"
-"""Test hook: set to an iteration, the save of that iteration SIGKILLs its process after the shards
-are written and before the commit, as a node failure would."""
+"""Test hook: set to an iteration, the save of that iteration SIGKILLs its process group (the job and
+the checkpoint writer's helper processes) after the shards are written and before the commit, as a
+node failure would. Start the job in its own session when using it."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -134,7 +135,7 @@ def save(root: str | Path, iteration: int, model: torch.nn.Module, *, optimizer=
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if os.environ.get(FAULT_INJECTION) == str(iteration):
-        os.kill(os.getpid(), 9)
+        os.killpg(os.getpgrp(), 9)
     if rank0:
         _commit(root, partial, final, iteration)
         if keep_last:

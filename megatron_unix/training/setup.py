@@ -62,11 +62,11 @@ def build_optimizer(args: argparse.Namespace, ddp: DistributedDataParallel):
         overlap_param_gather=args.overlap_param_gather,
     ), [ddp])
     samples = args.global_batch_size
+    warmup = args.lr_warmup_iters * samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * samples,
-        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * samples, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * samples,
+        lr_warmup_steps=warmup, lr_decay_steps=max(warmup + 1, (args.lr_decay_iters or args.train_iters) * samples), lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=max(1, args.train_iters * samples),
         wd_incr_style="constant",
     )
     return optimizer, scheduler

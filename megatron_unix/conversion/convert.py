@@ -1,0 +1,318 @@
+"""HF checkpoint -> Megatron checkpoint (import) and back (export), single process, TP1/PP1.
+
+Import reads a Qwen2/Qwen2.5 or Qwen3 text model, or a reference-format Uni-X checkpoint, as a
+lazy table of HF-named tensors in the *target* layout (expanded vocabulary, converted layer style,
+vision copies: each entry computed on access), streams it through the mapping table into the
+Megatron model and saves iteration 0; a run loads that at any TP/PP. Export loads a Megatron
+checkpoint, maps it back (TP vocabulary padding stripped) and writes the reference format. Either
+way the process holds one copy of the weights (the Megatron model, fp32) plus one tensor or shard;
+``--verify`` adds the HF models it compares with.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from megatron_unix.conversion.hf_config import layer_style, text_fields, unix_fields, unix_hf_config
+from megatron_unix.conversion.hf_io import (ConversionError, HFCheckpoint, LazyTensors, copy_remote_code,
+                                            copy_tokenizer, has_tokenizer, model_class, write_safetensors)
+from megatron_unix.conversion.mappings import iter_hf_to_megatron, layer_prefixes, megatron_to_hf
+from megatron_unix.conversion.verify import (BF16, FP32, compare, hf_logits, megatron_logits, report,
+                                             sample_inputs, sample_text_ids)
+from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
+from megatron_unix.model import build_model, make_config, padded_vocab_size
+from megatron_unix.model.config import UniXConfig, architecture, config_from_architecture
+from megatron_unix.training import checkpointing
+
+MAX_SEQUENCE_LENGTH = 4096
+"""Only rotary caching depends on it; the weights do not."""
+QKV_BIAS = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+DEFAULT_CODEBOOK = 8192
+
+
+def log(message: str) -> None:
+    print(f"[convert] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """``import-hf`` flags; ``None`` = take it from the source (a Uni-X source fixes all but style)."""
+
+    vision_encode_layers: int | None = None
+    vision_decode_layers: int | None = None
+    vision_init: str = "copy"
+    vq_codebook_size: int | None = None
+    vq_offset: int | None = None
+    layer_style: str | None = None
+    seed: int = 1234
+
+    @property
+    def codebook(self) -> int:
+        """Codebook size for a text source."""
+        return self.vq_codebook_size or DEFAULT_CODEBOOK
+
+
+# ----------------------------------------------------------------------------------------- import
+
+def _source_tokenizer(source: HFCheckpoint, options: ImportOptions) -> MultimodalTokenizer | None:
+    """The tokenizer in the HF directory, with the codebook placed after it; None when there is none."""
+    if not has_tokenizer(source.path):
+        return None
+    text = load_text_tokenizer(source.path)
+    if source.kind == "unix":
+        return MultimodalTokenizer(text, source.config.vision_vocab_size, vq_offset=source.config.real_text_vocab_size)
+    return MultimodalTokenizer(text, options.codebook, vq_offset=options.vq_offset)
+
+
+def _target_config(source: HFCheckpoint, options: ImportOptions,
+                   tokenizer: MultimodalTokenizer | None) -> tuple[UniXConfig, int]:
+    """The converted model's config and real vocabulary size."""
+    hf = source.config
+    specials = tokenizer.model_config_fields() if tokenizer else {}
+    if source.kind == "unix":
+        fields = unix_fields(hf)
+        given = dict(vision_encode_layers=options.vision_encode_layers, vq_offset=options.vq_offset,
+                     vision_decode_layers=options.vision_decode_layers, vq_codebook_size=options.vq_codebook_size)
+        for name, value in given.items():
+            if value is not None and value != fields[name]:
+                raise ConversionError(f"--{name.replace('_', '-')} {value} contradicts the Uni-X checkpoint's "
+                                      f"config.json, which has {fields[name]}")
+        if tokenizer and tokenizer.boi_id != hf.vision_start_id:
+            raise ConversionError(f"config.json vision_start_id={hf.vision_start_id} but the tokenizer's BOI is "
+                                  f"{tokenizer.boi_id}")
+        fields = {**specials, **fields}
+        vocab_size = hf.vocab_size
+    else:
+        vq_offset = tokenizer.vq_offset if tokenizer else options.vq_offset
+        if vq_offset is None:
+            raise ConversionError(f"{source.path} has no tokenizer files: give --vq-offset (the text tokenizer's "
+                                  "length)")
+        if vq_offset > hf.vocab_size:
+            raise ConversionError(f"--vq-offset {vq_offset} exceeds the source's vocab_size {hf.vocab_size}: the "
+                                  "VQ codes would not fit in the expanded vocabulary")
+        fields = {**text_fields(hf), **specials, "vq_offset": vq_offset, "vq_codebook_size": options.codebook,
+                  "vision_encode_layers": options.vision_encode_layers or 0,
+                  "vision_decode_layers": options.vision_decode_layers or 0}
+        vocab_size = hf.vocab_size + options.codebook
+    style = options.layer_style or source.style
+    if source.style == "qwen3" and style == "qwen2":
+        raise ConversionError("--layer-style qwen2 from a qwen3 source is refused: qwen2 layers have no QK norm, "
+                              "and dropping it changes the model's function")
+    fields.update(qk_layernorm=style == "qwen3", add_qkv_bias=style == "qwen2")
+    config = make_config(**fields, perform_initialization=False)
+    for name in ("boi_id", "eoi_id", "eos_id"):
+        if not 0 <= getattr(config, name) < config.vq_offset:
+            raise ConversionError(f"{name} {getattr(config, name)} is not a text id below vq_offset "
+                                  f"{config.vq_offset}: put the tokenizer files in {source.path}")
+    return config, vocab_size
+
+
+def _with_mean_rows(load: Callable[[], torch.Tensor], rows: int) -> torch.Tensor:
+    """Spec §2: rows added for the codebook start as the mean of the existing rows."""
+    tensor = load().float()
+    return torch.cat([tensor, tensor.mean(0, keepdim=True).expand(rows - tensor.shape[0], -1)])
+
+
+def _random_like(load: Callable[[], torch.Tensor], name: str, seed: int, std: float) -> torch.Tensor:
+    """Fresh init for a vision copy: norms 1, biases 0, matrices N(0, std); seeded by name so every
+    access (import, then --verify) gives the same tensor."""
+    shape = load().shape
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, options: ImportOptions) -> LazyTensors:
+    """The converted model's tensors under HF names, each computed from the source on access."""
+    drop_bias = source.style == "qwen2" and layer_style(config) == "qwen3"
+    thunks: dict[str, Callable[[], torch.Tensor]] = {}
+    for name in source.names:
+        if (name == "lm_head.weight" and config.tie_word_embeddings) or (drop_bias and name.endswith(QKV_BIAS)):
+            continue
+        thunks[name] = partial(source.get, name)
+    if drop_bias:  # the reference's qwen2 -> qwen3: no q/k/v bias, QK norm of ones
+        for _, prefix in layer_prefixes(config):
+            if prefix + "self_attn.q_proj.weight" in thunks:
+                for norm in ("q_norm", "k_norm"):
+                    thunks[f"{prefix}self_attn.{norm}.weight"] = partial(torch.ones, config.kv_channels)
+    if source.kind == "unix":
+        return LazyTensors(thunks)
+    for name in VOCAB_TENSORS:
+        if name in thunks:
+            thunks[name] = partial(_with_mean_rows, thunks[name], vocab_size)
+    text_prefix: dict[str, str] = {}
+    for meg_prefix, hf_prefix in layer_prefixes(config):
+        if not meg_prefix.endswith(".vision."):
+            text_prefix[meg_prefix] = hf_prefix
+            continue
+        twin = text_prefix[meg_prefix[: -len("vision.")]]
+        for name in [n for n in thunks if n.startswith(twin)]:
+            target = hf_prefix + name[len(twin):]
+            thunks[target] = thunks[name] if options.vision_init == "copy" else \
+                partial(_random_like, thunks[name], target, options.seed, config.init_method_std)
+    return LazyTensors(thunks)
+
+
+def load_weights(model: torch.nn.Module, weights: LazyTensors, config: UniXConfig, vocab_size: int) -> None:
+    """Stream HF-named ``weights`` through the mapping table into the model's parameters."""
+    params = dict(model.named_parameters())
+    filled = set()
+    padded = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
+    for name, tensor in tqdm(iter_hf_to_megatron(weights, config, padded), total=len(params), desc="loading weights",
+                             unit="tensor"):
+        param = params.get(name)
+        if param is None:
+            raise ConversionError(f"{name} has no parameter in the Megatron model")
+        if param.shape != tensor.shape:
+            raise ConversionError(f"{name}: converted shape {list(tensor.shape)}, the model has {list(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        filled.add(name)
+    missing = [name for name in params if name not in filled]
+    if missing:
+        raise ConversionError(f"no weights for Megatron parameter {missing[0]}")
+
+
+def _describe(config: UniXConfig, vocab_size: int) -> str:
+    return (f"{layer_style(config)} layers, L={config.num_layers}, N={config.vision_encode_layers}, "
+            f"M={config.vision_decode_layers}, vocab {vocab_size} (vq_offset {config.vq_offset}, codebook "
+            f"{config.vq_codebook_size}), {'tied' if config.tie_word_embeddings else 'untied'} embeddings")
+
+
+def import_hf(hf_dir: str | Path, save: str | Path, options: ImportOptions = ImportOptions(),
+              verify: bool = False) -> Path:
+    """Convert an HF checkpoint directory into Megatron checkpoint ``save/iter_0000000``."""
+    if Path(save).exists() and checkpointing.find_checkpoint(save) is not None:
+        raise ConversionError(f"--save {save} already holds a Megatron checkpoint")
+    source = HFCheckpoint(hf_dir)
+    log(f"source {source.path}: {'Uni-X reference format' if source.kind == 'unix' else 'text model'}, "
+        f"model_type {source.style}, {len(source.names)} tensors")
+    tokenizer = _source_tokenizer(source, options)
+    config, vocab_size = _target_config(source, options, tokenizer)
+    source.validate()
+    log(f"target: {_describe(config, vocab_size)}"
+        + ("" if source.kind == "unix" else f", vision copies: {options.vision_init}"))
+    weights = import_weights(source, config, vocab_size, options)
+    model = build_model(config, vocab_size, MAX_SEQUENCE_LENGTH)
+    load_weights(model, weights, config, vocab_size)
+    run_args: dict[str, Any] = {"tokenizer_model": str(source.path) if tokenizer else None,
+                                "vq_codebook_size": config.vq_codebook_size, "converted_from": str(source.path)}
+    path = checkpointing.save(save, 0, model, model_args=architecture(config, vocab_size), run_args=run_args)
+    log(f"saved {path}")
+    if verify:
+        _verify_import(model, config, vocab_size, source, weights, tokenizer.text if tokenizer else None)
+    return path
+
+
+def _hf_unix_model(config: UniXConfig, vocab_size: int, weights: LazyTensors) -> torch.nn.Module:
+    """The Uni-X remote-code model (fp32) holding ``weights``, built in memory."""
+    hf_config = unix_hf_config(config, vocab_size)
+    model = model_class(hf_config.model_type, unix=True)(hf_config).float()
+    result = model.load_state_dict({name: weights[name] for name in weights}, strict=False)
+    tied_head = ["lm_head.weight"] if config.tie_word_embeddings else []
+    if result.unexpected_keys or result.missing_keys != tied_head:
+        raise ConversionError(f"converted weights do not fit the Uni-X HF model: {result}")
+    return model
+
+
+def _verify_import(model: torch.nn.Module, config: UniXConfig, vocab_size: int, source: HFCheckpoint,
+                   weights: LazyTensors, text_tokenizer: TextTokenizer | None) -> None:
+    """Megatron vs the source text model (text, original vocabulary columns) and vs the Uni-X HF
+    model built in memory from the converted weights (all samples), everything in fp32."""
+    samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
+    results = []
+    if source.kind != "unix" and source.style == layer_style(config):
+        original = model_class(source.style, unix=False).from_pretrained(source.path, dtype=torch.float32)
+        columns = source.config.vocab_size
+        results.append(compare(f"text vs {type(original).__name__} (source)",
+                               megatron_logits(model, samples["text"], vocab_size)[:, :columns],
+                               hf_logits(original, samples["text"]), FP32))
+        del original
+    elif source.kind != "unix":
+        log("the source model differs from the converted one by design (--layer-style): not compared")
+    unix = _hf_unix_model(config, vocab_size, weights)
+    for name, tokens in samples.items():
+        results.append(compare(f"{name} vs Uni-X HF (converted weights)",
+                               megatron_logits(model, tokens, vocab_size), hf_logits(unix, tokens), FP32))
+    report(results, FP32)
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def load_megatron(path: str | Path) -> tuple[torch.nn.Module, UniXConfig, dict[str, Any]]:
+    """A TP1/PP1 model from a Megatron checkpoint (save directory or ``iter_*``), and its common part."""
+    checkpoint = checkpointing.find_checkpoint(path) if Path(path).exists() else None
+    if checkpoint is None:
+        raise ConversionError(f"--load {path}: no Megatron checkpoint there (no {checkpointing.TRACKER} or "
+                              "metadata.json)")
+    common = checkpointing.read_common(checkpoint)
+    if "model_args" not in common:
+        raise ConversionError(f"{checkpoint} has no model_args: it was not written by this stack")
+    arch = common["model_args"]
+    config = config_from_architecture(arch, perform_initialization=False)
+    model = build_model(config, arch["vocab_size"], MAX_SEQUENCE_LENGTH)
+    checkpointing.load(checkpoint, model, load_rng=False)
+    log(f"loaded {checkpoint}: {_describe(config, arch['vocab_size'])}")
+    return model, config, common
+
+
+def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shard_size: int | str = "5GB") -> Path:
+    """Write the Megatron checkpoint ``load`` as an HF directory in the reference format (spec §5)."""
+    out = Path(save)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"--save {out} is not empty")
+    model, config, common = load_megatron(load)
+    vocab_size = common["model_args"]["vocab_size"]
+    hf_config = unix_hf_config(config, vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(megatron_to_hf({n: p.detach() for n, p in model.named_parameters()}, config, vocab_size), out,
+                      max_shard_size=max_shard_size)
+    hf_config.save_pretrained(out)
+    copy_remote_code(out)
+    tokenizer_dir = (common.get("args") or {}).get("tokenizer_model")
+    if tokenizer_dir and has_tokenizer(tokenizer_dir):
+        log(f"tokenizer files from {tokenizer_dir}: {', '.join(copy_tokenizer(Path(tokenizer_dir), out))}")
+    else:
+        log(f"no HF tokenizer directory recorded in the checkpoint ({tokenizer_dir}): tokenizer not copied")
+    log(f"wrote {out}")
+    if verify:
+        _verify_export(model, config, vocab_size, out)
+    return out
+
+
+def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, out: Path) -> None:
+    """Megatron vs the written directory: the Uni-X model through trust_remote_code on all samples,
+    and transformers' own text LM class on text. The bf16 files are loaded into fp32, so what is
+    measured is the export (names, layout, rounding of the weights to bf16), not bf16 arithmetic,
+    which flips near-tied greedy tokens of a correct conversion (random image codes have many)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    text_tokenizer = load_text_tokenizer(out) if has_tokenizer(out) else None
+    samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
+    reference = {name: megatron_logits(model, tokens, vocab_size) for name, tokens in samples.items()}
+    unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    results = [compare(f"{name} vs Uni-X HF (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
+               for name, tokens in samples.items()]
+    del unix
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report would list every vision tensor, which it ignores by design
+    try:
+        plain = model_class(layer_style(config), unix=False).from_pretrained(out, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    results.append(compare(f"text vs {type(plain).__name__} (bf16 weights)", reference["text"],
+                           hf_logits(plain, samples["text"]), BF16))
+    report(results, BF16)

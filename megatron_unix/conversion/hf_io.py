@@ -1,0 +1,186 @@
+"""Hugging Face checkpoint directories: lazy reading, validation against config.json, and writing.
+
+Tensors are read from safetensors one at a time on access (single file or sharded with
+``model.safetensors.index.json``), so a converter never holds the whole HF checkpoint. What a
+directory must contain is not listed here by hand: it is the ``state_dict`` of the HF model class
+for its config.json, instantiated on the meta device (no memory), so names and shapes are exactly
+transformers' (or the Uni-X remote code's).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import PretrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
+from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen2Config, UniQwen3Config
+from megatron_unix.conversion.hf_remote.modeling_unix import UniQwen2ForCausalLM, UniQwen3ForCausalLM
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "chat_template.jinja")
+UNIX_MARKER = "num_vision_encode_layers"
+"""A config.json with this field is a Uni-X checkpoint in the reference format (spec §5)."""
+
+# (text LM config, text LM, Uni-X config, Uni-X LM) per layer style = HF model_type
+CLASSES: dict[str, tuple[type, type, type, type]] = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, UniQwen2Config, UniQwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, UniQwen3Config, UniQwen3ForCausalLM),
+}
+
+
+class ConversionError(ValueError):
+    """A checkpoint or option the converter refuses; the message names the tensor, field or flag."""
+
+
+def model_class(style: str, unix: bool) -> type:
+    """The HF causal-LM class of a layer style: Uni-X (remote code) or transformers' text LM."""
+    return CLASSES[style][3 if unix else 1]
+
+
+def expected_tensors(config: PretrainedConfig, unix: bool) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor an HF checkpoint of ``config`` holds (``lm_head`` absent when tied)."""
+    with torch.device("meta"):
+        model = model_class(config.model_type, unix)(config)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+class HFCheckpoint:
+    """An HF checkpoint directory: its config (a transformers config object) and lazy tensors.
+
+    ``kind`` is ``"unix"`` for a reference-format Uni-X checkpoint, else the text model's
+    ``model_type`` (``"qwen2"`` covers Qwen2 and Qwen2.5); ``style`` is the layer style either way.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise ConversionError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
+        raw = json.loads(config_file.read_text())
+        self.style = raw.get("model_type")
+        if self.style not in CLASSES:
+            raise ConversionError(f"{config_file}: model_type={self.style!r} is not supported "
+                                  f"(expected one of {sorted(CLASSES)})")
+        self.kind = "unix" if UNIX_MARKER in raw else self.style
+        config_cls = CLASSES[self.style][2 if self.kind == "unix" else 0]
+        self.config: PretrainedConfig = config_cls.from_dict(raw)
+        self.weight_map = self._weight_map()
+        self._handles: dict[str, object] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise ConversionError(f"{index} names shard {missing[0]}, which is not in {self.path}")
+            return weight_map
+        single = self.path / SAFETENSORS_FILE
+        if not single.is_file():
+            raise ConversionError(f"{self.path}: neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX} "
+                                  "(only safetensors checkpoints are supported)")
+        with safe_open(single, "pt") as f:
+            return {name: SAFETENSORS_FILE for name in f.keys()}
+
+    def _handle(self, name: str):
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.path / file, "pt")
+        return self._handles[file]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def validate(self) -> None:
+        """Every tensor config.json implies is present with its shape, and nothing else is there."""
+        expected = expected_tensors(self.config, self.kind == "unix")
+        where = f"{self.path} (model_type {self.style}{', Uni-X' if self.kind == 'unix' else ''})"
+        for name, shape in expected.items():
+            if name not in self.weight_map:
+                raise ConversionError(f"{where}: tensor {name} is missing")
+            if self.shape(name) != shape:
+                raise ConversionError(f"{where}: tensor {name} has shape {list(self.shape(name))}, "
+                                      f"config.json implies {list(shape)}")
+        tied_head = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        unexpected = [n for n in self.weight_map if n not in expected and n not in tied_head]
+        if unexpected:
+            raise ConversionError(f"{where}: tensor {unexpected[0]} is not part of the model config.json describes"
+                                  + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only dict whose values are computed on access (each access recomputes: nothing is cached)."""
+
+    def __init__(self, thunks: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self.thunks = thunks
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.thunks[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.thunks)
+
+    def __len__(self) -> int:
+        return len(self.thunks)
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], directory: Path, *, dtype: torch.dtype = torch.bfloat16,
+                      max_shard_size: int | str = "5GB") -> None:
+    """Write ``tensors`` as ``dtype`` safetensors with HF's sharding (and index when sharded).
+
+    Shards are planned from shapes alone and converted one shard at a time, so only one shard's
+    worth of converted tensors exists at once.
+    """
+    plan = split_torch_state_dict_into_shards(
+        {name: torch.empty(t.shape, dtype=dtype, device="meta") for name, t in tensors.items()},
+        max_shard_size=max_shard_size)
+    progress = tqdm(total=len(tensors), desc="writing safetensors", unit="tensor")
+    for file, names in plan.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            shard[name] = tensors[name].detach().to(dtype).contiguous()
+            progress.update()
+        save_file(shard, directory / file, metadata={"format": "pt"})
+    progress.close()
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(source: Path, directory: Path) -> list[str]:
+    """Copy the tokenizer files of an HF tokenizer directory; returns the names copied."""
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copy(source / name, directory / name)
+    return copied
+
+
+def copy_remote_code(directory: Path) -> None:
+    """The modeling files that config.json's ``auto_map`` names (trust_remote_code)."""
+    for name in REMOTE_CODE_FILES:
+        shutil.copy(REMOTE_CODE_DIR / name, directory / name)
