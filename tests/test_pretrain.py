@@ -192,3 +192,33 @@ def test_bad_setting_cli_exits_before_any_work(data):
     proc = run(common_args(data) + ["--global-batch-size", "3", "--micro-batch-size", "2"], check=False)
     assert proc.returncode == 2 and "--global-batch-size" in proc.stderr
     assert time.time() - start < 60
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    out = tmp_path / "quickstart"
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), str(out)], capture_output=True, text=True,
+                          env={**os.environ, "QUICKSTART_ITERS": "3", "PYTHON": sys.executable}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    records = losses(out / "checkpoints" / "metrics.jsonl")
+    assert sorted(records) == [3] and records[3]["vision_loss"] is not None
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert f"checkpoints    {out}/checkpoints (latest: iteration 3)" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["pretrain_3b.sh", "pretrain_1.5b.sh"])
+def test_slurm_examples_use_existing_flags(script):
+    """The sbatch scripts' pretrain_unix.py command line parses (no misspelt or removed flag)."""
+    from megatron_unix.training.arguments import parse_args
+
+    text = (ROOT / "examples" / script).read_text()
+    settings = text.split("# ---------------------------------------------------------------- edit me")[1]
+    settings = settings.split("# ----------------------------------------------------------------")[0]
+    command = text[text.index("srun --kill-on-bad-exit"):].replace('srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py"',
+                                                 "printf '%s\\n'")
+    proc = subprocess.run(["bash", "-c", settings + "SLURM_JOB_ID=1\n" + command], capture_output=True, text=True,
+                          check=True)
+    args = parse_args(proc.stdout.splitlines())
+    assert args.bf16 and args.use_distributed_optimizer and args.save and args.pretrained_checkpoint
+    n_m = {"pretrain_3b.sh": "12 --vision-decode-layers 6", "pretrain_1.5b.sh": "9 --vision-decode-layers 5"}[script]
+    assert f"--vision-encode-layers {n_m}" in text

@@ -88,7 +88,7 @@ def hf_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def compare(sample: str, reference: torch.Tensor, other: torch.Tensor, gate: Gate) -> Comparison:
     """``reference`` (Megatron) against ``other`` (HF), both [s, V] over the same columns."""
     diff = (reference - other).abs()
-    cosine = torch.nn.functional.cosine_similarity(reference.flatten(), other.flatten(), dim=0).item()
+    cosine = torch.nn.functional.cosine_similarity(reference.double().flatten(), other.double().flatten(), dim=0).item()
     ref_pick, other_pick = reference.argmax(-1), other.argmax(-1)
     margin = reference.gather(-1, ref_pick[:, None]) - reference.gather(-1, other_pick[:, None])
     real_flips = (margin[:, 0] > gate.tie * reference.abs().amax(-1)) & (ref_pick != other_pick)

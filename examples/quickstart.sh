@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Uni-X from nothing on a CPU, in a few minutes: train a small tokenizer on the shipped text,
+# preprocess the shipped text and image-text pairs into Megatron datasets, train a tiny Uni-X
+# (1 encode + 1 decode separated layer) for a few dozen iterations, save a checkpoint.
+#
+#   bash examples/quickstart.sh [OUTPUT_DIR]        (default: ./quickstart-output)
+#
+# Everything goes under OUTPUT_DIR. QUICKSTART_ITERS overrides the number of iterations.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(mkdir -p "${1:-quickstart-output}" && cd "${1:-quickstart-output}" && pwd)"
+ITERS="${QUICKSTART_ITERS:-40}"
+PYTHON="${PYTHON:-python}"
+cd "$REPO"
+
+echo "== 1/4 tokenizer: byte-level BPE with Qwen's special tokens, trained on examples/data/text.jsonl"
+"$PYTHON" tools/train_tokenizer.py --input examples/data/text.jsonl --vocab-size 1000 --output "$OUT/tokenizer"
+
+echo "== 2/4 preprocessing: text documents and image-text pairs (T2I 80% / I2T 20%)"
+mkdir -p "$OUT/data"
+"$PYTHON" tools/preprocess_data.py --input examples/data/text.jsonl --output-prefix "$OUT/data/text" \
+    --tokenizer-model "$OUT/tokenizer" --append-eod --workers 2
+"$PYTHON" tools/preprocess_data.py --input examples/data/image_text.jsonl.gz --output-prefix "$OUT/data/image_text" \
+    --tokenizer-model "$OUT/tokenizer" --workers 2
+
+echo "== 3/4 training a tiny Uni-X for $ITERS iterations"
+"$PYTHON" pretrain_unix.py \
+    --model-preset tiny \
+    --tokenizer-model "$OUT/tokenizer" \
+    --data-path 0.5 "$OUT/data/text" 0.5 "$OUT/data/image_text" --split 90,10,0 \
+    --seq-length 1152 --micro-batch-size 1 --global-batch-size 4 \
+    --train-iters "$ITERS" --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters $(( ITERS / 10 )) --lr-decay-style cosine \
+    --weight-decay 0.01 --clip-grad 1.0 \
+    --log-interval 5 --eval-interval 20 --eval-iters 2 \
+    --save "$OUT/checkpoints" --save-interval 20 \
+    --tensorboard-dir "$OUT/tensorboard"
+
+echo "== 4/4 done. Where everything went:"
+echo "   tokenizer      $OUT/tokenizer"
+echo "   datasets       $OUT/data/{text,image_text}.{bin,idx} (+ _lossmask, _vision companions)"
+echo "   checkpoints    $OUT/checkpoints (latest: iteration $(cat "$OUT/checkpoints/latest_checkpointed_iteration.txt"))"
+echo "   metrics        $OUT/checkpoints/metrics.jsonl"
+echo "   tensorboard    tensorboard --logdir $OUT/tensorboard"
+echo "   export to HF   python tools/convert_checkpoint.py export-hf --load $OUT/checkpoints --save $OUT/hf"
