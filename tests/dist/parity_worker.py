@@ -36,11 +36,11 @@ def main() -> None:
     distributed.initialize(args.tp, args.pp, seed=7)
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_unix.model import build_model, make_config
+    from megatron_unix.training.setup import wrap_model
     from megatron_unix.training.step import forward_step, grad_norm, stream_forward
     from tiny import TINY_MODEL, TINY_VOCAB, make_batches
 
@@ -52,11 +52,7 @@ def main() -> None:
         dist_checkpointing.save(model.sharded_state_dict(), args.save)
     if args.load:
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.load))
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=2000), model
-    )
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    ddp = wrap_model(config, model, overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=2000)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     batches = make_batches(args.batches, args.micro_batches * dp)[dp_rank::dp]
