@@ -16,8 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def megatron_single():
     from megatron_unix.training import distributed
 
-    os.environ["MASTER_PORT"] = str(23000 + os.getpid() % 5000)
+    before = set(os.environ)
     distributed.initialize(1, 1, seed=1)
+    for key in set(os.environ) - before:  # RANK, MASTER_PORT...: subprocesses must not inherit them
+        if key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            del os.environ[key]
     yield
 
 

@@ -131,9 +131,3 @@ def iter_hf_to_megatron(hf: collections.abc.Mapping[str, torch.Tensor], config: 
         if mapping.megatron in VOCAB_TENSORS and tensor.shape[0] < padded_vocab:
             tensor = torch.cat([tensor, tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])])
         yield mapping.megatron, tensor
-
-
-def hf_to_megatron(hf: collections.abc.Mapping[str, torch.Tensor], config: UniXConfig,
-                   padded_vocab: int) -> dict[str, torch.Tensor]:
-    """HF names -> unsharded Megatron weights; vocabulary rows zero-padded to ``padded_vocab``."""
-    return dict(iter_hf_to_megatron(hf, config, padded_vocab))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -34,6 +35,13 @@ def first_slurm_node(nodelist: str) -> str:
     return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
+def _free_port() -> int:
+    """A port nobody listens on, for a single process started without a launcher."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
                context_parallel: int = 1, timeout_minutes: int = 10) -> None:
     """Initialise the process group (single process when no launcher variables are set)."""
@@ -45,7 +53,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(platform.distributed_backend(), timeout=timedelta(minutes=timeout_minutes))
