@@ -18,6 +18,7 @@ two flat arrays (``row_offsets`` into ``pieces`` of (sample, start, length)), ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -158,7 +159,10 @@ class UniXPackedDataset(MegatronDataset):
     def _cache_paths(self) -> dict[str, str]:
         root = self.config.path_to_cache or os.path.join(
             os.path.dirname(os.path.abspath(self.dataset_path)), "cache", f"{type(self).__name__}_indices")
-        base = os.path.join(root, f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
+        # Megatron's key plus the data's size: re-preprocessing into the same prefix gets a new index.
+        key = f"{self.unique_description_hash}-{len(self.dataset)}-{int(self.dataset.lengths.sum(dtype=np.int64))}"
+        key = hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
+        base = os.path.join(root, f"{key}-{type(self).__name__}-{self.index_split.name}")
         return {name: f"{base}-{name}" for name in
                 ("row_offsets.npy", "pieces.npy", "stats.json", "description.json")}
 
