@@ -15,11 +15,11 @@ whole dataset is complete, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 LOSSMASK_SUFFIX = "_lossmask"
@@ -52,6 +52,17 @@ def output_files(prefix: str | Path) -> list[Path]:
         [Path(prefix + LOSSMASK_SUFFIX + ext) for ext in (".bin", ".idx")] + [Path(prefix + VISION_SUFFIX)]
 
 
+@dataclass
+class SampleBatch:
+    """Consecutive samples in the on-disk layout: flat tokens and loss-mask runs, cut by lengths."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    runs: np.ndarray
+    run_counts: np.ndarray
+    vision_tokens: np.ndarray
+
+
 class DatasetWriter:
     """Appends samples (or whole datasets) and publishes the files atomically on :meth:`commit`.
 
@@ -67,9 +78,19 @@ class DatasetWriter:
 
     def add(self, tokens: Sequence[int], trained: Sequence[bool], vision_tokens: int) -> None:
         runs = run_lengths(trained)
-        self.tokens.add_document(torch.tensor(tokens, dtype=torch.int32), [len(tokens)])
-        self.masks.add_document(torch.tensor(runs, dtype=torch.int32), [len(runs)])
-        self.vision_counts.append(np.array([vision_tokens], dtype=TOKEN_DTYPE))
+        self.add_batch(SampleBatch(np.asarray(tokens, TOKEN_DTYPE), np.array([len(tokens)]),
+                                   np.asarray(runs, TOKEN_DTYPE), np.array([len(runs)]),
+                                   np.array([vision_tokens], TOKEN_DTYPE)))
+
+    def add_batch(self, batch: SampleBatch) -> None:
+        """Append many samples with one write per file (no per-sample Python work)."""
+        for builder, flat, lengths in ((self.tokens, batch.tokens, batch.lengths),
+                                       (self.masks, batch.runs, batch.run_counts)):
+            builder.data_file.write(np.ascontiguousarray(flat, TOKEN_DTYPE).tobytes())
+            start = len(builder.sequence_lengths)
+            builder.sequence_lengths.extend(lengths.tolist())
+            builder.document_indices.extend(range(start + 1, start + len(lengths) + 1))
+        self.vision_counts.append(np.asarray(batch.vision_tokens, TOKEN_DTYPE))
 
     def add_dataset(self, prefix: str | Path) -> None:
         """Append a complete dataset written by another writer (a shard)."""

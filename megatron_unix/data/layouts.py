@@ -1,4 +1,4 @@
-"""Sample layouts and their loss masks (spec §3): text, T2I, I2T.
+"""Sample layouts and their loss masks (spec §3): text, T2I, I2T, SFT.
 
 A sample is a token list plus, per token, whether it is *trained* as a target (the dataset turns
 that into the loss mask of the shifted labels). With ignore-instruction (the paper's default) the
@@ -66,3 +66,17 @@ def pair_sample(tok: MultimodalTokenizer, caption: str, codes: Sequence[int], rn
     if rng.random() < t2i_ratio:
         return t2i_sample(tok, caption, codes, rng, ignore_instruction)
     return i2t_sample(tok, caption, codes, rng, ignore_instruction)
+
+
+def sft_sample(tok: MultimodalTokenizer, turns: Sequence[tuple[str, bool]], codes: Sequence[int] | None = None,
+               newlines: int = 1, ignore_instruction: bool = True) -> Sample:
+    """``[BOI][codes][EOI]`` (if an image), each turn as ``"\\n" * newlines + text`` (no role tags),
+    then EOS. ``turns`` are ``(text, is_assistant)``; with ignore-instruction only the assistant
+    turns and EOS are trained."""
+    condition = not ignore_instruction
+    sample = Sample()
+    if codes is not None:
+        sample.add([tok.boi_id] + tok.image_tokens(codes) + [tok.eoi_id], condition)
+    for text, assistant in turns:
+        sample.add(tok.tokenize("\n" * newlines + text), assistant or condition)
+    return sample.add([tok.eos_id], True)

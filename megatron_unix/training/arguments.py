@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--long-text", choices=["truncate", "split"], default="truncate",
                    help="a text sample longer than a row: cut it, or continue it over rows")
     g.add_argument("--seq-length", type=int, default=None)
-    g.add_argument("--num-workers", type=int, default=1, help="data loader workers")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="data loader worker processes (0: read in the training process; rows are mmap reads)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
