@@ -18,7 +18,6 @@ echo "== 1/4 tokenizer: byte-level BPE with Qwen's special tokens, trained on ex
 "$PYTHON" tools/train_tokenizer.py --input examples/data/text.jsonl --vocab-size 1000 --output "$OUT/tokenizer"
 
 echo "== 2/4 preprocessing: text documents and image-text pairs (T2I 80% / I2T 20%)"
-mkdir -p "$OUT/data"
 "$PYTHON" tools/preprocess_data.py --input examples/data/text.jsonl --output-prefix "$OUT/data/text" \
     --tokenizer-model "$OUT/tokenizer" --append-eod --workers 2
 "$PYTHON" tools/preprocess_data.py --input examples/data/image_text.jsonl.gz --output-prefix "$OUT/data/image_text" \

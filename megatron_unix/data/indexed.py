@@ -72,6 +72,7 @@ class DatasetWriter:
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = str(prefix)
         self.partial = f"{self.prefix}.partial-{os.getpid()}"
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self.tokens = IndexedDatasetBuilder(self.partial + ".bin", dtype=TOKEN_DTYPE)
         self.masks = IndexedDatasetBuilder(self.partial + LOSSMASK_SUFFIX + ".bin", dtype=TOKEN_DTYPE)
         self.vision_counts: list[np.ndarray] = []
