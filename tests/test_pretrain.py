@@ -214,11 +214,14 @@ def test_slurm_examples_use_existing_flags(script):
     text = (ROOT / "examples" / script).read_text()
     settings = text.split("# ---------------------------------------------------------------- edit me")[1]
     settings = settings.split("# ----------------------------------------------------------------")[0]
-    command = text[text.index("srun --kill-on-bad-exit"):].replace('srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py"',
-                                                 "printf '%s\\n'")
+    launch = (ROOT / "examples" / "pretrain_common.sh").read_text()
+    assert text.rstrip().endswith('source "$REPO/examples/pretrain_common.sh"')
+    command = launch[launch.index("srun --kill-on-bad-exit"):].replace(
+        'srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py"', "printf '%s\\n'")
     proc = subprocess.run(["bash", "-c", settings + "SLURM_JOB_ID=1\n" + command], capture_output=True, text=True,
                           check=True)
     args = parse_args(proc.stdout.splitlines())
     assert args.bf16 and args.use_distributed_optimizer and args.save and args.pretrained_checkpoint
+    assert args.lr == 1e-4 and args.exit_duration_in_mins == 2850 and args.wandb_exp_name.endswith("-1")
     n_m = {"pretrain_3b.sh": "12 --vision-decode-layers 6", "pretrain_1.5b.sh": "9 --vision-decode-layers 5"}[script]
     assert f"--vision-encode-layers {n_m}" in text
