@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_unix.data.indexed import DatasetWriter
+from megatron_unix.data.indexed import DatasetWriter, MultimodalDocuments
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 
 # MegatronDataset warns that pad == EOS; packing masks padding by position, never by id.
@@ -271,3 +272,60 @@ def test_end_to_end_from_preprocessed_jsonl(tmp_path, sentencepiece_model):
             assert (full[b + 1:b + 17] >= tok.vq_offset).all() and full[b + 17] == tok.eoi_id
             images += 1
     assert images == 20
+
+
+def _one_row(tmp_path: Path, tok: MultimodalTokenizer, name: str, line: dict, **fmt) -> dict:
+    """Preprocess one jsonl line, then pack it into a row exactly its length: the row the model sees."""
+    import io
+    import json
+
+    from megatron_unix.data.dataset import build_datasets
+    from megatron_unix.data.preprocess import LineFormat, preprocess
+
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps(line) + "\n")
+    preprocess([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), tok, LineFormat(image_tokens=4, **fmt), 1,
+               True, 10**6, io.StringIO())
+    documents = MultimodalDocuments(tmp_path / name)  # keep it alive: lengths is a view of its mmap
+    length = int(documents.lengths[0])
+    train = build_datasets([str(tmp_path / name)], "1,0,0", length - 1, 1, tok, (None, None, None))[0]
+    assert len(train) == 1
+    return {k: v.tolist() for k, v in train[0].items()}
+
+
+def _matches_one_of(row: dict, candidates: list[tuple[list[int], list[bool]]]) -> bool:
+    """The row is sample ``tokens`` shifted into inputs/labels, with loss where the target is trained."""
+    return any(row["tokens"] == tokens[:-1] and row["labels"] == tokens[1:]
+               and row["loss_mask"] == [float(t) for t in trained[1:]] and set(row["document_ids"]) == {0}
+               for tokens, trained in candidates)
+
+
+def test_jsonl_to_training_rows_for_every_layout(tmp_path):
+    """Each layout of spec §3, from a jsonl line to the row the model sees, against sequences built
+    here from the tokenizer's own encoding of the expected strings (ignore-instruction on)."""
+    from megatron_unix.data.layouts import I2T_PROMPTS, T2I_PROMPTS, UNCONDITIONAL
+    from megatron_unix.data.tokenizer import train_bpe_tokenizer
+
+    from conftest import CORPUS
+
+    tok = MultimodalTokenizer.from_pretrained(train_bpe_tokenizer(CORPUS, 400, tmp_path / "tok"), codebook_size=16)
+    enc, codes = tok.tokenize, [3, 1, 4, 15]
+    image = [tok.boi_id] + [tok.vq_offset + c for c in codes] + [tok.eoi_id]
+    text = "A quick brown fox jumps over the lazy dog."
+    row = _one_row(tmp_path, tok, "text", {"text": text}, append_eod=True)
+    assert _matches_one_of(row, [(enc(text) + [tok.eos_id], [True] * (len(enc(text)) + 1))])
+
+    caption = "a red bicycle"
+    t2i = [(enc(condition) + [tok.boi_id] + image[1:] + [tok.eos_id],
+            [False] * (len(enc(condition)) + 1) + [True] * (len(codes) + 2))
+           for condition in [f"{caption} {p}" for p in T2I_PROMPTS] + [UNCONDITIONAL]]
+    assert _matches_one_of(_one_row(tmp_path, tok, "t2i", {"caption": caption, "vqcode": codes}, t2i_ratio=1.0), t2i)
+
+    i2t = [(image + enc(p) + enc(" " + caption) + [tok.eos_id],
+            [False] * (len(image) + len(enc(p))) + [True] * (len(enc(" " + caption)) + 1)) for p in I2T_PROMPTS]
+    assert _matches_one_of(_one_row(tmp_path, tok, "i2t", {"caption": caption, "vqcode": codes}, t2i_ratio=0.0), i2t)
+
+    question, answer = "What is in the picture?", "A red bicycle near the river bank."
+    sft = (image + enc("\n" + question) + enc("\n" + answer) + [tok.eos_id],
+           [False] * (len(image) + len(enc("\n" + question))) + [True] * (len(enc("\n" + answer)) + 1))
+    line = {"vqcode": codes, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    assert _matches_one_of(_one_row(tmp_path, tok, "sft", line), [sft])
