@@ -302,10 +302,10 @@ def _matches_one_of(row: dict, candidates: list[tuple[list[int], list[bool]]]) -
 def test_jsonl_to_training_rows_for_every_layout(tmp_path):
     """Each layout of spec §3, from a jsonl line to the row the model sees, against sequences built
     here from the tokenizer's own encoding of the expected strings (ignore-instruction on)."""
+    from conftest import CORPUS
+
     from megatron_unix.data.layouts import I2T_PROMPTS, T2I_PROMPTS, UNCONDITIONAL
     from megatron_unix.data.tokenizer import train_bpe_tokenizer
-
-    from conftest import CORPUS
 
     tok = MultimodalTokenizer.from_pretrained(train_bpe_tokenizer(CORPUS, 400, tmp_path / "tok"), codebook_size=16)
     enc, codes = tok.tokenize, [3, 1, 4, 15]
