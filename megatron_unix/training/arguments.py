@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("tokenizer and data")
     g.add_argument("--tokenizer-model", help="HF tokenizer directory or SentencePiece .model")
-    g.add_argument("--vq-codebook-size", type=int, default=8192)
+    g.add_argument("--vq-codebook-size", type=int, default=None, help="default: the checkpoint's, else 8192")
     g.add_argument("--boi", default="<|vision_start|>")
     g.add_argument("--eoi", default="<|vision_end|>")
     g.add_argument("--eos", default="<|endoftext|>")

@@ -196,7 +196,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            timeout_minutes=args.distributed_timeout_minutes)
     tokenizer = MultimodalTokenizer.from_pretrained(
-        args.tokenizer_model, codebook_size=args.vq_codebook_size, boi=args.boi, eoi=args.eoi,
+        args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
         eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
     arch = _architecture(args, tokenizer)
     config = setup.model_config(args, arch)

@@ -1,8 +1,9 @@
 """Logits of a converted checkpoint at TP=2 and at PP=2, under torchrun with 2 processes.
 
-Used by tests/test_convert.py: the checkpoint is loaded the way pretrain_unix.py loads one
-(architecture from ``model_args``, parallel sizes from the run) and run with Megatron's pipeline
-schedule, forward only; the test compares with the single-process TP=1 logits.
+Used by tests/test_convert.py: the checkpoint is loaded with pretrain_unix.py's own functions
+(its argument parser, the architecture from ``model_args``, ``setup.build`` with Megatron DDP,
+``checkpointing.load``) and run with Megatron's pipeline schedule, forward only; the test compares
+with the single-process TP=1 logits.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ def logits_at(checkpoint: Path, tp: int, pp: int) -> torch.Tensor | None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_unix.conversion.convert import MAX_SEQUENCE_LENGTH
-    from megatron_unix.model import build_model
-    from megatron_unix.model.config import config_from_architecture
-    from megatron_unix.training import checkpointing
+    from megatron_unix.training import checkpointing, setup
+    from megatron_unix.training.arguments import merge_model_args, parse_args
     from megatron_unix.training.step import stream_forward
 
     distributed.initialize(tp, pp, seed=1)
+    # pretrain_unix.py's own path: its arguments, the checkpoint's architecture, its model setup.
+    args = parse_args(["--pretrained-checkpoint", str(checkpoint), "--train-iters", "0", "--seq-length",
+                       str(MAX_SEQUENCE_LENGTH), "--tensor-model-parallel-size", str(tp),
+                       "--pipeline-model-parallel-size", str(pp)])
     arch = checkpointing.read_common(checkpoint)["model_args"]
-    config = config_from_architecture(arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                      pipeline_dtype=torch.float32)
-    model = build_model(config, arch["vocab_size"], MAX_SEQUENCE_LENGTH)
+    merge_model_args(args, arch)
+    config = setup.model_config(args, arch)
+    model = setup.build(args, config, arch["vocab_size"])
     checkpointing.load(checkpoint, model, load_rng=False)
     model.eval()
     batch = {"tokens": sample_batch(config)}
