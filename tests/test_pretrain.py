@@ -159,13 +159,18 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
 
 
 def test_nonfinite_loss_stops_or_skips(data, tmp_path):
-    args = common_args(data, iters=4) + ["--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0"]
+    # Also the explicit-dimensions path: a shared baseline (N = M = 0) with every unset flag defaulted.
+    args = common_args(data, iters=4)[2:] + ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                                             "--num-attention-heads", "4", "--num-query-groups", "2",
+                                             "--kv-channels", "16", "--lr", "1e30", "--clip-grad", "0",
+                                             "--lr-warmup-iters", "0"]
     proc = run(args, check=False)
     assert proc.returncode == 1
     assert re.search(r"error: iteration \d+: (lm loss|grad norm) is (nan|inf)", proc.stderr), proc.stderr[-2000:]
     proc = run(args + ["--skip-nonfinite-steps", "--metrics-file", str(tmp_path / "m.jsonl")])
     assert "skipping the step" in proc.stdout
     assert losses(tmp_path / "m.jsonl")[4]["skipped_iterations"] >= 1
+    assert "Uni-X 2 layers (0:0 separated)" in proc.stdout
 
 
 BAD_SETTINGS = {

@@ -18,6 +18,11 @@ from megatron_unix.model.config import ARCHITECTURE_FIELDS
 ARCHITECTURE = ARCHITECTURE_FIELDS + ("vocab_size",)
 """Stored in every checkpoint; a run that loads one takes unset flags from it."""
 
+ARCHITECTURE_DEFAULTS = dict(vision_encode_layers=0, vision_decode_layers=0, qk_layernorm=False, add_qkv_bias=False,
+                             tie_word_embeddings=True, rotary_base=1e6, layernorm_epsilon=1e-6)
+"""What a fresh run uses for the architecture flags it leaves unset (Qwen's choices; N = M = 0 is the
+shared baseline)."""
+
 TINY_PRESET = dict(num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, num_query_groups=2,
                    kv_channels=32, vision_encode_layers=1, vision_decode_layers=1, qk_layernorm=True,
                    add_qkv_bias=False, tie_word_embeddings=True, rotary_base=1e6, layernorm_epsilon=1e-6)
@@ -131,6 +136,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if getattr(args, name) is None:
                 setattr(args, name, value)
     return args
+
+
+def fill_architecture_defaults(args: argparse.Namespace) -> None:
+    """After any checkpoint's values are merged: defaults for what is still unset."""
+    for name, value in ARCHITECTURE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def merge_model_args(args: argparse.Namespace, stored: dict[str, Any]) -> None:

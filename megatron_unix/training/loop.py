@@ -26,9 +26,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_unix.data.dataset import build_datasets
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.model.builder import padded_vocab_size
-from megatron_unix.model.config import ARCHITECTURE_FIELDS, UniXConfig
+from megatron_unix.model.config import ARCHITECTURE_FIELDS, UniXConfig, architecture
 from megatron_unix.training import checkpointing, distributed, metrics, setup
-from megatron_unix.training.arguments import data_prefixes, merge_model_args, validate, world_size_from_env
+from megatron_unix.training.arguments import (data_prefixes, fill_architecture_defaults, merge_model_args, validate,
+                                               world_size_from_env)
 from megatron_unix.training.data import micro_batches
 from megatron_unix.training.step import forward_step
 
@@ -192,14 +193,16 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     stored = _stored_architecture(args)
     if stored:
         merge_model_args(args, stored)
+    fill_architecture_defaults(args)
     validate(args, world_size_from_env())
     distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            timeout_minutes=args.distributed_timeout_minutes)
     tokenizer = MultimodalTokenizer.from_pretrained(
         args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
         eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
-    arch = _architecture(args, tokenizer)
-    config = setup.model_config(args, arch)
+    requested = _architecture(args, tokenizer)
+    config = setup.model_config(args, requested)
+    arch = architecture(config, requested["vocab_size"])  # with Megatron's derived sizes: what checkpoints store
     ddp = setup.build(args, config, arch["vocab_size"])
     optimizer, scheduler = setup.build_optimizer(args, ddp)
     state = _restore(args, ddp, optimizer, scheduler)
