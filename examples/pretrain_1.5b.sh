@@ -15,7 +15,7 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --signal=TERM@600              # SIGTERM 10 min before the limit: pretrain_unix saves and exits
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 # ---------------------------------------------------------------- edit me

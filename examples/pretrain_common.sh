@@ -5,10 +5,11 @@ set -euo pipefail
 
 source "$REPO/.venv/bin/activate"
 export CUDA_DEVICE_MAX_CONNECTIONS=1                 # Megatron's TP/SP comm-compute overlap needs it
-export NCCL_ASYNC_ERROR_HANDLING=1
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-8}   # newer slurm: srun does not inherit --cpus-per-task
 export OMP_NUM_THREADS=8
 export MASTER_PORT=${MASTER_PORT:-29500}             # MASTER_ADDR = first node of the allocation
-mkdir -p logs "$SAVE"
+mkdir -p "$SAVE"
 
 srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py" \
     --pretrained-checkpoint "$INIT" \
@@ -19,7 +20,7 @@ srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py" \
     --train-iters "$TRAIN_ITERS" \
     --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS" --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
-    --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
+    --bf16 --use-distributed-optimizer --overlap-grad-reduce \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
     --attention-backend auto \
     --log-interval 10 --eval-interval 1000 --eval-iters 20 \

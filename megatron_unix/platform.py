@@ -182,6 +182,7 @@ def seed_model_parallel(seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
 
+    seed += 100 * ps.get_pipeline_model_parallel_rank()  # as Megatron-LM: stages must not init alike
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         mrandom.model_parallel_cuda_manual_seed(seed)

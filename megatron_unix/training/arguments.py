@@ -78,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
 
     g = p.add_argument_group("training")
@@ -110,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and data")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, use this run's LR/WD schedule flags instead of the checkpoint's")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, take the LR/WD schedule from the checkpoint (default: they must match)")
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
@@ -199,6 +202,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length is None:
         raise ValueError("--seq-length must be given")
+    if args.sequence_parallel and (args.seq_length * args.micro_batch_size) % tp:
+        raise ValueError(f"--sequence-parallel needs --seq-length x --micro-batch-size "
+                         f"({args.seq_length * args.micro_batch_size}) divisible by --tensor-model-parallel-size ({tp})")
     if not args.data_path:
         raise ValueError("--data-path must name at least one dataset prefix (see tools/preprocess_data.py)")
     for prefix in data_prefixes(args.data_path):

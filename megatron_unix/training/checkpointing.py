@@ -123,7 +123,7 @@ def save(root: str | Path, iteration: int, model: torch.nn.Module, *, optimizer=
     rank0 = dist.get_rank() == 0
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("iter_*.partial"):
+        for stale in [*root.glob("iter_*.partial"), *root.glob("iter_*.replaced")]:
             shutil.rmtree(stale)
         partial.mkdir()
     dist.barrier()
@@ -139,26 +139,47 @@ def save(root: str | Path, iteration: int, model: torch.nn.Module, *, optimizer=
     if rank0:
         _commit(root, partial, final, iteration)
         if keep_last:
-            _prune(root, keep_last)
+            _prune(root, keep_last, iteration)
     dist.barrier()
     return final
 
 
 def _commit(root: Path, partial: Path, final: Path, iteration: int) -> None:
-    if final.exists():  # re-saving an iteration (e.g. SIGTERM right after an interval save)
-        shutil.rmtree(final)
+    old = root / f"{final.name}.replaced"
+    if final.exists():  # re-saving an iteration: keep the old one until the new one is in place
+        os.replace(final, old)
     os.replace(partial, final)
     tracker_tmp = root / (TRACKER + ".tmp")
     tracker_tmp.write_text(f"{iteration}\n")
     with open(tracker_tmp) as f:
         os.fsync(f.fileno())
     os.replace(tracker_tmp, root / TRACKER)
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
-    for old in done[:-keep_last]:
+    if old.exists():
         shutil.rmtree(old)
+
+
+def _prune(root: Path, keep_last: int, iteration: int) -> None:
+    """Delete the oldest checkpoints before ``iteration`` (never the one just saved, which the
+    tracker names), keeping ``keep_last`` in all."""
+    older = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < iteration)
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(old)
+
+
+def _give_fresh_adam_a_step(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer over torch's Adam (no TE/apex) asserts that every
+    parameter's state has one common ``step`` while building its loading request; a freshly built
+    optimizer has no state yet. Initialise it (zeros, step 0) as the TE/apex path would."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and inner.init_state_fn is not None:
+            inner.init_state_fn(inner.optimizer, inner.config)
+            for group in inner.optimizer.param_groups:
+                for param in group["params"]:
+                    inner.optimizer.state[param].setdefault("step", torch.tensor(0.0))
 
 
 def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, scheduler=None,
@@ -174,6 +195,7 @@ def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, sche
     model = unwrap(model)
     request = {"model": model.sharded_state_dict()}
     if optimizer is not None:
+        _give_fresh_adam_a_step(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(request["model"], is_loading=True)
     if with_rng:
         request["rng_state"] = _rng_sharded_object()

@@ -8,6 +8,7 @@ same indices from the same deterministic dataset, so they see identical batches 
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -34,11 +35,18 @@ class PretrainingSampler:
             yield list(range(first, first + self.micro))
 
 
+def _ignore_termination(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process, which saves before exiting (slurm
+    signals every process of the job step)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def micro_batches(dataset: Dataset, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
                   data_parallel_size: int, num_workers: int = 0) -> Iterator[Batch]:
     """An endless-enough iterator over this rank's micro-batches (``tokens``, ``labels``, ...)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
                                  data_parallel_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0, worker_init_fn=_ignore_termination)
     return iter(loader)

@@ -55,7 +55,8 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # modulo: clusters that bind one GPU per task show each task a single device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(platform.distributed_backend(), timeout=timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):

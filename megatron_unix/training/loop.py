@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.model.builder import padded_vocab_size
@@ -176,6 +177,14 @@ def _run_batches(ddp, data: Iterator, num_micro: int, seq_length: int, micro_bat
     return stats
 
 
+def _grads_finite(ddp) -> bool:
+    """Whether every rank's gradients are finite (checked before the optimizer touches the weights)."""
+    bad = any(not torch.isfinite(p.main_grad).all() for p in ddp.parameters() if getattr(p, "main_grad", None) is not None)
+    flag = torch.tensor([float(bad)], device=platform.device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
+
+
 def _all_reduce(stats: StepStats) -> StepStats:
     values = stats.values.to(torch.device("cuda") if torch.cuda.is_available() else "cpu")
     dist.all_reduce(values)
@@ -197,6 +206,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     validate(args, world_size_from_env())
     distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            timeout_minutes=args.distributed_timeout_minutes)
+    exit_signal = ExitSignal(args.exit_signal_handler)  # before any data-loader worker exists
     tokenizer = MultimodalTokenizer.from_pretrained(
         args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
         eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
@@ -232,7 +242,6 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     log(f"> Uni-X {arch['num_layers']} layers ({arch['vision_encode_layers']}:{arch['vision_decode_layers']} "
         f"separated), {params:,} parameters on rank 0, TP={args.tensor_model_parallel_size} "
         f"PP={args.pipeline_model_parallel_size} DP={dp}, {num_micro} micro-batches of {mbs} x {args.seq_length}")
-    exit_signal = ExitSignal(args.exit_signal_handler)
     ddp.train()
     window = StepStats()
     window_start, window_iters = time.perf_counter(), 0
@@ -248,20 +257,22 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         stats = _all_reduce(stats)
         iteration = state.iteration + 1
         grad_norm = None
-        if math.isfinite(stats.loss):
+        problem = (f"lm loss is {stats.loss}" if not math.isfinite(stats.loss) else
+                   "a gradient is not finite" if args.skip_nonfinite_steps and not _grads_finite(ddp) else None)
+        if problem is None:
             updated, grad_norm, _ = optimizer.step()
             if updated:
                 scheduler.step(increment=gbs)
             else:
                 state.skipped_iterations += 1
-            if grad_norm is not None and not math.isfinite(grad_norm) and not args.skip_nonfinite_steps:
+            if grad_norm is not None and not math.isfinite(grad_norm):
                 raise NonFiniteLoss(f"iteration {iteration}: grad norm is {grad_norm}")
         elif args.skip_nonfinite_steps:
             state.skipped_iterations += 1
-            log(f" iteration {iteration}: lm loss is {stats.loss}; skipping the step (--skip-nonfinite-steps)")
+            log(f" iteration {iteration}: {problem}; skipping the step (--skip-nonfinite-steps)")
         else:
-            raise NonFiniteLoss(f"iteration {iteration}: lm loss is {stats.loss}; stopping (use "
-                                "--skip-nonfinite-steps to skip such steps)")
+            raise NonFiniteLoss(f"iteration {iteration}: {problem}; stopping (use --skip-nonfinite-steps to skip "
+                                "such steps)")
         state.iteration = iteration
         state.consumed_train_samples += gbs
         step_end = time.perf_counter()
@@ -274,8 +285,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
                                            int(window["separated_pairs"]))
             tflops = flops / elapsed / world / 1e12
             record = {
-                "iteration": iteration, "consumed_samples": state.consumed_train_samples, "loss": stats.loss,
-                "text_loss": stats.text_loss, "vision_loss": stats.vision_loss, "lr": scheduler.get_lr(
+                "iteration": iteration, "consumed_samples": state.consumed_train_samples, "loss": window.loss,
+                "text_loss": window.text_loss, "vision_loss": window.vision_loss, "lr": scheduler.get_lr(
                     optimizer.param_groups[0]), "grad_norm": grad_norm,
                 "tokens_per_sec": window["tokens"] / elapsed, "tflops": tflops,
                 "mfu": tflops / peak if peak else None, "mem_gib": metrics.memory_gib(),
@@ -286,8 +297,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
                 f"consumed samples: {state.consumed_train_samples:12d} | elapsed time per iteration (ms): "
                 f"{record['iteration_ms']:.1f} | tokens/s: {record['tokens_per_sec']:,.0f} | "
                 f"TFLOP/s/device: {tflops:.3f} | MFU: {_format(record['mfu'], '.1%')} | "
-                f"learning rate: {record['lr']:.6E} | global batch size: {gbs:5d} | lm loss: {stats.loss:.6E} | "
-                f"text loss: {_format(stats.text_loss, '.6E')} | vision loss: {_format(stats.vision_loss, '.6E')} | "
+                f"learning rate: {record['lr']:.6E} | global batch size: {gbs:5d} | lm loss: {window.loss:.6E} | "
+                f"text loss: {_format(window.text_loss, '.6E')} | vision loss: {_format(window.vision_loss, '.6E')} | "
                 f"grad norm: {_format(grad_norm, '.3f')} | mem (GiB): {record['mem_gib']:.2f} | "
                 f"skipped iterations: {state.skipped_iterations:3d} | ETA: {eta}")
             if sinks:

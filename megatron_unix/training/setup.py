@@ -59,7 +59,6 @@ def build_optimizer(args: argparse.Namespace, ddp: DistributedDataParallel):
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_param_gather=args.overlap_param_gather,
     ), [ddp])
     samples = args.global_batch_size
     warmup = args.lr_warmup_iters * samples
@@ -67,6 +66,7 @@ def build_optimizer(args: argparse.Namespace, ddp: DistributedDataParallel):
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=max(warmup + 1, (args.lr_decay_iters or args.train_iters) * samples), lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=max(1, args.train_iters * samples),
-        wd_incr_style="constant",
+        wd_incr_style="constant", override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
     )
     return optimizer, scheduler
