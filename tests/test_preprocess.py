@@ -296,3 +296,21 @@ def test_merge_of_shards_equals_their_concatenation_and_cli_flags(tok, bpe_dir, 
     run(tok, [whole], tmp_path / "whole" / "out", t2i_ratio=0.5, seed=7, append_eod=True)
     assert file_bytes(tmp_path / "merged") == file_bytes(tmp_path / "whole" / "out")
     assert len(merge([tmp_path / "merged", tmp_path / "shard-0"], tmp_path / "again")) == 57
+
+
+def test_vocabulary_record_guards_merge_and_training(tok, bpe_dir, tmp_path):
+    """The dataset records the vocabulary layout it was tokenized with; merging datasets of two
+    layouts, or training with a tokenizer of another layout, is refused naming the prefix."""
+    from megatron_unix.data.indexed import check_vocabulary, read_vocabulary
+
+    lines = write(tmp_path / "in.jsonl", [{"caption": caption(i), "vqcode": codes(i)} for i in range(4)])
+    run(tok, [lines], tmp_path / "a")
+    assert read_vocabulary(tmp_path / "a")["vq_offset"] == tok.vq_offset
+    other = MultimodalTokenizer.from_pretrained(bpe_dir, codebook_size=CODEBOOK, vq_offset=tok.vq_offset + 8)
+    run(other, [lines], tmp_path / "b")
+    with pytest.raises(ValueError, match=r"b was tokenized with .*merge only datasets made with one tokenizer"):
+        merge([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert not list(tmp_path.glob("ab*"))
+    check_vocabulary(tmp_path / "a", tok.model_config_fields(), "tok")
+    with pytest.raises(ValueError, match=r"--data-path .*a was preprocessed with another vocabulary .*vq_offset"):
+        check_vocabulary(tmp_path / "a", other.model_config_fields(), "other")

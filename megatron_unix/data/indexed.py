@@ -7,6 +7,8 @@
   text sample, ``[k, n-k]`` for an ignore-instruction pair. Two or three ints per sample.
 - ``PREFIX_vision.npy``: per sample, the number of vision tokens, so packing knows which samples
   hold an image (never split) without reading the tokens.
+- ``PREFIX_vocab.json`` (optional): the vocabulary layout the samples were tokenized with (VQ
+  offset, codebook, BOI/EOI/EOS, separators), so training and merging can refuse a mismatch.
 
 :class:`DatasetWriter` writes all of them under temporary names and renames them only when the
 whole dataset is complete, so a failure leaves nothing behind.
@@ -14,16 +16,18 @@ whole dataset is complete, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 LOSSMASK_SUFFIX = "_lossmask"
 VISION_SUFFIX = "_vision.npy"
+VOCABULARY_SUFFIX = "_vocab.json"
 TOKEN_DTYPE = np.int32
 
 
@@ -63,14 +67,35 @@ class SampleBatch:
     vision_tokens: np.ndarray
 
 
+def _canonical(vocabulary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """As stored in JSON (tuples become lists), so records compare equal however they were made."""
+    return None if vocabulary is None else json.loads(json.dumps(vocabulary, sort_keys=True))
+
+
+def read_vocabulary(prefix: str | Path) -> dict[str, Any] | None:
+    path = Path(str(prefix) + VOCABULARY_SUFFIX)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_vocabulary(prefix: str | Path, vocabulary: dict[str, Any], tokenizer_name: str) -> None:
+    """Refuse training on samples tokenized with another vocabulary layout than the run's."""
+    stored, expected = read_vocabulary(prefix), _canonical(vocabulary)
+    if stored is not None and stored != expected:
+        differ = ", ".join(f"{k} {stored.get(k)} vs {expected.get(k)}" for k in sorted(set(stored) | set(expected))
+                           if stored.get(k) != expected.get(k))
+        raise ValueError(f"--data-path {prefix} was preprocessed with another vocabulary than --tokenizer-model "
+                         f"{tokenizer_name} gives ({differ}): use the tokenizer it was made with, or preprocess again")
+
+
 class DatasetWriter:
     """Appends samples (or whole datasets) and publishes the files atomically on :meth:`commit`.
 
     Used as a context manager: leaving the block with an exception removes every partial file.
     """
 
-    def __init__(self, prefix: str | Path) -> None:
+    def __init__(self, prefix: str | Path, vocabulary: dict[str, Any] | None = None) -> None:
         self.prefix = str(prefix)
+        self.vocabulary = _canonical(vocabulary)
         self.partial = f"{self.prefix}.partial-{os.getpid()}"
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self.tokens = IndexedDatasetBuilder(self.partial + ".bin", dtype=TOKEN_DTYPE)
@@ -96,6 +121,11 @@ class DatasetWriter:
     def add_dataset(self, prefix: str | Path) -> None:
         """Append a complete dataset written by another writer (a shard)."""
         prefix = str(prefix)
+        theirs = read_vocabulary(prefix)
+        if theirs is not None and self.vocabulary not in (None, theirs):
+            raise ValueError(f"{prefix} was tokenized with {theirs}, the datasets before it with {self.vocabulary}: "
+                             "merge only datasets made with one tokenizer")
+        self.vocabulary = self.vocabulary or theirs
         self.tokens.add_index(prefix)
         self.masks.add_index(prefix + LOSSMASK_SUFFIX)
         self.vision_counts.append(np.load(prefix + VISION_SUFFIX))
@@ -106,13 +136,16 @@ class DatasetWriter:
         counts = np.concatenate(self.vision_counts) if self.vision_counts else np.zeros(0, TOKEN_DTYPE)
         with open(self.partial + VISION_SUFFIX, "wb") as f:
             np.save(f, counts)
+        if self.vocabulary is not None:
+            Path(self.partial + VOCABULARY_SUFFIX).write_text(json.dumps(self.vocabulary, indent=1) + "\n")
+            os.replace(self.partial + VOCABULARY_SUFFIX, self.prefix + VOCABULARY_SUFFIX)
         for partial, final in zip(output_files(self.partial), output_files(self.prefix)):
             os.replace(partial, final)
 
     def abort(self) -> None:
         for builder in (self.tokens, self.masks):
             builder.data_file.close()
-        for path in output_files(self.partial):
+        for path in [*output_files(self.partial), Path(self.partial + VOCABULARY_SUFFIX)]:
             path.unlink(missing_ok=True)
 
     def __enter__(self) -> "DatasetWriter":

@@ -409,7 +409,7 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tok: Mul
     summary = Summary()
     progress = Progress(summary, sum(path.stat().st_size for path in paths), log_interval, log)
     with multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool, \
-            DatasetWriter(output_prefix) as writer:
+            DatasetWriter(output_prefix, vocabulary=tok.model_config_fields()) as writer:
         for result in _in_order(pool, read_blocks(paths, block_bytes), 2 * workers):
             if strict and result.bad_lines:
                 raise PreprocessError(f"{result.bad_lines[0]} (--strict: nothing written)")

@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
+from megatron_unix.data.indexed import check_vocabulary
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.model.builder import padded_vocab_size
 from megatron_unix.model.config import ARCHITECTURE_FIELDS, UniXConfig, architecture
@@ -210,6 +211,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     tokenizer = MultimodalTokenizer.from_pretrained(
         args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
         eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
+    for prefix in data_prefixes(args.data_path):
+        check_vocabulary(prefix, tokenizer.model_config_fields(), args.tokenizer_model)
     requested = _architecture(args, tokenizer)
     config = setup.model_config(args, requested)
     arch = architecture(config, requested["vocab_size"])  # with Megatron's derived sizes: what checkpoints store
