@@ -12,6 +12,8 @@ import argparse
 import os
 from typing import Any, Sequence
 
+from megatron.core.datasets.utils import get_blend_from_list
+
 from megatron_unix.data.indexed import output_files
 from megatron_unix.model.config import ARCHITECTURE_FIELDS
 
@@ -222,19 +224,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
 
 def data_prefixes(data_path: list[str]) -> list[str]:
-    """The prefixes of ``--data-path`` (weights, when given, precede each prefix)."""
-    def is_number(token: str) -> bool:
-        try:
-            float(token)
-        except ValueError:
-            return False
-        return True
-
-    if len(data_path) > 1 and is_number(data_path[0]):
-        if len(data_path) % 2:
-            raise ValueError(f"--data-path {' '.join(data_path)}: expected weight/prefix pairs")
-        return data_path[1::2]
-    return list(data_path)
+    """The prefixes of ``--data-path``, parsed exactly as the dataset builder parses them."""
+    return get_blend_from_list(data_path)[0]
 
 
 def _has_cuda() -> bool:

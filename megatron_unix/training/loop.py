@@ -187,7 +187,7 @@ def _grads_finite(ddp) -> bool:
 
 
 def _all_reduce(stats: StepStats) -> StepStats:
-    values = stats.values.to(torch.device("cuda") if torch.cuda.is_available() else "cpu")
+    values = stats.values.to(platform.device())
     dist.all_reduce(values)
     stats.values = values.cpu()
     return stats
