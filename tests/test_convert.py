@@ -172,22 +172,33 @@ def test_text_logits_match_transformers(megatron_single, hf_tokenizer_dir, tmp_p
 
 # ------------------------------------------------------------------ (c) reference-format Uni-X
 
+REFERENCE_FIELDS = dict(  # the reference's own fields, several off their defaults so that a reset shows
+    add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>", vis_sep_lens="16", use_share_attn=1, use_share_ffn=1,
+    attn_v_q_heads=2, decoder_sparse_step=4, ffn_share_size=1024, ffn_vision_size=4096, initializer_range=0.1,
+    max_position_embeddings=4096, transformers_version="4.53.3", torch_dtype="bfloat16", rope_theta=1e6)
+NEW_KEYS = {"auto_map", "rope_parameters", "dtype", "vis_sep_token_ids"}
+"""What an export adds to a reference config.json: remote code, transformers 5 names, resolved separators."""
+
+
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory, hf_tokenizer_dir, megatron_single) -> Path:
-    """A Uni-X checkpoint as the reference writes it: spec §5 keys and config, no auto_map or code."""
+    """A Uni-X checkpoint as the reference writes it (transformers 4.53.3): spec §5 keys, separators by token
+    text, rope_theta and torch_dtype at the top level, no rope_parameters, auto_map or code."""
     tmp = tmp_path_factory.mktemp("reference")
     source = make_source(tmp / "source", hf_tokenizer_dir, "qwen3", tie=True, seed=5)
     _, exported = convert(tmp, source, vision_decode_layers=2, vision_init="random")
     config_file = exported / "config.json"
-    config = json.loads(config_file.read_text())
-    del config["auto_map"]
-    config_file.write_text(json.dumps(config, indent=2))
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in NEW_KEYS}
+    config_file.write_text(json.dumps({**config, **REFERENCE_FIELDS}, indent=2))
+    generation = {"_from_model_config": True, "eos_token_id": config["eos_token_id"], "max_new_tokens": 77,
+                  "transformers_version": "4.53.3"}
+    (exported / "generation_config.json").write_text(json.dumps(generation))
     for name in ("modeling_unix.py", "configuration_unix.py"):
         (exported / name).unlink()
     return exported
 
 
-def test_reference_checkpoint_round_trip(megatron_single, reference_dir, tmp_path):
+def test_reference_checkpoint_round_trip(megatron_single, reference_dir, hf_tokenizer_dir, tmp_path):
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
     from megatron_unix.conversion.convert import load_megatron
@@ -197,12 +208,16 @@ def test_reference_checkpoint_round_trip(megatron_single, reference_dir, tmp_pat
                                      vq_codebook_size=None)
     src, out = read_tensors(reference_dir), read_tensors(exported)
     assert set(out) == set(src) and all(torch.equal(out[n], src[n]) for n in src)
-    before, after = (json.loads((d / "config.json").read_text()) for d in (reference_dir, exported))
-    assert {k: v for k, v in after.items() if k != "auto_map"} == before
-    assert (after["num_vision_decode_layers"], after["vis_sep_tokens"], after["add_sep_for_vis"]) == (2, "3", 1)
+    for name in ("config.json", "generation_config.json"):  # every field of the reference's files, unchanged
+        before, after = (json.loads((d / name).read_text()) for d in (reference_dir, exported))
+        assert {k: after.get(k) for k in before} == before
+        assert set(after) - set(before) <= NEW_KEYS
+    separator = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]["<|vision_pad|>"]
+    config_json = json.loads((exported / "config.json").read_text())
+    assert config_json["vis_sep_token_ids"] == [separator]
 
     model, config, _ = load_megatron(megatron_dir)
-    vocab = after["vocab_size"]
+    vocab = config_json["vocab_size"]
     samples = sample_inputs(config, sample_text_ids(config))
     t2i = samples["t2i"].tolist()
     t2i.insert(t2i.index(config.boi_id) + 4, config.separator_ids[0])  # a separator inside the image

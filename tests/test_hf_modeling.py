@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalL
 
 from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES, auto_map
 from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen2Config, UniQwen3Config
-from megatron_unix.conversion.hf_remote.modeling_unix import UniQwen2ForCausalLM, UniQwen3ForCausalLM
+from megatron_unix.conversion.hf_remote.modeling_unix import UniQwen2ForCausalLM, UniQwen3ForCausalLM, separator_ids
 from tiny import BOI, EOI, EOS, SEP, TEXT_VOCAB, TINY_VOCAB
 from unix_reference import unix_reference_forward
 
@@ -28,7 +28,7 @@ def export(root: Path, style: str = "qwen3", tie: bool = True, n: int = 1, m: in
            separators: tuple[int, ...] = (), seed: int = 0) -> Path:
     """What the converter does: save_pretrained, copy the remote-code files, add `auto_map`."""
     config_cls, model_cls, _ = STYLES[style]
-    extra = dict(add_sep_for_vis=True, vis_sep_tokens=",".join(map(str, separators))) if separators else {}
+    extra = dict(add_sep_for_vis=1, vis_sep_token_ids=list(separators)) if separators else {}
     config = config_cls(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -194,9 +194,8 @@ def test_unsupported_reference_variants_are_refused(field, value):
         UniQwen3ForCausalLM(config)
 
 
-def test_separator_ids_are_parsed_and_token_texts_refused():
-    assert UniQwen2Config(add_sep_for_vis=True, vis_sep_tokens="151654").separator_ids() == (151654,)
-    assert UniQwen2Config(add_sep_for_vis=True, vis_sep_tokens=[7, 8]).separator_ids() == (7, 8)
-    assert UniQwen2Config(add_sep_for_vis=False, vis_sep_tokens="151654").separator_ids() == ()
-    with pytest.raises(ValueError, match="vis_sep_tokens"):
-        UniQwen2Config(add_sep_for_vis=True, vis_sep_tokens="<|vision_pad|>").separator_ids()
+def test_separators_route_by_resolved_ids_only():
+    assert separator_ids(UniQwen2Config(add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>", vis_sep_token_ids=[7])) == [7]
+    assert separator_ids(UniQwen2Config(add_sep_for_vis=0, vis_sep_tokens="<|vision_pad|>")) == []  # the default
+    with pytest.raises(ValueError, match="vis_sep_token_ids"):  # token texts alone: only a tokenizer resolves them
+        separator_ids(UniQwen2Config(add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>"))

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--vq-offset", type=int, default=None, help="default: length of the tokenizer in --hf-dir")
     imp.add_argument("--layer-style", choices=["qwen2", "qwen3"], default=None,
                      help="default: the source's; qwen2 -> qwen3 drops q/k/v bias and adds QK norm of ones")
+    imp.add_argument("--separator", default=None,
+                     help="text sources: a token routed as vision besides BOI and codes, e.g. '<|vision_pad|>' "
+                          "(default: none, as the reference's add_sep_for_vis=0)")
     imp.add_argument("--seed", type=int, default=1234, help="for --vision-init random")
     imp.add_argument("--verify", action="store_true", help="compare logits with the HF models on sample inputs")
 
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = convert.ImportOptions(
                 vision_encode_layers=args.vision_encode_layers, vision_decode_layers=args.vision_decode_layers,
                 vision_init=args.vision_init, vq_codebook_size=args.vq_codebook_size, vq_offset=args.vq_offset,
-                layer_style=args.layer_style, seed=args.seed)
+                layer_style=args.layer_style, separator=args.separator, seed=args.seed)
             convert.import_hf(args.hf_dir, args.save, options, verify=args.verify)
         else:
             convert.export_hf(args.load, args.save, verify=args.verify, max_shard_size=args.max_shard_size)

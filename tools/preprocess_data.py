@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vq-offset", type=int, default=None, help="id of VQ code 0; None: the text tokenizer's length")
     for name in ("boi", "eoi", "eos", "separator"):
         g.add_argument(f"--{name}", default=TOKENIZER_DEFAULTS[name],
-                       help=f"{name.upper()} token name" + ("; '' for none" if name == "separator" else ""))
+                       help=f"{name.upper()} token name" + (" (default: none)" if name == "separator" else ""))
 
     g = p.add_argument_group("input keys (the first key a line has is used)")
     g.add_argument("--text-key", nargs="+", default=list(fmt.text_keys), help="text of a text sample")

@@ -11,6 +11,9 @@ way the process holds one copy of the weights (the Megatron model, fp32) plus on
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_unix.conversion.hf_config import layer_style, text_fields, unix_fields, unix_hf_config
+from megatron_unix.conversion.hf_config import (INTERCHANGE, generation_config_json, hf_config_object, layer_style,
+                                                read_interchange, text_fields, unix_config_json, unix_fields)
 from megatron_unix.conversion.hf_io import (ConversionError, HFCheckpoint, LazyTensors, copy_remote_code,
                                             copy_tokenizer, has_tokenizer, model_class, write_safetensors)
 from megatron_unix.conversion.mappings import iter_hf_to_megatron, layer_prefixes, megatron_to_hf
@@ -53,6 +57,8 @@ class ImportOptions:
     vq_codebook_size: int | None = None
     vq_offset: int | None = None
     layer_style: str | None = None
+    separator: str | None = None
+    """Text sources: a token routed as vision besides BOI and the codes (none unless asked)."""
     seed: int = 1234
 
     @property
@@ -66,11 +72,13 @@ class ImportOptions:
 def _source_tokenizer(source: HFCheckpoint, options: ImportOptions) -> MultimodalTokenizer | None:
     """The tokenizer in the HF directory, with the codebook placed after it; None when there is none."""
     if not has_tokenizer(source.path):
+        if options.separator:
+            raise ConversionError(f"--separator {options.separator}: {source.path} has no tokenizer to look it up in")
         return None
     text = load_text_tokenizer(source.path)
-    if source.kind == "unix":
+    if source.kind == "unix":  # separators come from config.json
         return MultimodalTokenizer(text, source.config.vision_vocab_size, vq_offset=source.config.real_text_vocab_size)
-    return MultimodalTokenizer(text, options.codebook, vq_offset=options.vq_offset)
+    return MultimodalTokenizer(text, options.codebook, vq_offset=options.vq_offset, separator=options.separator)
 
 
 def _target_config(source: HFCheckpoint, options: ImportOptions,
@@ -79,7 +87,10 @@ def _target_config(source: HFCheckpoint, options: ImportOptions,
     hf = source.config
     specials = tokenizer.model_config_fields() if tokenizer else {}
     if source.kind == "unix":
-        fields = unix_fields(hf)
+        if options.separator:
+            raise ConversionError("--separator is for text sources: a Uni-X config.json names its separators "
+                                  "(add_sep_for_vis, vis_sep_tokens)")
+        fields = unix_fields(hf, tokenizer.text if tokenizer else None, source.path)
         given = dict(vision_encode_layers=options.vision_encode_layers, vq_offset=options.vq_offset,
                      vision_decode_layers=options.vision_decode_layers, vq_codebook_size=options.vq_codebook_size)
         for name, value in given.items():
@@ -209,7 +220,8 @@ def import_hf(hf_dir: str | Path, save: str | Path, options: ImportOptions = Imp
     load_weights(model, weights, config, vocab_size)
     run_args: dict[str, Any] = {"tokenizer_model": str(source.path) if tokenizer else None,
                                 "vq_codebook_size": config.vq_codebook_size, "converted_from": str(source.path)}
-    path = checkpointing.save(save, 0, model, model_args=architecture(config, vocab_size), run_args=run_args)
+    model_args = {**architecture(config, vocab_size), INTERCHANGE: read_interchange(source.path)}
+    path = checkpointing.save(save, 0, model, model_args=model_args, run_args=run_args)
     log(f"saved {path}")
     if verify:
         _verify_import(model, config, vocab_size, source, weights, tokenizer.text if tokenizer else None)
@@ -218,7 +230,7 @@ def import_hf(hf_dir: str | Path, save: str | Path, options: ImportOptions = Imp
 
 def _hf_unix_model(config: UniXConfig, vocab_size: int, weights: LazyTensors) -> torch.nn.Module:
     """The Uni-X remote-code model (fp32) holding ``weights``, built in memory."""
-    hf_config = unix_hf_config(config, vocab_size)
+    hf_config = hf_config_object(unix_config_json(config, vocab_size, separator_texts=[]))
     model = model_class(hf_config.model_type, unix=True)(hf_config).float()
     result = model.load_state_dict({name: weights[name] for name in weights}, strict=False)
     tied_head = ["lm_head.weight"] if config.tie_word_embeddings else []
@@ -268,24 +280,55 @@ def load_megatron(path: str | Path) -> tuple[torch.nn.Module, UniXConfig, dict[s
     return model, config, common
 
 
+def _separator_texts(config: UniXConfig, tokenizer_path: str | None) -> list[str]:
+    """The token texts of the separators, as the reference's ``vis_sep_tokens`` names them."""
+    if not config.separator_ids:
+        return []
+    if not tokenizer_path or not Path(tokenizer_path).exists():
+        raise ConversionError(f"the model routes separators {list(config.separator_ids)} as vision; config.json names "
+                              f"them by token text, which needs the tokenizer the checkpoint records "
+                              f"(tokenizer_model={tokenizer_path!r}, not found)")
+    tokenizer = load_text_tokenizer(tokenizer_path)
+    return [tokenizer.token_text(index) for index in config.separator_ids]
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shard_size: int | str = "5GB") -> Path:
-    """Write the Megatron checkpoint ``load`` as an HF directory in the reference format (spec §5)."""
+    """Write the Megatron checkpoint ``load`` as an HF directory in the reference format (spec §5).
+
+    Everything is written into a hidden sibling directory that is renamed to ``save`` at the end,
+    so a failed export leaves nothing that looks like a checkpoint."""
     out = Path(save)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--save {out} is not empty")
     model, config, common = load_megatron(load)
     vocab_size = common["model_args"]["vocab_size"]
-    hf_config = unix_hf_config(config, vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(megatron_to_hf({n: p.detach() for n, p in model.named_parameters()}, config, vocab_size), out,
-                      max_shard_size=max_shard_size)
-    hf_config.save_pretrained(out)
-    copy_remote_code(out)
-    tokenizer_dir = (common.get("args") or {}).get("tokenizer_model")
-    if tokenizer_dir and has_tokenizer(tokenizer_dir):
-        log(f"tokenizer files from {tokenizer_dir}: {', '.join(copy_tokenizer(Path(tokenizer_dir), out))}")
-    else:
-        log(f"no HF tokenizer directory recorded in the checkpoint ({tokenizer_dir}): tokenizer not copied")
+    interchange = common["model_args"].get(INTERCHANGE)
+    tokenizer_path = (common.get("args") or {}).get("tokenizer_model")
+    config_json = unix_config_json(config, vocab_size, _separator_texts(config, tokenizer_path), interchange)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_safetensors(megatron_to_hf({n: p.detach() for n, p in model.named_parameters()}, config, vocab_size),
+                          staging, max_shard_size=max_shard_size)
+        write_json(staging / "config.json", config_json)
+        write_json(staging / "generation_config.json", generation_config_json(config_json, interchange))
+        copy_remote_code(staging)
+        if tokenizer_path and has_tokenizer(tokenizer_path):
+            log(f"tokenizer files from {tokenizer_path}: {', '.join(copy_tokenizer(Path(tokenizer_path), staging))}")
+        else:
+            log(f"no HF tokenizer directory recorded in the checkpoint ({tokenizer_path}): tokenizer not copied")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log(f"wrote {out}")
     if verify:
         _verify_export(model, config, vocab_size, out)

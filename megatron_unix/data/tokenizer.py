@@ -21,6 +21,7 @@ class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_id(self, name: str) -> int | None: ...
+    def token_text(self, index: int) -> str: ...
 
 
 class SentencePieceText:
@@ -43,6 +44,9 @@ class SentencePieceText:
         index = self.model.piece_to_id(name)
         return None if index == self.model.unk_id() and name != self.model.id_to_piece(index) else index
 
+    def token_text(self, index: int) -> str:
+        return self.model.id_to_piece(index)
+
 
 class HuggingFaceText:
     def __init__(self, path: str) -> None:
@@ -64,6 +68,9 @@ class HuggingFaceText:
         index = self.model.convert_tokens_to_ids(name)
         return None if index is None or index == self.model.unk_token_id and name != self.model.unk_token else index
 
+    def token_text(self, index: int) -> str:
+        return self.model.convert_ids_to_tokens(index)
+
 
 def load_text_tokenizer(path: str | Path) -> TextTokenizer:
     """A HF tokenizer directory, or a SentencePiece ``.model`` file."""
@@ -79,7 +86,7 @@ class MultimodalTokenizer:
     """Text ids below ``vq_offset``, VQ codes from ``vq_offset`` on."""
 
     def __init__(self, text: TextTokenizer, codebook_size: int = 8192, boi: str = "<|vision_start|>",
-                 eoi: str = "<|vision_end|>", eos: str = "<|endoftext|>", separator: str | None = "<|vision_pad|>",
+                 eoi: str = "<|vision_end|>", eos: str = "<|endoftext|>", separator: str | None = None,
                  vq_offset: int | None = None) -> None:
         self.text = text
         self.codebook_size = codebook_size
@@ -88,7 +95,7 @@ class MultimodalTokenizer:
             raise ValueError(f"vq_offset {self.vq_offset} overlaps the text vocabulary of {text.path} ({len(text)} tokens)")
         self.boi_id, self.eoi_id, self.eos_id = (self._require(name, role) for name, role in
                                                  ((boi, "BOI"), (eoi, "EOI"), (eos, "EOS")))
-        self.separator_id = text.token_id(separator) if separator else None
+        self.separator_id = self._require(separator, "separator") if separator else None
 
     def _require(self, name: str, role: str) -> int:
         index = self.text.token_id(name)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--boi", default="<|vision_start|>")
     g.add_argument("--eoi", default="<|vision_end|>")
     g.add_argument("--eos", default="<|endoftext|>")
-    g.add_argument("--separator", default="<|vision_pad|>", help="routed as vision; '' for none")
+    g.add_argument("--separator", default=None,
+                   help="token routed as vision besides BOI and codes, e.g. '<|vision_pad|>' (default: none)")
     g.add_argument("--data-path", nargs="+", default=None, help="prefixes, optionally weighted: 0.7 a 0.3 b")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--data-cache-path", default=None)

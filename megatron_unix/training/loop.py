@@ -216,6 +216,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     requested = _architecture(args, tokenizer)
     config = setup.model_config(args, requested)
     arch = architecture(config, requested["vocab_size"])  # with Megatron's derived sizes: what checkpoints store
+    arch.update({k: v for k, v in (stored or {}).items() if k not in arch})  # records of others (conversion's)
     ddp = setup.build(args, config, arch["vocab_size"])
     optimizer, scheduler = setup.build_optimizer(args, ddp)
     state = _restore(args, ddp, optimizer, scheduler)

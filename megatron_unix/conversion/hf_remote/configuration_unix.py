@@ -1,65 +1,53 @@
 """Uni-X configs for Hugging Face remote code (copied verbatim into exported checkpoints).
 
-The classes keep the base `model_type` ("qwen3" / "qwen2") so that transformers' own
-Qwen3ForCausalLM / Qwen2ForCausalLM still load an exported directory as a text LM; the Uni-X
-fields (spec §5, named and defaulted as in the reference) ride along in config.json.
+Plain subclasses of transformers' Qwen3Config / Qwen2Config, like the reference's: the Uni-X fields
+(spec §5) are ordinary config.json keys, which every transformers version keeps as attributes, so
+the same file works from transformers 4.53 (the reference's pin) to 5.x. ``model_type`` stays the
+base model's, so transformers' own Qwen3ForCausalLM / Qwen2ForCausalLM load the directory as a text LM.
 """
-
-from dataclasses import dataclass
 
 from transformers import Qwen2Config, Qwen3Config
 
+UNIX_DEFAULTS = {
+    "num_vision_encode_layers": 0,
+    "num_vision_decode_layers": 0,
+    "vision_vocab_size": 8192,
+    "real_text_vocab_size": 151665,
+    "vision_start_id": 151652,
+    "all_modal_visible": 0,
+    "add_sep_for_vis": 0,
+    "vis_sep_tokens": "<|vision_pad|>",
+    "vis_sep_lens": "8",
+    "skip_connection_loc": -1,
+    "add_share_ffn": 0,
+    "ffn_share_size": 2048,
+    "ffn_vision_size": 2048,
+    "use_share_attn": 1,
+    "use_share_ffn": 1,
+    "attn_v_q_heads": 4,
+    "decoder_sparse_step": 2,
+}
+"""The reference's config fields and its defaults (used where a config.json lacks a key)."""
 
-@dataclass(kw_only=True)
-class UniXFields:
-    """The spec §5 fields shared by both layer styles (a dataclass so the config dataclass picks them up)."""
-
-    num_vision_encode_layers: int = 0
-    num_vision_decode_layers: int = 0
-    vision_vocab_size: int = 8192
-    real_text_vocab_size: int = 151665
-    vision_start_id: int = 151652
-    all_modal_visible: int = 0
-    add_sep_for_vis: bool | int = False
-    vis_sep_tokens: list[int] | int | str | None = None
-    vis_sep_lens: list[int] | int | str | None = None
-    skip_connection_loc: int = -1
-    add_share_ffn: int = 0
-    ffn_share_size: int | None = None
-    ffn_vision_size: int | None = None
-
-    def separator_ids(self) -> tuple[int, ...]:
-        """Ids routed as vision besides VQ codes and BOI: `vis_sep_tokens` when `add_sep_for_vis`.
-
-        Accepts a list of ids, one id or a comma-separated string of ids. The reference writes token
-        *texts* there (e.g. "<|vision_pad|>"), which only its tokenizer can resolve, so those are refused.
-        """
-        if not self.add_sep_for_vis:
-            return ()
-        raw = self.vis_sep_tokens
-        items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) else [raw]
-        try:
-            return tuple(int(item) for item in items)
-        except (TypeError, ValueError):
-            raise ValueError(f"vis_sep_tokens={raw!r}: add_sep_for_vis needs the separator token ids "
-                             "(e.g. [151654] or \"151654\"), not token texts") from None
-
-    def check_supported(self) -> None:
-        """Refuse the optional reference variants this code does not implement, naming the field."""
-        unsupported = {
-            "skip_connection_loc": self.skip_connection_loc != -1,
-            "add_share_ffn": bool(self.add_share_ffn),
-            "all_modal_visible": bool(self.all_modal_visible),
-            "use_sliding_window": bool(getattr(self, "use_sliding_window", False)),
-        }
-        for field, enabled in unsupported.items():
-            if enabled:
-                raise ValueError(f"Uni-X remote code does not support {field}={getattr(self, field)!r}")
+VIS_SEP_TOKEN_IDS = "vis_sep_token_ids"
+"""Our addition: the separator ids that ``vis_sep_tokens`` (token texts) name, resolved at export."""
 
 
-class UniQwen3Config(UniXFields, Qwen3Config):
+def unix_field(config, name: str):
+    """A Uni-X field of ``config``, or the reference's default when config.json has no such key."""
+    return getattr(config, name, UNIX_DEFAULTS[name])
+
+
+def rope_theta(config) -> float:
+    """The rotary base as either generation of transformers reads it: ``rope_parameters`` (5.x) or
+    top-level ``rope_theta`` (4.x, the reference); 10000 is transformers' default for neither."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+
+
+class UniQwen3Config(Qwen3Config):
     """Uni-X with Qwen3-style layers (QK norm, no q/k/v bias): the reference checkpoints."""
 
 
-class UniQwen2Config(UniXFields, Qwen2Config):
+class UniQwen2Config(Qwen2Config):
     """Uni-X with Qwen2-style layers (q/k/v bias, no QK norm): a Qwen2.5 import kept as is."""

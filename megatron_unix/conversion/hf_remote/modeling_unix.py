@@ -1,68 +1,247 @@
 """Uni-X causal LM for Hugging Face remote code (spec §1, §5, §6); copied verbatim into exports.
 
+This file runs under the *user's* transformers, so it owns everything that changes between
+versions: the layers (RMSNorm, rotary, attention, MLP: parameter names exactly spec §5), the
+attention masks and the KV cache. From transformers it takes only ``PreTrainedModel`` (loading,
+saving, tying), ``GenerationMixin`` and ``CausalLMOutputWithPast``. Tested with transformers 4.53.3 (the
+reference's pin) and 5.24.0; see ``TRANSFORMERS_SUPPORTED``.
+
 The first N and last M layers are separated: each token goes through its modality's copy and
 attends causally only to earlier tokens of its own modality; the middle layers are shared.
 Rotary positions are the original positions. One document per row (no packing); a 2-D
-`attention_mask` with left padding is supported for batched generation.
+``attention_mask`` with left padding is supported for batched generation.
 
 A separated layer runs *both* copies over the whole sequence with the mask "causal AND same
 modality" and keeps, per token, the output of its modality's copy. That is exact (every query sees
 at least itself, so no softmax row is empty) and simple, at twice the compute and KV memory of
-those layers; the reference's gather per modality avoids the 2x. Each vision copy has its own slot
-in the DynamicCache, so cached keys/values are per modality (spec §6): a text query only ever
-reads text-copy entries of text tokens, a vision query vision-copy entries of vision tokens.
+those layers; the reference's gather per modality avoids the 2x. Each copy has its own cache slot,
+so cached keys/values are per modality (spec §6).
 """
 
+import warnings
+
 import torch
+import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
-from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from .configuration_unix import UniQwen2Config, UniQwen3Config
+from .configuration_unix import VIS_SEP_TOKEN_IDS, UniQwen2Config, UniQwen3Config, rope_theta, unix_field
 
-# model_type -> (decoder layer, RMSNorm, rotary embedding): transformers' own classes, so the
-# parameter names are exactly those of spec §5.
-_LAYER_STYLES = {
-    "qwen3": (Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding),
-    "qwen2": (Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding),
-}
+TRANSFORMERS_SUPPORTED = (Version("4.53.3"), Version("6.0"))
+"""[lowest, first unsupported): the range this file is written for; CI tests both ends' releases."""
+
+if not TRANSFORMERS_SUPPORTED[0] <= Version(transformers.__version__) < TRANSFORMERS_SUPPORTED[1]:
+    warnings.warn(f"Uni-X remote code supports transformers >={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}; "
+                  f"this is {transformers.__version__}", stacklevel=2)
+
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The output field generate() reads the cache from: ``past_key_values`` in 4.x, renamed ``cache`` in 5.2x."""
+
+UNSUPPORTED_VARIANTS = {"skip_connection_loc": -1, "add_share_ffn": 0, "all_modal_visible": 0}
+"""Reference variants this code does not implement, with the value that means "off"."""
 
 
-def _vision_copy(layer_cls: type[nn.Module], config, text_index: int, cache_index: int) -> nn.Module:
-    """The vision copy of text layer `text_index`, writing its keys/values to cache slot `cache_index`."""
-    layer = layer_cls(config, text_index)  # built like its text twin (same layer type)
-    layer.self_attn.layer_idx = cache_index
-    return layer
+def check_supported(config) -> None:
+    """Refuse, naming the field, what this code would compute differently from the checkpoint's model."""
+    for field, off in UNSUPPORTED_VARIANTS.items():
+        if unix_field(config, field) != off:
+            raise ValueError(f"Uni-X remote code does not support {field}={unix_field(config, field)!r}")
+    for field in ("use_sliding_window", "attention_bias"):
+        if getattr(config, field, False):
+            raise ValueError(f"Uni-X remote code does not support {field}={getattr(config, field)!r}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"Uni-X remote code needs hidden_act='silu', not {config.hidden_act!r}")
+    for field in ("rope_parameters", "rope_scaling"):  # 5.x names it the first, 4.x the second
+        if (getattr(config, field, None) or {}).get("rope_type", "default") != "default":
+            raise ValueError(f"Uni-X remote code implements plain rotary embeddings only: {field} has "
+                             f"rope_type {getattr(config, field)['rope_type']!r}")
+
+
+def separator_ids(config) -> list[int]:
+    """Ids routed as vision besides VQ codes and BOI: the resolved ``vis_sep_token_ids`` when
+    ``add_sep_for_vis``. A reference config names separators by token text only; its own code
+    resolves them with its tokenizer, which a model cannot do: convert it with import-hf/export-hf."""
+    if not int(unix_field(config, "add_sep_for_vis")):
+        return []
+    ids = getattr(config, VIS_SEP_TOKEN_IDS, None)
+    if ids is None:
+        raise ValueError(f"add_sep_for_vis=1 with vis_sep_tokens={unix_field(config, 'vis_sep_tokens')!r} (token "
+                         f"texts) but no {VIS_SEP_TOKEN_IDS}: export the checkpoint with megatron-unix's "
+                         "convert_checkpoint.py, which resolves them through the tokenizer")
+    return [int(i) for i in ids]
+
+
+class UniXCache:
+    """Keys/values per slot (text/shared layers 0..L-1, then the vision copies) and the modality of
+    every cached token. Owned here, not a transformers ``Cache``: generate() only stores it between
+    steps and asks ``get_seq_length``, which is stable across versions."""
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.vision: torch.Tensor | None = None  # [batch, cached tokens]
+
+    @property
+    def is_linear(self) -> list[bool]:  # transformers 5.x: no linear-attention (state) layers here
+        return [False]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.vision is None else self.vision.shape[1]
+
+    def append_modality(self, vision: torch.Tensor) -> torch.Tensor:
+        """Record this step's modality; returns the modality of every cached token [batch, kv]."""
+        self.vision = vision if self.vision is None else torch.cat([self.vision, vision], dim=1)
+        return self.vision
+
+    def update(self, slot: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if slot in self.keys:
+            key = torch.cat([self.keys[slot], key], dim=2)
+            value = torch.cat([self.values[slot], value], dim=2)
+        self.keys[slot], self.values[slot] = key, value
+        return key, value
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop that many), as transformers' caches do."""
+        keep = max_length if max_length >= 0 else self.get_seq_length() + max_length
+        self._apply(lambda t, dim: t.narrow(dim, 0, keep))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t, dim: t.index_select(0, beam_idx.to(t.device)))
+
+    def _apply(self, fn) -> None:
+        for store in (self.keys, self.values):
+            for slot, tensor in store.items():
+                store[slot] = fn(tensor, 2)
+        if self.vision is not None:
+            self.vision = fn(self.vision, 1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary embedding over the whole head dim, rotate-half convention (spec §1). The frequencies
+    are computed per call, not kept in a buffer: from_pretrained builds modules on the meta device,
+    and a non-persistent buffer would not survive that in every transformers version."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        freqs = positions[..., None].float() * inv_freq                       # [b, s, d/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]                   # [b, 1, s, d]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; Qwen3 style has per-head QK norm, Qwen2 style q/k/v bias."""
+
+    def __init__(self, config, qk_norm: bool, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                cache: UniXCache | None, slot: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rotate(q.transpose(1, 2), *rotary), _rotate(k.transpose(1, 2), *rotary)
+        if cache is not None:
+            k, v = cache.update(slot, k, v)
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and SwiGLU MLP; ``slot`` is its place in the KV cache."""
+
+    def __init__(self, config, slot: int) -> None:
+        super().__init__()
+        qwen3 = config.model_type == "qwen3"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, qk_norm=qwen3, qkv_bias=not qwen3)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.slot = slot
+
+    def forward(self, h: torch.Tensor, rotary, mask: torch.Tensor, cache: UniXCache | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rotary, mask, cache, self.slot)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class UniXModel(nn.Module):
     """Embedding, text/shared layers, vision copies of the separated layers, final norm.
 
     Cache slots: 0..L-1 text/shared layers, L..L+N-1 vision encode copies, L+N..L+N+M-1 vision
-    decode copies, and L+N+M the modality (1 = vision) of every cached token, stored as a cache
-    layer so that cropping, reordering and batch selection keep it in step with the keys.
+    decode copies.
     """
 
-    def __init__(self, config: UniQwen3Config | UniQwen2Config):
+    def __init__(self, config) -> None:
         super().__init__()
-        layer_cls, norm_cls, rotary_cls = _LAYER_STYLES[config.model_type]
-        L, N, M = config.num_hidden_layers, config.num_vision_encode_layers, config.num_vision_decode_layers
+        L = config.num_hidden_layers
+        N, M = unix_field(config, "num_vision_encode_layers"), unix_field(config, "num_vision_decode_layers")
         if N < 0 or M < 0 or N + M > L:
             raise ValueError(f"num_vision_encode_layers={N} + num_vision_decode_layers={M} must be within "
                              f"num_hidden_layers={L}")
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(L))
-        self.vision_encode_layers = nn.ModuleList(_vision_copy(layer_cls, config, i, L + i) for i in range(N))
-        self.vision_decode_layers = nn.ModuleList(
-            _vision_copy(layer_cls, config, L - M + j, L + N + j) for j in range(M))
-        self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = rotary_cls(config)
-        self.text_vocab = config.real_text_vocab_size
-        self.vision_ids = [config.vision_start_id, *config.separator_ids()]
-        self.modality_slot = L + N + M
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(L))
+        self.vision_encode_layers = nn.ModuleList(DecoderLayer(config, L + i) for i in range(N))
+        self.vision_decode_layers = nn.ModuleList(DecoderLayer(config, L + N + j) for j in range(M))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = Rotary(head_dim, rope_theta(config))
+        self.text_vocab = unix_field(config, "real_text_vocab_size")
+        self.vision_ids = [unix_field(config, "vision_start_id"), *separator_ids(config)]
 
     def is_vision(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Spec §1 routing: VQ codes, BOI and separators are vision; everything else is text."""
@@ -78,24 +257,15 @@ class UniXModel(nn.Module):
             return self.vision_decode_layers[i - (L - M)]
         return None
 
-    def _cached_modality(self, cache: Cache, vision: torch.Tensor) -> torch.Tensor:
-        """Append this step's modality to the cache's modality slot; return it for all tokens [b, kv]."""
-        if not isinstance(cache, DynamicCache):
-            raise TypeError("Uni-X needs a DynamicCache (its vision copies and modality use extra cache slots)")
-        while len(cache.layers) <= self.modality_slot:  # generate() sizes the cache for the L text layers only
-            cache.layers.append(DynamicLayer())
-        flags = vision[:, None, :, None]
-        return cache.update(flags, flags, self.modality_slot)[0][:, 0, :, 0]
-
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.LongTensor | None, cache: Cache | None) -> torch.Tensor:
+                position_ids: torch.LongTensor | None, cache: UniXCache | None) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("Uni-X builds its own attention masks: pass a 2-D padding mask [batch, past + new]")
         h = self.embed_tokens(input_ids)
         q_len = input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         vision = self.is_vision(input_ids)
-        key_vision = self._cached_modality(cache, vision) if cache is not None else vision
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("Uni-X builds its own attention masks: pass a 2-D padding mask [batch, past + new]")
+        key_vision = cache.append_modality(vision) if cache is not None else vision
         if position_ids is None:  # as generate(): positions count from the first real (non-padding) token
             position_ids = (torch.arange(past, past + q_len, device=h.device)[None] if attention_mask is None
                             else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:])
@@ -105,70 +275,82 @@ class UniXModel(nn.Module):
         visible = (k_index <= q_index)[None]                                     # [1, q, kv] causal
         if attention_mask is not None:
             visible = visible & attention_mask.bool()[:, None, :]               # drop padding keys
-        same_modality = key_vision[:, None, :] == vision[:, :, None]            # [b, q, kv]
         itself = (k_index == q_index)[None]  # keeps every softmax row non-empty (padding queries included)
-        shared_mask = self._additive(visible | itself, h.dtype)
-        separated_mask = self._additive(visible & same_modality | itself, h.dtype)
+        same_modality = key_vision[:, None, :] == vision[:, :, None]            # [b, q, kv]
+        shared_mask = (visible | itself)[:, None]                                # [b, 1, q, kv]
+        separated_mask = (visible & same_modality | itself)[:, None]
 
-        position_embeddings = self.rotary_emb(h, position_ids)
+        rotary = self.rotary(position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
             copy = self.vision_copy(i)
-            mask = shared_mask if copy is None else separated_mask
-            out = layer(h, attention_mask=mask, position_embeddings=position_embeddings, past_key_values=cache)
-            if copy is not None:
-                vision_out = copy(h, attention_mask=mask, position_embeddings=position_embeddings,
-                                  past_key_values=cache)
-                out = torch.where(vision[..., None], vision_out, out)
-            h = out
+            if copy is None:
+                h = layer(h, rotary, shared_mask, cache)
+            else:
+                h = torch.where(vision[..., None], copy(h, rotary, separated_mask, cache),
+                                layer(h, rotary, separated_mask, cache))
         return self.norm(h)
-
-    @staticmethod
-    def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Boolean [b, q, kv] -> additive [b, 1, q, kv], the form both eager and SDPA attention accept."""
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min)[:, None]
 
 
 class UniXForCausalLM(PreTrainedModel, GenerationMixin):
     """Uni-X LM head model shared by both layer styles (the subclasses only pick the config class)."""
 
     base_model_prefix = "model"
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _no_split_modules = ["Qwen3DecoderLayer", "Qwen2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # iterates as a list for 4.x
+    _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
 
-    def __init__(self, config: UniQwen3Config | UniQwen2Config):
+    def __init__(self, config) -> None:
         super().__init__(config)
-        config.check_supported()
+        check_supported(config)
         self.model = UniXModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        past_key_values: UniXCache | None = None,
+        cache: UniXCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids` (routing needs the ids, so there is no `inputs_embeds`)."""
+        """Logits for ``input_ids`` (routing needs the ids, so there is no ``inputs_embeds``).
+
+        The cache arrives as ``past_key_values`` (transformers 4.x) or ``cache`` (5.x). generate()
+        may hand the first step an empty cache of its own; it is replaced by a :class:`UniXCache`.
+        """
         if input_ids is None:
             raise ValueError("Uni-X routes tokens by id: pass input_ids")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values if use_cache else None)
+        cache = cache if cache is not None else past_key_values
+        if not isinstance(cache, UniXCache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise TypeError(f"Uni-X keeps its own cache (UniXCache), not a filled {type(cache).__name__}")
+            cache = UniXCache() if use_cache else None
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        if labels is not None:  # next-token cross-entropy over positions whose label is not -100
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
 class UniQwen3ForCausalLM(UniXForCausalLM):
