@@ -49,6 +49,16 @@ def detect_accelerators() -> Accelerators:
     )
 
 
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def default_transformer_impl() -> str:
+    """Megatron's ``--transformer-impl`` default here: Transformer Engine on a GPU machine that has
+    it installed, Megatron's local modules otherwise."""
+    found = detect_accelerators()
+    return "transformer_engine" if found.cuda and found.transformer_engine else "local"
+
+
 def device() -> torch.device:
     """The device tensors of this process live on."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -178,6 +178,8 @@ REFERENCE_FIELDS = dict(  # the reference's own fields, several off their defaul
     max_position_embeddings=4096, transformers_version="4.53.3", torch_dtype="bfloat16", rope_theta=1e6)
 NEW_KEYS = {"auto_map", "rope_parameters", "dtype", "vis_sep_token_ids"}
 """What an export adds to a reference config.json: remote code, transformers 5 names, resolved separators."""
+UNIX_SOURCE = dict(vision_encode_layers=None, vision_decode_layers=None, vq_codebook_size=None)
+"""Import options for a Uni-X source: everything from its config.json."""
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +206,7 @@ def test_reference_checkpoint_round_trip(megatron_single, reference_dir, hf_toke
     from megatron_unix.conversion.convert import load_megatron
     from megatron_unix.conversion.verify import megatron_logits, sample_inputs, sample_text_ids
 
-    megatron_dir, exported = convert(tmp_path, reference_dir, vision_encode_layers=None, vision_decode_layers=None,
-                                     vq_codebook_size=None)
+    megatron_dir, exported = convert(tmp_path, reference_dir, **UNIX_SOURCE)
     src, out = read_tensors(reference_dir), read_tensors(exported)
     assert set(out) == set(src) and all(torch.equal(out[n], src[n]) for n in src)
     for name in ("config.json", "generation_config.json"):  # every field of the reference's files, unchanged
@@ -339,6 +340,38 @@ def test_refused_layer_style_and_flags(megatron_single, hf_tokenizer_dir, refere
                                                          vq_codebook_size=None, layer_style="qwen2"))
     with pytest.raises(ConversionError, match="--vision-decode-layers 1 contradicts"):
         import_hf(reference_dir, tmp_path / "b", options(vision_encode_layers=None, vq_codebook_size=None))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _edit_config(d, vis_sep_tokens="<|vision_pad|>,<|no such token|>"),
+     r"vis_sep_tokens item '<\|no such token\|>' is not a token of the tokenizer in .*broken"),
+    (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+     r"broken/config.json: add_sep_for_vis=1 names vis_sep_tokens=\['<\|vision_pad\|>'\] by text, and .*broken has "
+     "no tokenizer"),
+])
+def test_separators_by_text_need_the_tokenizer(megatron_single, reference_dir, tmp_path, damage, message):
+    from megatron_unix.conversion.convert import import_hf
+    from megatron_unix.conversion.hf_io import ConversionError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(reference_dir, broken)
+    damage(broken)
+    with pytest.raises(ConversionError, match=message):
+        import_hf(broken, tmp_path / "m", options(**UNIX_SOURCE))
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_without_the_recorded_tokenizer_writes_nothing(megatron_single, hf_tokenizer_dir, tmp_path):
+    """Separators are written as token text, so an export needs the tokenizer; failing, it leaves no directory."""
+    from megatron_unix.conversion.convert import export_hf, import_hf
+    from megatron_unix.conversion.hf_io import ConversionError
+
+    source = make_source(tmp_path / "source", hf_tokenizer_dir, "qwen3", tie=True)
+    import_hf(source, tmp_path / "m", options(separator="<|vision_pad|>"))
+    shutil.rmtree(source)
+    with pytest.raises(ConversionError, match=r"separators \[3\] .*needs the tokenizer .*source"):
+        export_hf(tmp_path / "m", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_cli_error_is_one_line(untied_source, tmp_path):

@@ -52,6 +52,43 @@ def test_config_refuses_bad_settings():
         make_config(**TINY_MODEL, context_parallel_size=2)
     with pytest.raises(ValueError, match="--attention-backend"):
         make_config(**TINY_MODEL, core_attention_backend="magic")
+    with pytest.raises(ValueError, match="--transformer-impl"):
+        make_config(**TINY_MODEL, transformer_impl="inference_optimized")
+
+
+def test_transformer_engine_impl_needs_transformer_engine():
+    from megatron_unix import platform
+    from megatron_unix.model import make_config
+    from tiny import TINY_MODEL
+
+    if platform.detect_accelerators().transformer_engine:
+        pytest.skip("Transformer Engine is installed here")
+    assert make_config(**TINY_MODEL).transformer_impl == "local"  # the default without TE (or without a GPU)
+    with pytest.raises(ValueError, match="--transformer-impl transformer_engine: Transformer Engine is not installed"):
+        make_config(**TINY_MODEL, transformer_impl="transformer_engine")
+
+
+TE_LAYER_KEYS = [  # a Transformer Engine layer's sharded keys: its input norms are fused into linear_qkv / linear_fc1
+    "self_attention.linear_qkv.weight", "self_attention.linear_qkv.layer_norm_weight",
+    "self_attention.linear_qkv._extra_state", "self_attention.linear_proj.weight",
+    "self_attention.linear_proj._extra_state", "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
+    "mlp.linear_fc1.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1._extra_state",
+    "mlp.linear_fc2.weight", "mlp.linear_fc2._extra_state",
+]
+
+
+def test_local_checkpoint_keys_are_transformer_engine_keys(megatron_single):
+    """A dist checkpoint of the local spec (text layers and vision copies) uses exactly TE's key names,
+    so checkpoints move between --transformer-impl local and transformer_engine; the final norm is
+    its own module (under TE it cannot come from the layer spec, whose input-norm slot is empty)."""
+    from megatron_unix.model.layers import RMSNorm
+    from megatron_unix.model.spec import block_spec
+
+    model, config = build_tiny()
+    keys = {v.key for v in model.sharded_state_dict().values() if hasattr(v, "key")}
+    expected = {f"decoder.layers.{copy}{k}" for copy in ("", "vision.") for k in TE_LAYER_KEYS}
+    assert keys == expected | {"decoder.final_layernorm.weight", "embedding.word_embeddings.weight"}
+    assert block_spec(config).layer_norm is RMSNorm and type(model.decoder.final_layernorm) is RMSNorm
 
 
 def test_backend_that_cannot_run_says_why():

@@ -17,7 +17,11 @@ def test_layout_of_the_vocabulary(request, source):
     assert tok.vq_offset == len(text)
     assert tok.vocab_size == len(text) + 64
     assert tok.image_tokens([0, 63]) == [len(text), len(text) + 63]
-    assert [tok.eos_id, tok.boi_id, tok.eoi_id, tok.separator_id] == [text.token_id(s) for s in SPECIALS]
+    assert [tok.eos_id, tok.boi_id, tok.eoi_id] == [text.token_id(s) for s in SPECIALS[:3]]
+    assert tok.separator_id is None and tok.model_config_fields()["separator_ids"] == ()  # only when asked
+    with_separator = MultimodalTokenizer(text, 64, separator=SPECIALS[3])
+    assert with_separator.model_config_fields()["separator_ids"] == (text.token_id(SPECIALS[3]),)
+    assert [text.token_text(text.token_id(s)) for s in SPECIALS] == SPECIALS
     assert tok.eod == tok.pad == tok.eos_id
     ids = tok.tokenize("a red bicycle")
     assert max(ids) < tok.vq_offset
@@ -33,5 +37,7 @@ def test_bad_inputs_are_named(sentencepiece_model, tmp_path):
         tok.image_tokens([1, 64])
     with pytest.raises(ValueError, match="no BOI token '<image>'"):
         MultimodalTokenizer.from_pretrained(sentencepiece_model, boi="<image>")
+    with pytest.raises(ValueError, match="no separator token '<sep>'"):
+        MultimodalTokenizer.from_pretrained(sentencepiece_model, separator="<sep>")
     with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
         MultimodalTokenizer.from_pretrained(tmp_path / "missing.model")

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from megatron_unix.conversion.hf_config import (INTERCHANGE, generation_config_json, hf_config_object, layer_style,
                                                 read_interchange, text_fields, unix_config_json, unix_fields)
 from megatron_unix.conversion.hf_io import (ConversionError, HFCheckpoint, LazyTensors, copy_remote_code,
-                                            copy_tokenizer, has_tokenizer, model_class, write_safetensors)
+                                            copy_tokenizer, has_tokenizer, model_class, write_model_card,
+                                            write_safetensors)
 from megatron_unix.conversion.mappings import iter_hf_to_megatron, layer_prefixes, megatron_to_hf
 from megatron_unix.conversion.verify import (BF16, FP32, compare, hf_logits, megatron_logits, report,
                                              sample_inputs, sample_text_ids)
@@ -38,6 +39,9 @@ from megatron_unix.training import checkpointing
 
 MAX_SEQUENCE_LENGTH = 4096
 """Only rotary caching depends on it; the weights do not."""
+IMPL = dict(transformer_impl="local", perform_initialization=False)
+"""Conversion builds Megatron's local modules even where Transformer Engine is installed: the mapping
+table names local parameters, and the checkpoint's keys are the same under either implementation."""
 QKV_BIAS = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 DEFAULT_CODEBOOK = 8192
@@ -119,7 +123,7 @@ def _target_config(source: HFCheckpoint, options: ImportOptions,
         raise ConversionError("--layer-style qwen2 from a qwen3 source is refused: qwen2 layers have no QK norm, "
                               "and dropping it changes the model's function")
     fields.update(qk_layernorm=style == "qwen3", add_qkv_bias=style == "qwen2")
-    config = make_config(**fields, perform_initialization=False)
+    config = make_config(**fields, **IMPL)
     for name in ("boi_id", "eoi_id", "eos_id"):
         if not 0 <= getattr(config, name) < config.vq_offset:
             raise ConversionError(f"{name} {getattr(config, name)} is not a text id below vq_offset "
@@ -273,7 +277,7 @@ def load_megatron(path: str | Path) -> tuple[torch.nn.Module, UniXConfig, dict[s
     if "model_args" not in common:
         raise ConversionError(f"{checkpoint} has no model_args: it was not written by this stack")
     arch = common["model_args"]
-    config = config_from_architecture(arch, perform_initialization=False)
+    config = config_from_architecture(arch, **IMPL)
     model = build_model(config, arch["vocab_size"], MAX_SEQUENCE_LENGTH)
     checkpointing.load(checkpoint, model, load_rng=False)
     log(f"loaded {checkpoint}: {_describe(config, arch['vocab_size'])}")
@@ -319,6 +323,7 @@ def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shar
         write_json(staging / "config.json", config_json)
         write_json(staging / "generation_config.json", generation_config_json(config_json, interchange))
         copy_remote_code(staging)
+        write_model_card(staging, config_json)
         if tokenizer_path and has_tokenizer(tokenizer_path):
             log(f"tokenizer files from {tokenizer_path}: {', '.join(copy_tokenizer(Path(tokenizer_path), staging))}")
         else:

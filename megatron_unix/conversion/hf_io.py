@@ -23,7 +23,8 @@ from transformers import PretrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3C
 
 from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
 from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen2Config, UniQwen3Config
-from megatron_unix.conversion.hf_remote.modeling_unix import UniQwen2ForCausalLM, UniQwen3ForCausalLM
+from megatron_unix.conversion.hf_remote.modeling_unix import (TRANSFORMERS_SUPPORTED, UniQwen2ForCausalLM,
+                                                               UniQwen3ForCausalLM)
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -184,3 +185,26 @@ def copy_remote_code(directory: Path) -> None:
     """The modeling files that config.json's ``auto_map`` names (trust_remote_code)."""
     for name in REMOTE_CODE_FILES:
         shutil.copy(REMOTE_CODE_DIR / name, directory / name)
+
+
+def write_model_card(directory: Path, config: dict) -> None:
+    """README.md: what the directory is and how each kind of user loads it (HF's model-card convention)."""
+    low, high = TRANSFORMERS_SUPPORTED
+    text_class = CLASSES[config["model_type"]][1].__name__
+    (directory / "README.md").write_text(f"""# Uni-X checkpoint
+
+Exported by megatron-unix (`tools/convert_checkpoint.py export-hf`): {config["model_type"]} layers,
+{config["num_hidden_layers"]} layers of which the first {config["num_vision_encode_layers"]} and the last \
+{config["num_vision_decode_layers"]} are separated by modality;
+vocabulary {config["vocab_size"]} (text ids below {config["real_text_vocab_size"]}, then \
+{config["vision_vocab_size"]} VQ codes), bf16 safetensors.
+
+## Loading
+
+- Both modalities: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. The remote code
+  (`modeling_unix.py`) needs `transformers>={low},<{high}`; CI tests 4.53.3 (the reference's pin) and
+  megatron-unix's pinned release. Cached `generate()` keeps per-modality keys and values.
+- Text only: `{text_class}.from_pretrained(path)` ignores the vision tensors; on text input it gives the
+  Uni-X logits.
+- The reference implementation reads config.json as written (`rope_theta`, separators as token text).
+""")

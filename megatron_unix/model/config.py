@@ -48,6 +48,11 @@ class UniXConfig(TransformerConfig):
                 "--context-parallel-size > 1 is not supported yet: Uni-X routes tokens by modality "
                 "inside a row, and the context-parallel split of segments is a later issue"
             )
+        if self.transformer_impl not in platform.TRANSFORMER_IMPLS:
+            raise ValueError(f"--transformer-impl must be one of {platform.TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+        if self.transformer_impl == "transformer_engine" and not platform.detect_accelerators().transformer_engine:
+            raise ValueError("--transformer-impl transformer_engine: Transformer Engine is not installed here "
+                             "(use --transformer-impl local)")
         if self.core_attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.core_attention_backend!r}")
 
@@ -81,7 +86,8 @@ QWEN_DEFAULTS: dict[str, Any] = dict(
 
 def make_config(**fields: Any) -> UniXConfig:
     """A UniXConfig with Qwen's layer choices and this machine's safe defaults under ``fields``."""
-    merged = {**QWEN_DEFAULTS, **platform.config_defaults(), **fields}
+    merged = {**QWEN_DEFAULTS, "transformer_impl": platform.default_transformer_impl(), **platform.config_defaults(),
+              **fields}
     if merged["params_dtype"] is None:
         import torch
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_unix import platform
 from megatron_unix.data.indexed import output_files
 from megatron_unix.model.config import ARCHITECTURE_FIELDS
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-document-isolation", dest="document_isolation", action="store_false",
                    help="attend across packed documents, as the reference actually trained")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "varlen", "flash_attn", "te"])
+    g.add_argument("--transformer-impl", default=platform.default_transformer_impl(), choices=platform.TRANSFORMER_IMPLS,
+                   help="layer modules: Transformer Engine's or Megatron's local ones (default: transformer_engine "
+                        "on a GPU machine with TE installed, else local); checkpoints load under either")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)

@@ -28,7 +28,7 @@ def model_config(args: argparse.Namespace, arch: dict[str, Any]) -> UniXConfig:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel,
         document_isolation=args.document_isolation, core_attention_backend=args.attention_backend,
         bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, init_method_std=args.init_method_std,
-        **recompute,
+        transformer_impl=args.transformer_impl, **recompute,
     )
 
 

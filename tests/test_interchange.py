@@ -1,0 +1,104 @@
+"""Exports read the same under every transformers their users run (issue: interchange).
+
+One tiny Uni-X (Qwen3 layers, N=M=1, a separator, rotary base 1e6) goes HF -> Megatron -> HF; the
+export is then loaded in a fresh process, as a user would, by the pinned transformers and by the
+reference's transformers 4.53.3 (an isolated site directory that .ci/legacy_transformers.sh builds
+and caches): through the export's remote code and through plain ``Qwen3ForCausalLM``. Every logit
+must match the Megatron model's (fp32, 1e-5), and cached generation must equal recomputation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_convert import make_source
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADER = Path(__file__).parent / "interop" / "load_export.py"
+LEGACY_SITE_ENV = "MEGATRON_UNIX_LEGACY_TRANSFORMERS"
+LEGACY_VERSION = "4.53.3"
+
+
+@pytest.fixture(scope="session")
+def legacy_site() -> Path:
+    """The transformers 4.53.3 site directory: CI's (environment variable) or built here the same way."""
+    site = os.environ.get(LEGACY_SITE_ENV) or subprocess.run(
+        ["bash", str(ROOT / ".ci" / "legacy_transformers.sh"), sys.executable],
+        check=True, capture_output=True, text=True).stdout.strip()
+    return Path(site)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, hf_tokenizer_dir, megatron_single):
+    """(export directory, samples file, Megatron fp32 logits per sample). The Megatron model compared with
+    is the export imported again, so that both hold the same bf16-rounded weights (mean-initialised
+    codebook rows and random vision copies are not bf16 values before the first export)."""
+    from megatron_unix.conversion.convert import ImportOptions, export_hf, import_hf, load_megatron
+    from megatron_unix.conversion.verify import megatron_logits, sample_inputs, sample_text_ids
+    from megatron_unix.data.tokenizer import load_text_tokenizer
+
+    tmp = tmp_path_factory.mktemp("interchange")
+    source = make_source(tmp / "source", hf_tokenizer_dir, "qwen3", tie=True, seed=7)
+    import_hf(source, tmp / "megatron", ImportOptions(vision_encode_layers=1, vision_decode_layers=1,
+                                                      vq_codebook_size=48, vision_init="random",
+                                                      separator="<|vision_pad|>"))
+    export_hf(tmp / "megatron", tmp / "exported")
+    import_hf(tmp / "exported", tmp / "reimported")
+    model, config, common = load_megatron(tmp / "reimported")
+    vocab = common["model_args"]["vocab_size"]
+    rows = sample_inputs(config, sample_text_ids(config, load_text_tokenizer(hf_tokenizer_dir)))
+    t2i = rows["t2i"].tolist()
+    t2i.insert(t2i.index(config.boi_id) + 4, config.separator_ids[0])  # a separator inside the image
+    rows["t2i"] = torch.tensor(t2i)
+    text = rows["text"].tolist()
+    prompts = torch.tensor([[0] * 4 + text[:8], text[:6] + rows["i2t"].tolist()[:6]])  # left-padded text; in an image
+    mask = torch.tensor([[0] * 4 + [1] * 8, [1] * 12])
+    samples = tmp / "samples.pt"
+    torch.save({"rows": rows, "prompts": prompts, "prompt_mask": mask}, samples)
+    expected = {name: megatron_logits(model, tokens, vocab) for name, tokens in rows.items()}
+    expected["prompt_last"] = megatron_logits(model, prompts[1], vocab)[-1]
+    return tmp / "exported", samples, expected
+
+
+def load_in_subprocess(export: Path, samples: Path, out: Path, pythonpath: Path | None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(LOADER), str(export), str(samples), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("env", ["pinned", "reference"])
+def test_export_reads_the_same_under_each_transformers(exported, legacy_site, tmp_path, env):
+    import transformers
+
+    export, samples, expected = exported
+    result = load_in_subprocess(export, samples, tmp_path / "out.pt", legacy_site if env == "reference" else None)
+    assert result["version"] == (LEGACY_VERSION if env == "reference" else transformers.__version__)
+    assert result["unix_class"].startswith("transformers_modules.")  # the export's own files
+    for name, logits in result["unix"].items():
+        close(logits, expected[name])
+    close(result["plain_text"], expected["text"])  # rope_theta read right: the default 10000 misses by far
+    generation = result["generation"]
+    assert torch.equal(generation["cached_sequences"], generation["recomputed_sequences"])
+    close(generation["cached_logits"], generation["recomputed_logits"])
+    close(generation["cached_logits"][1, 0], expected["prompt_last"])
+
+
+def test_export_states_its_transformers_range(exported):
+    from megatron_unix.conversion.hf_remote.modeling_unix import TRANSFORMERS_SUPPORTED
+
+    card = (exported[0] / "README.md").read_text()
+    assert f"transformers>={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}" in card
