@@ -102,3 +102,37 @@ def test_export_states_its_transformers_range(exported):
 
     card = (exported[0] / "README.md").read_text()
     assert f"transformers>={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}" in card
+
+
+def test_config_fields_survive_training(exported, tmp_path):
+    """export -> import -> pretrain_unix.py (2 iterations from --pretrained-checkpoint) -> export: the same
+    config.json and generation_config.json, key for key, around trained weights."""
+    import json
+    import random
+
+    from conftest import CORPUS
+    from megatron_unix.conversion.convert import export_hf, import_hf
+    from megatron_unix.data.indexed import DatasetWriter
+    from megatron_unix.data.layouts import pair_sample, text_sample
+    from megatron_unix.data.tokenizer import MultimodalTokenizer
+    from test_convert import read_tensors
+    from test_pretrain import run
+
+    first = exported[0]
+    import_hf(first, tmp_path / "imported")
+    tok = MultimodalTokenizer.from_pretrained(first, codebook_size=48)
+    rng = random.Random(0)
+    with DatasetWriter(tmp_path / "data", tok.model_config_fields()) as writer:
+        for i, line in enumerate(CORPUS[:40]):
+            sample = text_sample(tok, line) if i % 2 else pair_sample(tok, line[:30], [rng.randrange(48)] * 8, rng)
+            writer.add(sample.tokens, sample.trained, 0 if i % 2 else 9)
+        writer.commit()
+    run(["--pretrained-checkpoint", str(tmp_path / "imported"), "--save", str(tmp_path / "trained"),
+         "--tokenizer-model", str(first), "--data-path", str(tmp_path / "data"), "--split", "100,0,0",
+         "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
+         "--lr", "1e-2", "--log-interval", "1"])
+    export_hf(tmp_path / "trained", tmp_path / "second")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "second" / name).read_text()) == json.loads((first / name).read_text())
+    before, after = read_tensors(first), read_tensors(tmp_path / "second")
+    assert set(before) == set(after) and not all(torch.equal(before[k], after[k]) for k in before)
