@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from megatron_unix.training.arguments import parse_args
+from megatron_unix.training.checksums import CheckpointError
 from megatron_unix.training.loop import NonFiniteLoss, pretrain
 
 
@@ -21,7 +22,7 @@ def main() -> int:
     args = parse_args()
     try:
         pretrain(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLoss as error:

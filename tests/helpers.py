@@ -1,6 +1,8 @@
-"""Build a tiny production model and express its weights in the reference's HF names."""
+"""Build a tiny production model and express its weights in the reference's HF names; damage a checkpoint."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -48,3 +50,22 @@ def logits(model, config, batch) -> torch.Tensor:
 
     out = stream_forward(model, batch)
     return out[..., :TINY_VOCAB].reshape(*batch["tokens"].shape, TINY_VOCAB)
+
+
+def largest_item(checkpoint: Path) -> tuple[str, int, int]:
+    """File, offset and length of a DCP checkpoint's largest stored tensor: its middle is raw tensor bytes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    item = max(FileSystemReader(str(checkpoint)).read_metadata().storage_data.values(), key=lambda i: i.length)
+    return item.relative_path, item.offset, item.length
+
+
+def garble(checkpoint: Path) -> str:
+    """Flip 8 bytes inside the largest tensor (it still loads, with other values); returns the file's name."""
+    name, offset, length = largest_item(checkpoint)
+    with open(checkpoint / name, "r+b") as stream:
+        stream.seek(offset + length // 2)
+        data = stream.read(8)
+        stream.seek(offset + length // 2)
+        stream.write(bytes(b ^ 0xFF for b in data))
+    return name

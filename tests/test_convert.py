@@ -294,6 +294,10 @@ def _edit_tensors(directory: Path, edit) -> None:
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
 def _edit_config(directory: Path, **fields) -> None:
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **fields}))
@@ -309,6 +313,10 @@ BAD = {
                                                                     torch.zeros(1)})),
                      "model.layers.9.mlp.up_proj.weight is not part of"),
     "activation": (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act='gelu'"),
+    "edited layer count": (lambda d: _edit_config(d, num_hidden_layers=6),
+                           "config.json: transformers refuses this config (Class validation error"),
+    "truncated shard": (lambda d: _truncate(sorted(d.glob("model-*.safetensors"))[1]),
+                        "model-00002-of-00009.safetensors: not a readable safetensors file"),
     "uni-x variant": (lambda d: _edit_config(d, num_vision_encode_layers=1, num_vision_decode_layers=1,
                                              vision_vocab_size=CODES, real_text_vocab_size=166, vision_start_id=1,
                                              skip_connection_loc=2),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -329,3 +333,87 @@ def test_jsonl_to_training_rows_for_every_layout(tmp_path):
            [False] * (len(image) + len(enc("\n" + question))) + [True] * (len(enc("\n" + answer)) + 1))
     line = {"vqcode": codes, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
     assert _matches_one_of(_one_row(tmp_path, tok, "sft", line), [sft])
+
+
+def overwrite(path: str, offset: int, data: bytes) -> None:
+    """Damage a file in place: ``data`` at byte ``offset``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def shorten(path: str, by: int) -> None:
+    os.truncate(path, os.path.getsize(path) - by)
+
+
+def swap_loss_masks(prefix: str, samples) -> None:
+    """Give ``prefix`` the loss masks of a dataset of other samples."""
+    other = write(prefix + "-other", samples)
+    for suffix in ("_lossmask.bin", "_lossmask.idx"):
+        shutil.copy(other + suffix, prefix + suffix)
+
+
+LENGTHS_AT = 34  # the int32 sequence lengths follow Megatron's 34-byte .idx header
+# The dataset is [TEXT, T2I, I2T]: lengths 6, 9, 9 (24 int32 tokens, 96 bytes); loss-mask runs [0, 6], [3, 6],
+# [6, 3]; vision counts 0, 5, 3. Each damage, then the exact refusal ({p} is the prefix).
+DAMAGES = {
+    "negative length": (lambda p: overwrite(p + ".idx", LENGTHS_AT + 4, np.int32(-3).tobytes()),
+                        "{p}.idx: sample 1 has length -3"),
+    "truncated bin": (lambda p: shorten(p + ".bin", 8),
+                      "{p}.bin: 88 bytes, but the lengths in {p}.idx add up to 24 tokens (96 bytes)"),
+    "empty idx": (lambda p: Path(p + ".idx").write_bytes(b""),
+                  "{p}.idx: 0 bytes, shorter than the 34-byte header of a Megatron index"),
+    "truncated idx": (lambda p: shorten(p + ".idx", 8),
+                      "{p}.idx: 94 bytes, but its header's 3 sequences and 4 document boundaries need 102"),
+    "not an idx": (lambda p: overwrite(p + ".idx", 0, b"MMIDIDY"),
+                   "{p}.idx: magic b'MMIDIDY\\x00\\x00', expected b'MMIDIDX\\x00\\x00'"),
+    "loss mask count": (lambda p: swap_loss_masks(p, [TEXT, T2I]), "{p}_lossmask.idx: 2 loss masks for 3 samples"),
+    "loss mask length": (lambda p: overwrite(p + "_lossmask.bin", 4, np.int32(7).tobytes()),
+                         "{p}_lossmask.bin: the loss mask of sample 0 covers 7 tokens, the sample has 6"),
+    "negative run": (lambda p: overwrite(p + "_lossmask.bin", 8, np.int32([-1, 10]).tobytes()),
+                     "{p}_lossmask.bin: sample 1 has a run of length -1"),
+    "vision count": (lambda p: np.save(p + "_vision.npy", np.zeros(2, np.int32)),
+                     "{p}_vision.npy: 2 vision counts for 3 samples"),
+    "vision over length": (lambda p: np.save(p + "_vision.npy", np.int32([0, 10, 3])),
+                           "{p}_vision.npy: sample 1 has 10 vision tokens but length 9"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGES)
+def test_damaged_dataset_is_refused_when_opened_naming_the_file(tmp_path, name):
+    """A damaged file is refused before training (or merging) starts, naming the file and the damage,
+    not when training reaches the bad sample."""
+    from megatron_unix.data.indexed import check_dataset
+    from megatron_unix.data.preprocess import merge
+
+    prefix = write(tmp_path / "d", [TEXT, T2I, I2T])
+    check_dataset(prefix)
+    damage, message = DAMAGES[name]
+    damage(prefix)
+    with pytest.raises(ValueError) as refused:
+        check_dataset(prefix)
+    assert str(refused.value) == message.format(p=prefix)
+    with pytest.raises(ValueError) as refused:
+        merge([prefix], tmp_path / "merged")
+    assert str(refused.value) == message.format(p=prefix)
+    assert not list(tmp_path.glob("merged*"))
+
+
+def test_training_refuses_unrecorded_vocabulary_and_damage_before_building(tmp_path, hf_tokenizer_dir):
+    """pretrain_unix.py: a prefix without _vocab.json is refused unless --allow-unrecorded-vocabulary; then
+    the damage check runs on it, both before the model is built (exit 2, the file named)."""
+    prefix = write(tmp_path / "d", [TEXT, T2I, I2T])  # this writer records no vocabulary
+    DAMAGES["negative length"][0](prefix)
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "pretrain_unix.py"), "--model-preset", "tiny",
+               "--tokenizer-model", str(hf_tokenizer_dir), "--vq-codebook-size", "64", "--data-path", prefix,
+               "--split", "1,0,0", "--seq-length", "8", "--micro-batch-size", "1", "--global-batch-size", "1",
+               "--train-iters", "1"]
+    refused = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2
+    message = (f"error: --data-path {prefix}: {prefix}_vocab.json is missing, so nothing records which vocabulary "
+               f"its samples were tokenized with: preprocess it again with tools/preprocess_data.py, or pass "
+               f"--allow-unrecorded-vocabulary if it was made with --tokenizer-model {hf_tokenizer_dir}\n")
+    assert message in refused.stderr
+    allowed = subprocess.run(command + ["--allow-unrecorded-vocabulary"], capture_output=True, text=True, check=False)
+    assert allowed.returncode == 2 and "_vocab.json" not in allowed.stderr
+    assert f"error: {prefix}.idx: sample 1 has length -3\n" in allowed.stderr

@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -217,7 +218,7 @@ BAD = [
     (json.dumps({"caption": "a red bicycle", "vqcode": [1, 2, 3, CODEBOOK]}), "code_out_of_range"),
     (json.dumps({"text": "  "}), "empty_text"),
     (json.dumps({"caption": "", "vqcode": [1, 2, 3, 4]}), "empty_text"),
-    (json.dumps({"body": "a red bicycle"}), "missing_key"),
+    (json.dumps({"caption": "a red bicycle"}), "missing_key"),
     (json.dumps({"text": 3}), "wrong_type"),
     (json.dumps({"caption": "x", "vqcode": "[1, 2, 3, 4"}), "wrong_type"),
     (json.dumps([1, 2]), "not_an_object"),
@@ -225,6 +226,7 @@ BAD = [
     (json.dumps({"vqcode": [1, 2, 3, 4], "conversations": [{"from": "human", "value": "hi"}]}), "bad_conversation"),
     (json.dumps({"messages": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "x"}]}),
      "missing_key"),
+    (json.dumps({"text": "a red bicycle", "image_codes": [1, 2, 3, 4]}), "unknown_key"),
 ]
 
 
@@ -268,6 +270,58 @@ def test_unreadable_input_leaves_nothing(tok, tmp_path):
     with pytest.raises(PreprocessError, match="broken.jsonl.gz"):
         run(tok, [good, tmp_path / "broken.jsonl.gz"], tmp_path / "out")
     assert not list(tmp_path.glob("out*"))
+
+
+def test_unknown_key_is_a_bad_line_not_a_text_sample(tok, tmp_path):
+    """Image codes under a key the line format does not know would make a text-only sample silently."""
+    path = write(tmp_path / "in.jsonl", [{"text": "a red bicycle"}, {"text": "a quick fox", "image_codes": codes(1)},
+                                         {"text": "the river bank", "id": 7}])  # "id": a metadata key
+    summary, log = run(tok, [path], tmp_path / "out")
+    assert summary.skipped == Counter(unknown_key=1)
+    assert log == (f"skipped {path}:2: unknown_key: unknown key 'image_codes': name it with --vqcode-key, "
+                   "--caption-key, --text-key or --conversation-key, or --metadata-key to ignore it\n")
+    assert [tokens for tokens, _ in stored(tmp_path / "out")] == [tok.tokenize("a red bicycle"),
+                                                                   tok.tokenize("the river bank")]
+    with pytest.raises(PreprocessError, match=r"in\.jsonl:2: unknown_key: unknown key 'image_codes'"):
+        run(tok, [path], tmp_path / "strict", strict=True)
+    summary, _ = run(tok, [path], tmp_path / "declared", metadata_keys=("id", "image_codes"))
+    assert summary.documents == 3
+
+
+@pytest.mark.parametrize("lines,why", [([], "the input is empty"),
+                                       (["{not json", {"text": " "}, {"text": "x", "image_codes": [1]}],
+                                        "all 3 lines are bad (empty_text 1, unknown_key 1, unparsable_json 1)")])
+def test_input_without_any_sample_fails_with_status_2_and_writes_nothing(bpe_dir, tmp_path, capsys, lines, why):
+    path = write(tmp_path / "in.jsonl", lines)
+    status = load_cli().main(["--input", str(path), "--output-prefix", str(tmp_path / "out"),
+                              "--tokenizer-model", str(bpe_dir)])
+    assert status == 2
+    assert (f"preprocess_data.py: error: --input {path}: no document to write, {why}; nothing written\n"
+            in capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_partials_of_killed_runs_are_removed_and_a_live_process_s_kept(bpe_dir, tmp_path):
+    """A run killed by SIGKILL leaves PREFIX.partial-PID* files; the next run for the prefix removes
+    those of dead processes, says so in one line, and keeps those of a live one (this test process)."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = sorted(tmp_path / f"out.partial-{dead.pid}{suffix}" for suffix in (".bin", ".idx", "_lossmask.bin",
+                                                                               "_vision.npy", "_vocab.json"))
+    kept = [tmp_path / f"out.partial-{os.getpid()}.bin", tmp_path / f"out.partial-{os.getpid()}_lossmask.idx",
+            tmp_path / f"other.partial-{dead.pid}.bin"]  # another prefix's
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    write(tmp_path / "in.jsonl", mixed_lines(6))
+    done = subprocess.run(cli("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "out",
+                              "--tokenizer-model", bpe_dir, "--vq-codebook-size", CODEBOOK, "--image-tokens", IMAGE),
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("removed")] == [
+        f"removed the partial files of earlier runs that did not finish: {', '.join(map(str, stale))}"]
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == b"partial" for path in kept)
+    assert len(MultimodalDocuments(tmp_path / "out")) == 6
 
 
 def load_cli():

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +31,12 @@ def data(tmp_path_factory, hf_tokenizer_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("data")
     tok = MultimodalTokenizer.from_pretrained(hf_tokenizer_dir, codebook_size=CODEBOOK)
     rng = random.Random(0)
-    with DatasetWriter(root / "text") as writer:
+    with DatasetWriter(root / "text", tok.model_config_fields()) as writer:
         for line in CORPUS:
             sample = text_sample(tok, line)
             writer.add(sample.tokens, sample.trained, 0)
         writer.commit()
-    with DatasetWriter(root / "pairs") as writer:
+    with DatasetWriter(root / "pairs", tok.model_config_fields()) as writer:
         for i in range(60):
             codes = [rng.randrange(CODEBOOK) for _ in range(IMAGE_CODES)]
             sample = pair_sample(tok, CORPUS[i % 4][:30], codes, rng)
@@ -119,6 +120,28 @@ def test_resume_is_exact(data, initial, straight, tmp_path):
         assert resumed[it]["lr"] == expected[it]["lr"], it
 
 
+def test_longer_resume_names_the_schedule_flags(data, straight, tmp_path):
+    """Resuming with more --train-iters changes the LR schedule: refused before any work, naming the flags
+    (not Megatron's assertion in samples); --override-opt-param-scheduler accepts it."""
+    resume = common_args(data, iters=6) + ["--load", str(straight), "--save", str(tmp_path)]
+    proc = run(resume, check=False)
+    assert proc.returncode == 2
+    assert ("--lr-decay-iters (default --train-iters): checkpoint 4 iterations (16 samples), this run 6 iterations "
+            "(24 samples)") in proc.stderr and "--override-opt-param-scheduler" in proc.stderr
+    run(resume + ["--override-opt-param-scheduler"])
+    assert sorted(losses(tmp_path / "metrics.jsonl")) == [5, 6]
+
+
+def test_checkpoint_and_tokenizer_conflict_names_that_pair(data, initial, sentencepiece_model, tmp_path):
+    args = common_args(data) + ["--pretrained-checkpoint", initial, "--save", str(tmp_path)]
+    args[args.index("--tokenizer-model") + 1] = str(sentencepiece_model)
+    proc = run(args, check=False)
+    assert proc.returncode == 2
+    assert re.search(rf"--tokenizer-model {re.escape(str(sentencepiece_model))} gives (\w+)=\d+ but the checkpoint "
+                     rf"{re.escape(initial)}/iter_0000000 was trained with \1=\d+", proc.stderr)
+    assert "preprocessed with another vocabulary" not in proc.stderr
+
+
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_parallel_runs_match_single_process(data, initial, straight, tmp_path, layout):
     flags = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
@@ -140,6 +163,18 @@ def test_kill_during_save_keeps_previous_checkpoint(data, initial, straight, tmp
     run(common_args(data) + ["--save", str(tmp_path), "--load", str(tmp_path)])
     assert losses(tmp_path / "metrics.jsonl")[4]["loss"] == losses(straight / "metrics.jsonl")[4]["loss"]
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_damaged_checkpoint_stops_the_run_naming_the_file(data, initial, tmp_path):
+    from helpers import garble
+
+    shutil.copytree(initial, tmp_path / "damaged")
+    name = garble(tmp_path / "damaged" / "iter_0000000")
+    start = common_args(data, iters=0) + ["--pretrained-checkpoint", str(tmp_path / "damaged")]
+    proc = run(start, check=False)
+    assert proc.returncode == 2
+    assert f"error: {tmp_path}/damaged/iter_0000000/{name} is damaged" in proc.stderr, proc.stderr[-2000:]
+    assert "loaded weights from" in run(start + ["--no-verify-checkpoint"]).stdout
 
 
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
@@ -179,6 +214,11 @@ BAD_SETTINGS = {
     "global-batch": (["--global-batch-size", "3"], 2, "--global-batch-size"),
     "empty-stage": (["--pipeline-model-parallel-size", "8"], 8, "--pipeline-model-parallel-size"),
     "missing-data": (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),
+    "seq-length": (["--seq-length", "0"], 1, "--seq-length must be positive, got 0"),
+    "micro-batch": (["--micro-batch-size", "0"], 1, "--micro-batch-size must be positive, got 0"),
+    "split": (["--split", "0,0,0"], 1, "--split '0,0,0' must be three non-negative weights"),
+    "min-lr": (["--min-lr", "0.1"], 1, "--min-lr (0.1) must not exceed --lr (0.003)"),
+    "negative-lr": (["--lr", "-1"], 1, "--lr must not be negative, got -1.0"),
 }
 
 
@@ -188,7 +228,7 @@ def test_bad_settings_fail_early_naming_the_flag(data, name):
 
     extra, world, flag = BAD_SETTINGS[name]
     args = parse_args(common_args(data) + extra)
-    with pytest.raises((ValueError, FileNotFoundError), match=flag.replace("-", r"\-")):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(flag)):
         validate(args, world)
 
 

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--save", required=True, help="new (or empty) HF directory")
     exp.add_argument("--max-shard-size", default="5GB", help="HF sharding, e.g. 5GB or 500MB")
     exp.add_argument("--verify", action="store_true", help="compare logits with the written HF model (bf16)")
+    exp.add_argument("--no-verify-checkpoint", action="store_false", dest="verify_checkpoint",
+                     help="load without checking the checkpoint's files against its checksums.json")
     return parser
 
 
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layer_style=args.layer_style, separator=args.separator, seed=args.seed)
             convert.import_hf(args.hf_dir, args.save, options, verify=args.verify)
         else:
-            convert.export_hf(args.load, args.save, verify=args.verify, max_shard_size=args.max_shard_size)
+            convert.export_hf(args.load, args.save, verify=args.verify, max_shard_size=args.max_shard_size,
+                              verify_checkpoint=args.verify_checkpoint)
     except VerificationFailed as error:
         print(f"convert_checkpoint: {error}", file=sys.stderr)
         return 1

@@ -8,8 +8,10 @@
 One line is one sample: {"text": ...}; an image-text pair ("caption" or "text", and "vqcode" or
 "vqcode_512": a list of ints or a JSON string of one); or an SFT conversation ("conversations" in
 LLaVA's form or chat "messages") with the image's codes. Flag names follow Megatron-LM's
-preprocess_data.py. Text samples get no EOS unless --append-eod (the reference appends none).
-Progress goes to stderr, the summary to stdout; any failure leaves no output files.
+preprocess_data.py. Text samples get no EOS unless --append-eod (the reference appends none). A
+line with a key none of the --*-key flags names is bad (skipped, counted). Progress goes to stderr,
+the summary to stdout; any failure leaves no output files (exit status 2 when the input holds no
+sample, else 1), and the partial files of killed earlier runs for the prefix are removed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unix.data.preprocess import LineFormat, PreprocessError, merge, preprocess  # noqa: E402
+from megatron_unix.data.preprocess import LineFormat, NoDocuments, PreprocessError, merge, preprocess  # noqa: E402
 from megatron_unix.data.tokenizer import MultimodalTokenizer  # noqa: E402
 
 TOKENIZER_DEFAULTS = {name: p.default for name, p in inspect.signature(MultimodalTokenizer).parameters.items()}
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--caption-key", nargs="+", default=list(fmt.caption_keys), help="text of an image-text pair")
     g.add_argument("--vqcode-key", nargs="+", default=list(fmt.vqcode_keys), help="the image's VQ codes")
     g.add_argument("--conversation-key", nargs="+", default=list(fmt.conversation_keys), help="SFT turns")
+    g.add_argument("--metadata-key", nargs="+", default=list(fmt.metadata_keys),
+                   help="keys to ignore; a line with a key no --*-key flag names is bad")
 
     g = p.add_argument_group("layouts (spec §3)")
     g.add_argument("--image-tokens", type=int, default=fmt.image_tokens, help="VQ codes per image")
@@ -84,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizer_model, codebook_size=args.vq_codebook_size, boi=args.boi, eoi=args.eoi, eos=args.eos,
             separator=args.separator or None, vq_offset=args.vq_offset)
         fmt = LineFormat(tuple(args.text_key), tuple(args.caption_key), tuple(args.vqcode_key),
-                         tuple(args.conversation_key), args.image_tokens, args.t2i_ratio, args.seed,
-                         not args.no_ignore_instruction, args.append_eod, args.sft_turn_newlines)
+                         tuple(args.conversation_key), tuple(args.metadata_key), args.image_tokens, args.t2i_ratio,
+                         args.seed, not args.no_ignore_instruction, args.append_eod, args.sft_turn_newlines)
         summary = preprocess(args.input, args.output_prefix, tok, fmt, args.workers, args.strict, args.log_interval)
     except (PreprocessError, OSError, ValueError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, NoDocuments) else 1
     print(summary.report())
     return 0
 

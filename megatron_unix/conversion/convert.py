@@ -267,19 +267,20 @@ def _verify_import(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
 
 # ----------------------------------------------------------------------------------------- export
 
-def load_megatron(path: str | Path) -> tuple[torch.nn.Module, UniXConfig, dict[str, Any]]:
-    """A TP1/PP1 model from a Megatron checkpoint (save directory or ``iter_*``), and its common part."""
+def load_megatron(path: str | Path, verify: bool = True) -> tuple[torch.nn.Module, UniXConfig, dict[str, Any]]:
+    """A TP1/PP1 model from a Megatron checkpoint (save directory or ``iter_*``), and its common part;
+    ``verify`` checks its files against the checksum manifest."""
     checkpoint = checkpointing.find_checkpoint(path) if Path(path).exists() else None
     if checkpoint is None:
         raise ConversionError(f"--load {path}: no Megatron checkpoint there (no {checkpointing.TRACKER} or "
                               "metadata.json)")
-    common = checkpointing.read_common(checkpoint)
+    common = checkpointing.read_common(checkpoint, verify)
     if "model_args" not in common:
         raise ConversionError(f"{checkpoint} has no model_args: it was not written by this stack")
     arch = common["model_args"]
     config = config_from_architecture(arch, **IMPL)
     model = build_model(config, arch["vocab_size"], MAX_SEQUENCE_LENGTH)
-    checkpointing.load(checkpoint, model, load_rng=False)
+    checkpointing.load(checkpoint, model, load_rng=False, verify=verify)
     log(f"loaded {checkpoint}: {_describe(config, arch['vocab_size'])}")
     return model, config, common
 
@@ -300,15 +301,17 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shard_size: int | str = "5GB") -> Path:
-    """Write the Megatron checkpoint ``load`` as an HF directory in the reference format (spec §5).
+def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shard_size: int | str = "5GB",
+              verify_checkpoint: bool = True) -> Path:
+    """Write the Megatron checkpoint ``load`` as an HF directory in the reference format (spec §5);
+    ``verify`` compares logits afterwards, ``verify_checkpoint`` checks ``load``'s checksums first.
 
     Everything is written into a hidden sibling directory that is renamed to ``save`` at the end,
     so a failed export leaves nothing that looks like a checkpoint."""
     out = Path(save)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--save {out} is not empty")
-    model, config, common = load_megatron(load)
+    model, config, common = load_megatron(load, verify_checkpoint)
     vocab_size = common["model_args"]["vocab_size"]
     interchange = common["model_args"].get(INTERCHANGE)
     tokenizer_path = (common.get("args") or {}).get("tokenizer_model")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import PretrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -82,7 +82,11 @@ class HFCheckpoint:
                                   f"(expected one of {sorted(CLASSES)})")
         self.kind = "unix" if UNIX_MARKER in raw else self.style
         config_cls = CLASSES[self.style][2 if self.kind == "unix" else 0]
-        self.config: PretrainedConfig = config_cls.from_dict(raw)
+        try:
+            self.config: PretrainedConfig = config_cls.from_dict(raw)
+        except Exception as error:  # transformers' validation errors are of types that differ between versions
+            reason = " ".join(str(error).split())  # one line
+            raise ConversionError(f"{config_file}: transformers refuses this config ({reason})") from None
         self.weight_map = self._weight_map()
         self._handles: dict[str, object] = {}
 
@@ -98,13 +102,12 @@ class HFCheckpoint:
         if not single.is_file():
             raise ConversionError(f"{self.path}: neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX} "
                                   "(only safetensors checkpoints are supported)")
-        with safe_open(single, "pt") as f:
-            return {name: SAFETENSORS_FILE for name in f.keys()}
+        return {name: SAFETENSORS_FILE for name in _open_safetensors(single).keys()}
 
     def _handle(self, name: str):
         file = self.weight_map[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, "pt")
+            self._handles[file] = _open_safetensors(self.path / file)
         return self._handles[file]
 
     @property
@@ -115,7 +118,10 @@ class HFCheckpoint:
         return torch.Size(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except SafetensorError as error:
+            raise ConversionError(f"{self.path / self.weight_map[name]}: tensor {name} cannot be read ({error})") from None
 
     def validate(self) -> None:
         """Every tensor config.json implies is present with its shape, and nothing else is there."""
@@ -132,6 +138,14 @@ class HFCheckpoint:
         if unexpected:
             raise ConversionError(f"{where}: tensor {unexpected[0]} is not part of the model config.json describes"
                                   + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+
+def _open_safetensors(path: Path):
+    """A safetensors file opened lazily; a damaged one (truncated, bad header) is an error naming it."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as error:
+        raise ConversionError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):

@@ -26,13 +26,15 @@ import time
 from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from glob import glob
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
-from megatron_unix.data.indexed import TOKEN_DTYPE, DatasetWriter, MultimodalDocuments, SampleBatch
+from megatron_unix.data.indexed import (TOKEN_DTYPE, DatasetWriter, MultimodalDocuments, SampleBatch, check_dataset,
+                                        remove_stale_partials)
 from megatron_unix.data.layouts import Sample, pair_sample, sft_sample, text_sample
 from megatron_unix.data.tokenizer import HuggingFaceText, MultimodalTokenizer, SentencePieceText, TextTokenizer
 
@@ -51,6 +53,9 @@ class LineFormat:
     caption_keys: tuple[str, ...] = ("caption", "text")
     vqcode_keys: tuple[str, ...] = ("vqcode", "vqcode_512")
     conversation_keys: tuple[str, ...] = ("conversations", "messages")
+    metadata_keys: tuple[str, ...] = ("id",)
+    """Keys a line may carry besides its sample, ignored. A line with any other key is bad: image codes
+    under a key not listed here must not become a text-only sample."""
     image_tokens: int = 1024
     t2i_ratio: float = 0.8
     seed: int = 1234
@@ -58,6 +63,11 @@ class LineFormat:
     append_eod: bool = False
     """EOS after a text sample: Megatron's convention; the reference appends none (spec §3)."""
     sft_newlines: int = 1
+
+    @cached_property
+    def known_keys(self) -> frozenset[str]:
+        return frozenset(self.text_keys + self.caption_keys + self.vqcode_keys + self.conversation_keys
+                         + self.metadata_keys)
 
 
 class BadLine(ValueError):
@@ -72,6 +82,10 @@ class PreprocessError(RuntimeError):
     """Fatal: nothing is written."""
 
 
+class NoDocuments(PreprocessError):
+    """The input holds no sample (empty, or every line bad): an error, not an empty dataset."""
+
+
 def parse_line(line: bytes, tok: MultimodalTokenizer, fmt: LineFormat) -> Sample:
     """One jsonl line as a sample: a conversation key makes it SFT, else a VQ-code key a pair, else text."""
     line = line.strip()
@@ -83,6 +97,10 @@ def parse_line(line: bytes, tok: MultimodalTokenizer, fmt: LineFormat) -> Sample
         raise BadLine("unparsable_json", str(e)) from None
     if not isinstance(record, dict):
         raise BadLine("not_an_object", f"the line is a JSON {type(record).__name__}, not an object")
+    if not fmt.known_keys.issuperset(record):
+        unknown = ", ".join(map(repr, sorted(set(record) - fmt.known_keys)))
+        raise BadLine("unknown_key", f"unknown key {unknown}: name it with --vqcode-key, --caption-key, --text-key "
+                                     "or --conversation-key, or --metadata-key to ignore it")
     codes_key = _first_key(record, fmt.vqcode_keys)
     codes = None if codes_key is None else _codes(record[codes_key], codes_key, tok.codebook_size, fmt.image_tokens)
     conversation_key = _first_key(record, fmt.conversation_keys)
@@ -403,9 +421,11 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tok: Mul
     """Write the samples of every line of ``inputs`` (files or globs) to ``output_prefix``.
 
     Bad lines are reported to ``log`` (the first few), skipped and counted; with ``strict`` the first
-    one raises :class:`PreprocessError`. Nothing is written unless the whole input is processed.
+    one raises :class:`PreprocessError`, and an input without any sample :class:`NoDocuments`. Nothing
+    is written unless the whole input is processed.
     """
     paths = expand_inputs(inputs)
+    _remove_stale_partials(output_prefix, log)
     summary = Summary()
     progress = Progress(summary, sum(path.stat().st_size for path in paths), log_interval, log)
     with multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool, \
@@ -417,15 +437,34 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tok: Mul
                 print(f"skipped {report}", file=log)
             writer.add_batch(result.batch)
             progress.update(result.position)
+        if not summary.documents:
+            raise NoDocuments(_no_documents(paths, summary))
         writer.commit()
     summary.seconds = time.perf_counter() - progress.start
     return summary
 
 
-def merge(prefixes: Sequence[str | Path], output_prefix: str | Path) -> MultimodalDocuments:
+def _no_documents(paths: Sequence[Path], summary: Summary) -> str:
+    """Why the input gave no sample, naming it and what its lines were."""
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(summary.skipped.items()))
+    why = f"all {sum(summary.skipped.values()):,} lines are bad ({reasons})" if reasons else "the input is empty"
+    return f"--input {' '.join(map(str, paths))}: no document to write, {why}; nothing written"
+
+
+def _remove_stale_partials(output_prefix: str | Path, log: IO[str]) -> None:
+    """Clean what earlier runs for this prefix left when they were killed, saying so."""
+    removed = remove_stale_partials(output_prefix)
+    if removed:
+        print(f"removed the partial files of earlier runs that did not finish: {', '.join(map(str, removed))}",
+              file=log)
+
+
+def merge(prefixes: Sequence[str | Path], output_prefix: str | Path,
+          log: IO[str] = sys.stderr) -> MultimodalDocuments:
     """Concatenate complete datasets (e.g. of shards), in order, into ``output_prefix``."""
     for prefix in prefixes:
-        MultimodalDocuments(prefix)  # complete and consistent, or an error naming it
+        check_dataset(prefix)  # complete and undamaged, or an error naming the file
+    _remove_stale_partials(output_prefix, log)
     with DatasetWriter(output_prefix) as writer:
         for prefix in prefixes:
             writer.add_dataset(prefix)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", default=None, help="prefixes, optionally weighted: 0.7 a 0.3 b")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--allow-unrecorded-vocabulary", action="store_true",
+                   help="train on a --data-path prefix without PREFIX_vocab.json (made before it was recorded)")
     g.add_argument("--long-text", choices=["truncate", "split"], default="truncate",
                    help="a text sample longer than a row: cut it, or continue it over rows")
     g.add_argument("--seq-length", type=int, default=None)
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older iter_* directories")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-verify-checkpoint", action="store_false", dest="verify_checkpoint",
+                   help="load without checking the checkpoint's files against its checksums.json")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and data")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, use this run's LR/WD schedule flags instead of the checkpoint's")
@@ -177,6 +181,7 @@ def world_size_from_env() -> int:
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
     """Every setting that can be checked before start-up; errors name the flag."""
+    _check_ranges(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if not (args.load or args.pretrained_checkpoint):
         missing = [n for n in ARCHITECTURE[:6] if getattr(args, n) is None]
@@ -226,6 +231,26 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--bf16 needs a GPU: Megatron's mixed-precision optimizer is CUDA-only (CPU runs fp32)")
     if args.use_distributed_optimizer and not _has_cuda():
         raise ValueError("--use-distributed-optimizer needs a GPU (Megatron's distributed optimizer is CUDA-only)")
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Numbers whose wrong value would otherwise surface as a traceback far from their flag."""
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "lr_decay_iters"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{_flag(name)} must be positive, got {value}")
+    for name in ("train_iters", "lr", "min_lr", "lr_warmup_iters", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{_flag(name)} must not be negative, got {getattr(args, name)}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    try:
+        weights = [float(w) for w in args.split.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--split {args.split!r} must be three non-negative weights with a positive sum "
+                         "(train,valid,test), e.g. 969,30,1")
 
 
 def data_prefixes(data_path: list[str]) -> list[str]:

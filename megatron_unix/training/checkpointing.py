@@ -8,16 +8,25 @@ checkpoint and the tracker untouched. Leftover ``.partial`` directories are remo
 
 A checkpoint holds the model, optionally the optimizer and LR scheduler, the RNG states of every
 rank, the data position (consumed samples), the run's arguments, and the architecture
-(``model_args``) from which a model can be rebuilt at any TP/PP.
+(``model_args``) from which a model can be rebuilt at any TP/PP, plus ``checksums.json`` (see
+``checksums``), written before the commit and checked at load.
+
+Failures are raised as ``CheckpointError`` naming the file or directory, on every rank: each step
+of ours that one rank (or each rank) takes alone ends in an all-gather of its outcome, so no rank
+waits in a later collective for one that stopped. Inside ``dist_checkpointing``, DCP raises a failed
+shard read or write on every rank; only a failed ``common.pt`` write (rank 0) stops one rank alone,
+and its exit ends the job under torchrun or srun.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +35,10 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint import CheckpointException
 
+from megatron_unix.training import checksums
+from megatron_unix.training.checksums import CheckpointError
 from megatron_unix.training.step import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -35,6 +47,10 @@ FAULT_INJECTION = "MEGATRON_UNIX_KILL_DURING_SAVE"
 """Test hook: set to an iteration, the save of that iteration SIGKILLs its process group (the job and
 the checkpoint writer's helper processes) after the shards are written and before the commit, as a
 node failure would. Start the job in its own session when using it."""
+COMMON_FILES = ("metadata.json", "common.pt")
+"""What ``read_common`` reads; ``load`` also needs DCP's ``.metadata`` (the shards' names are in it)."""
+SHARDED_INDEX = ".metadata"
+T = TypeVar("T")
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -66,9 +82,63 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return found
 
 
-def read_common(checkpoint: str | Path) -> dict[str, Any]:
-    """The checkpoint's non-sharded part (iteration, args, model_args, ...), readable before start-up."""
+def _require(checkpoint: Path, names: tuple[str, ...]) -> None:
+    """Name missing pieces up front (with or without a manifest), instead of a failure deep in DCP."""
+    missing = [name for name in names if not (checkpoint / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {', '.join(missing)} missing")
+
+
+def read_common(checkpoint: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's non-sharded part (iteration, args, model_args, ...), readable before start-up;
+    with ``verify``, its files are checked against the manifest first (locally: no process group needed)."""
+    checkpoint = Path(checkpoint)
+    _require(checkpoint, COMMON_FILES)
+    entries = checksums.read_manifest(checkpoint) if verify else None
+    if entries is not None:
+        checksums.verify(checkpoint, [name for name in COMMON_FILES if name in entries], entries)
     return dist_checkpointing.load_common_state_dict(str(checkpoint))
+
+
+def _gathered(step: Callable[[], T], failure: str) -> list[T]:
+    """Run ``step`` on this rank and all-gather every rank's result. An OSError on any rank is raised on
+    every rank as a CheckpointError (``failure: error``, or a CheckpointError's own message)."""
+    try:
+        outcome: tuple[T | None, str | None] = (step(), None)
+    except OSError as error:
+        outcome = (None, str(error) if isinstance(error, CheckpointError) else f"{failure}: {error}")
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    errors = [error for _, error in outcomes if error]
+    if errors:
+        raise CheckpointError(errors[0] + (f" (and {len(errors) - 1} more ranks failed)" if len(errors) > 1 else ""))
+    return [result for result, _ in outcomes]
+
+
+def _on_rank0(step: Callable[[], None], failure: str) -> None:
+    """A step only rank 0 takes (directory bookkeeping), its outcome shared as ``_gathered`` does."""
+    _gathered(lambda: step() if dist.get_rank() == 0 else None, failure)
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's files to hash or check (the job reads each file once): DCP's shard ``__R_i.distcp``
+    goes to rank R, which wrote it (at save it is still in that node's page cache), others round-robin."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def owner(index: int, name: str) -> int:
+        shard = re.fullmatch(r"__(\d+)_\d+\.distcp", name)
+        return (int(shard[1]) if shard else index) % world
+
+    return [name for index, name in enumerate(names) if owner(index, name) == rank]
+
+
+def _one_line(error: BaseException) -> str:
+    """The causes of a DCP failure on one line (its own message is every rank's traceback); DCP gives
+    them to its coordinator (rank 0) only."""
+    if isinstance(error, CheckpointException):
+        causes = [f"rank {rank}: {_one_line(exc)}" for rank, (exc, _) in sorted(error.failures.items())]
+        return "; ".join(causes) or "it failed on some rank (rank 0's message names the cause)"
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -120,28 +190,41 @@ def save(root: str | Path, iteration: int, model: torch.nn.Module, *, optimizer=
     """Write checkpoint ``iteration`` under ``root`` on all ranks; returns its final directory."""
     root = Path(root)
     final, partial = iteration_dir(root, iteration), root / f"iter_{iteration:07d}.partial"
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob("iter_*.partial"), *root.glob("iter_*.replaced")]:
-            shutil.rmtree(stale)
-        partial.mkdir()
-    dist.barrier()
+    failure = f"could not save checkpoint {final} (written in {partial}; {root / TRACKER} names only complete ones)"
+    _on_rank0(lambda: _prepare(root, partial), failure)
     state = _state_dict(model, optimizer, scheduler, with_rng=True)
     state.update(iteration=iteration, checkpoint_version=CHECKPOINT_VERSION, model_args=model_args,
                  args=run_args or {}, consumed_train_samples=consumed_train_samples,
                  consumed_valid_samples=consumed_valid_samples, parallel=_parallel_sizes(),
                  has_optimizer=optimizer is not None)
-    dist_checkpointing.save(state, str(partial))
+    try:  # DCP raises a failed shard write on every rank; common.pt (rank 0) fails alone, ending the job
+        dist_checkpointing.save(state, str(partial))
+    except (OSError, RuntimeError, CheckpointException) as error:
+        raise CheckpointError(f"{failure}: {_one_line(error)}") from error
     dist.barrier()
     if os.environ.get(FAULT_INJECTION) == str(iteration):
         os.killpg(os.getpgrp(), 9)
-    if rank0:
-        _commit(root, partial, final, iteration)
-        if keep_last:
-            _prune(root, keep_last, iteration)
-    dist.barrier()
+    names = _gathered(lambda: checksums.files(partial) if dist.get_rank() == 0 else [], failure)[0]
+    shares = _gathered(lambda: checksums.describe(partial, _my_share(names)), failure)
+    entries = {name: entry for share in shares for name, entry in share.items()}
+    _on_rank0(lambda: _finish(root, partial, final, iteration, entries, keep_last), failure)
     return final
+
+
+def _prepare(root: Path, partial: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [*root.glob("iter_*.partial"), *root.glob("iter_*.replaced")]:
+        shutil.rmtree(stale)
+    partial.mkdir()
+
+
+def _finish(root: Path, partial: Path, final: Path, iteration: int, entries: dict[str, Any],
+            keep_last: int | None) -> None:
+    """Rank 0, after every rank has written and hashed its share: manifest, commit, prune."""
+    checksums.write_manifest(partial, entries)
+    _commit(root, partial, final, iteration)
+    if keep_last:
+        _prune(root, keep_last, iteration)
 
 
 def _commit(root: Path, partial: Path, final: Path, iteration: int) -> None:
@@ -182,12 +265,30 @@ def _give_fresh_adam_a_step(optimizer) -> None:
                     inner.optimizer.state[param].setdefault("step", torch.tensor(0.0))
 
 
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Check every file the manifest lists, each rank its share, before any other collective of the
+    load; a bad file stops every rank. A checkpoint without a manifest gets one notice line."""
+    def check_share() -> bool:
+        entries = checksums.read_manifest(checkpoint)
+        if entries is not None:
+            checksums.verify(checkpoint, _my_share(sorted(entries)), entries)
+        return entries is not None
+
+    if not all(_gathered(check_share, f"could not verify checkpoint {checkpoint}")) and dist.get_rank() == 0:
+        print(f" checkpoint {checkpoint} has no {checksums.MANIFEST} (written before checksums were recorded): "
+              "its files cannot be verified", flush=True)
+
+
 def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, scheduler=None,
-         load_rng: bool = True) -> dict[str, Any]:
+         load_rng: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load ``checkpoint`` (an ``iter_*`` directory) into the model and, when given and stored, the
     optimizer, scheduler and RNG states; returns the common part. Works at any TP/PP; RNG states
-    are restored only at the TP/PP they were saved with."""
-    common = read_common(checkpoint)
+    are restored only at the TP/PP they were saved with; ``verify`` checks the files against the manifest."""
+    checkpoint = Path(checkpoint)
+    _require(checkpoint, (*COMMON_FILES, SHARDED_INDEX))
+    if verify:
+        verify_checkpoint(checkpoint)
+    common = read_common(checkpoint, verify=False)
     optimizer = optimizer if common.get("has_optimizer") else None
     same_layout = {k: common["parallel"][k] for k in ("tp", "pp")} == \
         {k: v for k, v in _parallel_sizes().items() if k in ("tp", "pp")}
@@ -199,7 +300,10 @@ def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, sche
         request["optimizer"] = optimizer.sharded_state_dict(request["model"], is_loading=True)
     if with_rng:
         request["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(request, str(checkpoint))
+    try:
+        loaded = dist_checkpointing.load(request, str(checkpoint))
+    except CheckpointException as error:  # raised on every rank
+        raise CheckpointError(f"could not load checkpoint {checkpoint}: {_one_line(error)}") from error
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

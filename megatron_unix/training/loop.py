@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
-from megatron_unix.data.indexed import check_vocabulary
+from megatron_unix.data.indexed import check_dataset, check_vocabulary
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.model.builder import padded_vocab_size
 from megatron_unix.model.config import ARCHITECTURE_FIELDS, UniXConfig, architecture
@@ -93,14 +93,20 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def _stored_architecture(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The architecture of the checkpoint this run starts from, read before any process group."""
+def _starting_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint this run starts from: ``--load``'s, else ``--pretrained-checkpoint``'s."""
     source = checkpointing.find_checkpoint(args.load) if args.load else None
     if source is None and args.pretrained_checkpoint:
         source = checkpointing.find_checkpoint(args.pretrained_checkpoint)
         if source is None:
             raise FileNotFoundError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there")
-    return checkpointing.read_common(source)["model_args"] if source else None
+    return source
+
+
+def _stored_architecture(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The architecture of the checkpoint this run starts from, read before any process group."""
+    source = _starting_checkpoint(args)
+    return checkpointing.read_common(source, verify=args.verify_checkpoint)["model_args"] if source else None
 
 
 def _architecture(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> dict[str, Any]:
@@ -110,7 +116,8 @@ def _architecture(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> d
     for name in ("vq_offset", "vq_codebook_size", "boi_id", "eoi_id", "eos_id"):
         if arch[name] is not None and arch[name] != layout[name]:
             raise ValueError(f"--tokenizer-model {args.tokenizer_model} gives {name}={layout[name]} but the "
-                             f"checkpoint was trained with {name}={arch[name]}: use the tokenizer of the checkpoint")
+                             f"checkpoint {_starting_checkpoint(args)} was trained with {name}={arch[name]}: use the "
+                             "tokenizer of the checkpoint")
         arch[name] = layout[name]
     if arch["separator_ids"] is None:
         arch["separator_ids"] = list(layout["separator_ids"])
@@ -126,8 +133,10 @@ def _restore(args: argparse.Namespace, ddp, optimizer, scheduler) -> TrainState:
     """Resume from ``--load`` (everything), or start from ``--pretrained-checkpoint`` (weights only)."""
     resume = checkpointing.find_checkpoint(args.load) if args.load else None
     if resume is not None and not args.finetune:
+        stored = checkpointing.read_common(resume, verify=args.verify_checkpoint)
+        setup.check_schedule(args, scheduler, stored.get("opt_param_scheduler", {}))
         common = checkpointing.load(resume, ddp, optimizer=None if args.no_load_optim else optimizer,
-                                    scheduler=scheduler, load_rng=not args.no_load_rng)
+                                    scheduler=scheduler, load_rng=not args.no_load_rng, verify=args.verify_checkpoint)
         if args.no_load_optim or not common.get("has_optimizer"):
             optimizer.reload_model_params()
         log(f" loaded checkpoint {resume} at iteration {common['iteration']}")
@@ -136,7 +145,7 @@ def _restore(args: argparse.Namespace, ddp, optimizer, scheduler) -> TrainState:
     source = resume or (checkpointing.find_checkpoint(args.pretrained_checkpoint) if args.pretrained_checkpoint
                         else None)
     if source is not None:
-        checkpointing.load(source, ddp, load_rng=False)
+        checkpointing.load(source, ddp, load_rng=False, verify=args.verify_checkpoint)
         optimizer.reload_model_params()
         log(f" loaded weights from {source}; fresh optimizer, iteration 0")
     return TrainState()
@@ -211,9 +220,11 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     tokenizer = MultimodalTokenizer.from_pretrained(
         args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
         eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
-    for prefix in data_prefixes(args.data_path):
-        check_vocabulary(prefix, tokenizer.model_config_fields(), args.tokenizer_model)
-    requested = _architecture(args, tokenizer)
+    requested = _architecture(args, tokenizer)  # checkpoint vs tokenizer first: then data vs tokenizer
+    for prefix in data_prefixes(args.data_path):  # before the model is built: damage fails the run at the door
+        check_vocabulary(prefix, tokenizer.model_config_fields(), args.tokenizer_model,
+                         allow_unrecorded=args.allow_unrecorded_vocabulary)
+        check_dataset(prefix)
     config = setup.model_config(args, requested)
     arch = architecture(config, requested["vocab_size"])  # with Megatron's derived sizes: what checkpoints store
     arch.update({k: v for k, v in (stored or {}).items() if k not in arch})  # records of others (conversion's)

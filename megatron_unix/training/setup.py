@@ -70,3 +70,27 @@ def build_optimizer(args: argparse.Namespace, ddp: DistributedDataParallel):
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
     )
     return optimizer, scheduler
+
+
+SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                  "lr_decay_steps": "--lr-decay-iters (default --train-iters)", "lr_decay_style": "--lr-decay-style",
+                  "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
+"""Megatron scheduler state -> the flag that sets it."""
+
+
+def check_schedule(args: argparse.Namespace, scheduler: OptimizerParamScheduler, stored: dict[str, Any]) -> None:
+    """Before resuming: Megatron's scheduler would assert on a changed schedule with values in samples
+    and no flag named; say which flags differ, in iterations, and which flags accept the change."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    current = scheduler.state_dict()
+
+    def show(key: str, value: Any) -> str:
+        return f"{value // args.global_batch_size} iterations ({value} samples)" if key.endswith("_steps") else str(value)
+
+    differ = [f"{flag}: checkpoint {show(key, stored[key])}, this run {show(key, current[key])}"
+              for key, flag in SCHEDULE_FLAGS.items() if key in stored and stored[key] != current[key]]
+    if differ:
+        raise ValueError("the checkpoint's learning-rate schedule differs from this run's (" + "; ".join(differ)
+                         + "): pass --override-opt-param-scheduler to continue with this run's schedule, or "
+                         "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
