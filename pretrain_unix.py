@@ -14,15 +14,15 @@ from __future__ import annotations
 import sys
 
 from megatron_unix.training.arguments import parse_args
-from megatron_unix.training.checksums import CheckpointError
-from megatron_unix.training.loop import NonFiniteLoss, pretrain
 
 
 def main() -> int:
-    args = parse_args()
+    args = parse_args()  # before the heavy imports: --help and flag errors answer at once
+    from megatron_unix.training.loop import NonFiniteLoss, pretrain
+
     try:
         pretrain(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, OSError) as error:  # bad settings or input, missing, damaged or unwritable files
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLoss as error:

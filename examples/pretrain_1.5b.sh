@@ -4,7 +4,8 @@
 #
 #   sbatch examples/pretrain_1.5b.sh
 #
-# Every value a user is expected to change is in the "edit me" block. The model dimensions come
+# Every value a user is expected to change is in the "edit me" block and the #SBATCH lines
+# marked "edit me" (--time sets the run's --exit-duration-in-mins too). The model dimensions come
 # from the converted checkpoint (--pretrained-checkpoint), so only N:M and the run are set here.
 #
 #SBATCH --job-name=unix-1.5b
@@ -13,9 +14,11 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --exclusive
-#SBATCH --time=48:00:00
+#SBATCH --time=48:00:00                # edit me: wall time (--exit-duration-in-mins follows it)
 #SBATCH --signal=TERM@600              # SIGTERM 10 min before the limit: pretrain_unix saves and exits
 #SBATCH --output=%x-%j.out
+#SBATCH --partition=gpu                # edit me: your cluster's GPU partition
+#SBATCH --account=my-project           # edit me: the account the job is charged to
 set -euo pipefail
 
 # ---------------------------------------------------------------- edit me
@@ -35,7 +38,7 @@ TRAIN_ITERS=50000
 LR=1e-4                                              # peak; cosine decay to MIN_LR after warmup
 MIN_LR=1e-5
 WARMUP_ITERS=1000
-EXIT_MINUTES=2850                                    # stop and save before the --time limit
+EXIT_MARGIN_MINUTES=30                               # stop and save this long before #SBATCH --time ends
 
 # One-time conversion (run on one node before the first job; N:M fixed here):
 #   python $REPO/tools/convert_checkpoint.py import-hf --hf-dir $QWEN_DIR --save $INIT \

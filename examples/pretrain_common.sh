@@ -7,7 +7,9 @@ source "$REPO/.venv/bin/activate"
 export CUDA_DEVICE_MAX_CONNECTIONS=1                 # Megatron's TP/SP comm-compute overlap needs it
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-8}   # newer slurm: srun does not inherit --cpus-per-task
-export OMP_NUM_THREADS=8
+export OMP_NUM_THREADS=$SRUN_CPUS_PER_TASK            # the CPUs slurm gives each rank
+source "$REPO/examples/slurm_time.sh"
+EXIT_MINUTES=$(( $(job_minutes) - EXIT_MARGIN_MINUTES ))   # from #SBATCH --time
 export MASTER_PORT=${MASTER_PORT:-29500}             # MASTER_ADDR = first node of the allocation
 mkdir -p "$SAVE"
 

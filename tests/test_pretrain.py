@@ -232,6 +232,26 @@ def test_bad_settings_fail_early_naming_the_flag(data, name):
         validate(args, world)
 
 
+def test_help_is_instant_and_every_flag_says_what_it_does():
+    """--help imports neither torch nor megatron-core (that is what made it take 13 s), every flag has help,
+    and no help shows a meaningless default (a switch's stored True/False) or states its default twice."""
+    from megatron_unix.training.arguments import build_parser
+
+    probe = ("import runpy, sys\nsys.argv = ['pretrain_unix.py', '--help']\ntry:\n"
+             "    runpy.run_path('pretrain_unix.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and "--train-iters" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.dest != "help"]
+    assert [a.option_strings[0] for a in actions if not a.help] == []
+    text = parser.format_help()
+    assert "(default: True)" not in text and "(default: False)" not in text
+    entries = re.split(r"\n  (?=-)", text)
+    assert [e.split()[0] for e in entries if e.count("default") > 1] == []
+
+
 def test_bad_setting_cli_exits_before_any_work(data):
     start = time.time()
     proc = run(common_args(data) + ["--global-batch-size", "3", "--micro-batch-size", "2"], check=False)
@@ -263,10 +283,24 @@ def test_slurm_examples_use_existing_flags(script):
     assert text.rstrip().endswith('source "$REPO/examples/pretrain_common.sh"')
     command = launch[launch.index("srun --kill-on-bad-exit"):].replace(
         'srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py"', "printf '%s\\n'")
-    proc = subprocess.run(["bash", "-c", settings + "SLURM_JOB_ID=1\n" + command], capture_output=True, text=True,
-                          check=True)
+    exit_line = re.search(r"^EXIT_MINUTES=.*$", launch, re.M)[0]
+    time_limit = re.search(r"^#SBATCH --time=(\S+)", text, re.M)[1]  # the job's own limit, as slurm gives it
+    job = (f"SLURM_JOB_ID=1\nREPO={ROOT}\nsource \"$REPO/examples/slurm_time.sh\"\n"
+           f"SLURM_JOB_START_TIME=1000; SLURM_JOB_END_TIME=$(( 1000 + 60 * $(limit_to_minutes {time_limit}) ))\n")
+    proc = subprocess.run(["bash", "-c", settings + job + exit_line + "\n" + command], capture_output=True,
+                          text=True, check=True)
     args = parse_args(proc.stdout.splitlines())
     assert args.bf16 and args.use_distributed_optimizer and args.save and args.pretrained_checkpoint
-    assert args.lr == 1e-4 and args.exit_duration_in_mins == 2850 and args.wandb_exp_name.endswith("-1")
+    assert args.lr == 1e-4 and args.exit_duration_in_mins == 48 * 60 - 30 and args.wandb_exp_name.endswith("-1")
+    assert re.search(r"^#SBATCH --partition=\S+ +# edit me", text, re.M) and re.search(r"^#SBATCH --account=", text, re.M)
+    assert "export OMP_NUM_THREADS=$SRUN_CPUS_PER_TASK" in launch
     n_m = {"pretrain_3b.sh": "12 --vision-decode-layers 6", "pretrain_1.5b.sh": "9 --vision-decode-layers 5"}[script]
     assert f"--vision-encode-layers {n_m}" in text
+
+
+@pytest.mark.parametrize("limit, minutes", [("48:00:00", 2880), ("2-00:00:00", 2880), ("1-12:30:00", 2190),
+                                            ("30:00", 30), ("00:45:59", 45)])
+def test_slurm_time_limit_in_minutes(limit, minutes):
+    proc = subprocess.run(["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; limit_to_minutes {limit}'],
+                          capture_output=True, text=True, check=True)
+    assert int(proc.stdout) == minutes

@@ -1,5 +1,8 @@
 """Command-line arguments of pretrain_unix.py, with Megatron-LM's flag names, and their validation.
 
+This module imports nothing heavy at the top (megatron-core, torch and the model are imported where
+they are used), so ``pretrain_unix.py --help`` answers at once.
+
 Architecture flags default to ``None``: a run that loads a checkpoint takes them from the
 checkpoint (see :func:`merge_model_args`), a fresh run needs them (or the tiny defaults of
 ``--model-preset tiny``). :func:`validate` runs before any process group or model exists, so a bad
@@ -12,14 +15,9 @@ import argparse
 import os
 from typing import Any, Sequence
 
-from megatron.core.datasets.utils import get_blend_from_list
-
-from megatron_unix import platform
-from megatron_unix.data.indexed import output_files
-from megatron_unix.model.config import ARCHITECTURE_FIELDS
-
-ARCHITECTURE = ARCHITECTURE_FIELDS + ("vocab_size",)
-"""Stored in every checkpoint; a run that loads one takes unset flags from it."""
+MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels")
+"""The architecture flags a fresh run must give (or --model-preset tiny)."""
 
 ARCHITECTURE_DEFAULTS = dict(vision_encode_layers=0, vision_decode_layers=0, qk_layernorm=False, add_qkv_bias=False,
                              tie_word_embeddings=True, rotary_base=1e6, layernorm_epsilon=1e-6)
@@ -35,116 +33,151 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where it informs: not for on/off switches (their stored default says
+    nothing about the switch), not for unset values, not where the help already states the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag of pretrain_unix.py; building it imports nothing heavy, so ``--help`` is instant."""
     p = argparse.ArgumentParser(description="Pretrain or fine-tune a Uni-X model with Megatron-Core.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "kv_channels", "vision_encode_layers", "vision_decode_layers"):
-        g.add_argument(_flag(name), type=int, default=None)
-    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron compatibility")
-    g.add_argument("--qk-layernorm", action="store_true", default=None, help="Qwen3 layer style")
-    g.add_argument("--add-qkv-bias", action="store_true", default=None, help="Qwen2 layer style")
+                                formatter_class=HelpFormatter)
+    g = p.add_argument_group("model (unset flags come from the checkpoint, else Qwen's choices)")
+    for name, what in (("num_layers", "transformer layers L"), ("hidden_size", "hidden size"),
+                       ("ffn_hidden_size", "MLP intermediate size"), ("num_attention_heads", "attention heads"),
+                       ("num_query_groups", "key/value heads (grouped-query attention)"),
+                       ("kv_channels", "head dimension"),
+                       ("vision_encode_layers", "N: the first N layers get a vision copy (default 0)"),
+                       ("vision_decode_layers", "M: the last M layers get a vision copy (default 0)")):
+        g.add_argument(_flag(name), type=int, default=None, help=what)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron-LM compatibility; --num-query-groups decides")
+    g.add_argument("--qk-layernorm", action="store_true", default=None, help="per-head RMSNorm on q and k (Qwen3)")
+    g.add_argument("--add-qkv-bias", action="store_true", default=None, help="bias on q, k and v (Qwen2)")
     g.add_argument("--untie-embeddings-and-output-weights", dest="tie_word_embeddings", action="store_false",
-                   default=None)
-    g.add_argument("--rotary-base", type=float, default=None)
-    g.add_argument("--norm-epsilon", dest="layernorm_epsilon", type=float, default=None)
+                   default=None, help="a separate output head (default: tied to the embedding)")
+    g.add_argument("--rotary-base", type=float, default=None, help="rotary embedding base (default 1e6)")
+    g.add_argument("--norm-epsilon", dest="layernorm_epsilon", type=float, default=None,
+                   help="RMSNorm epsilon (default 1e-6)")
     g.add_argument("--model-preset", choices=["tiny"], default=None,
                    help="fill unset architecture flags with a tiny CPU-sized model")
     g.add_argument("--no-document-isolation", dest="document_isolation", action="store_false",
-                   help="attend across packed documents, as the reference actually trained")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "varlen", "flash_attn", "te"])
-    g.add_argument("--transformer-impl", default=platform.default_transformer_impl(), choices=platform.TRANSFORMER_IMPLS,
-                   help="layer modules: Transformer Engine's or Megatron's local ones (default: transformer_engine "
-                        "on a GPU machine with TE installed, else local); checkpoints load under either")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
-    g.add_argument("--init-method-std", type=float, default=0.02)
+                   help="attend across packed documents, as the reference actually trained (default: documents "
+                        "never see each other)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "varlen", "flash_attn", "te"],
+                   help="core attention kernel; auto picks the fastest this machine has")
+    g.add_argument("--transformer-impl", default=None,
+                   help="local or transformer_engine: the layer modules (default: transformer_engine on a GPU "
+                        "machine with TE installed, else local); checkpoints load under either")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recompute (default: none)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                   help="with --recompute-granularity full: how layers are grouped")
+    g.add_argument("--recompute-num-layers", type=int, default=1,
+                   help="with --recompute-granularity full: layers per recompute group")
+    g.add_argument("--init-method-std", type=float, default=0.02, help="std of fresh weights")
 
     g = p.add_argument_group("tokenizer and data")
-    g.add_argument("--tokenizer-model", help="HF tokenizer directory or SentencePiece .model")
-    g.add_argument("--vq-codebook-size", type=int, default=None, help="default: the checkpoint's, else 8192")
-    g.add_argument("--boi", default="<|vision_start|>")
-    g.add_argument("--eoi", default="<|vision_end|>")
-    g.add_argument("--eos", default="<|endoftext|>")
+    g.add_argument("--tokenizer-model", help="HF tokenizer directory or SentencePiece .model the data was made with")
+    g.add_argument("--vq-codebook-size", type=int, default=None, help="VQ codes (default: the checkpoint's, else 8192)")
+    g.add_argument("--boi", default="<|vision_start|>", help="begin-of-image token (routed as vision)")
+    g.add_argument("--eoi", default="<|vision_end|>", help="end-of-image token (text)")
+    g.add_argument("--eos", default="<|endoftext|>", help="end-of-sequence token")
     g.add_argument("--separator", default=None,
                    help="token routed as vision besides BOI and codes, e.g. '<|vision_pad|>' (default: none)")
-    g.add_argument("--data-path", nargs="+", default=None, help="prefixes, optionally weighted: 0.7 a 0.3 b")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="dataset prefixes from tools/preprocess_data.py, optionally weighted: 0.7 a 0.3 b")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--data-cache-path", default=None, help="where packing indices are cached (default: beside the data)")
     g.add_argument("--allow-unrecorded-vocabulary", action="store_true",
                    help="train on a --data-path prefix without PREFIX_vocab.json (made before it was recorded)")
     g.add_argument("--long-text", choices=["truncate", "split"], default="truncate",
                    help="a text sample longer than a row: cut it, or continue it over rows")
-    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=None, help="tokens per packed row (required)")
     g.add_argument("--num-workers", type=int, default=0,
                    help="data loader worker processes (0: read in the training process; rows are mmap reads)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are cut into")
+    g.add_argument("--sequence-parallel", action="store_true", help="split norms and dropout along the sequence (TP>1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state over data-parallel ranks (GPU)")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap the gradient all-reduce with backward")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="collective timeout")
 
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--micro-batch-size", type=int, default=1, help="rows per forward pass per rank")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="rows per optimizer step over all ranks (default: micro batch x data-parallel size)")
+    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps of the whole run")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="steps of the decay (default: --train-iters)")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine", help="decay shape")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping; 0 disables it")
+    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    g.add_argument("--seed", type=int, default=1234, help="weights, data order and dropout")
     g.add_argument("--skip-nonfinite-steps", action="store_true",
                    help="skip an iteration whose loss or grad norm is NaN/inf instead of stopping")
 
     g = p.add_argument_group("checkpointing")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
+    g.add_argument("--save", default=None, help="checkpoint directory to write (and metrics.jsonl)")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from (all state)")
     g.add_argument("--pretrained-checkpoint", default=None,
                    help="start from these weights with fresh optimizer state (used when --load has none)")
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older iter_* directories")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--save-interval", type=int, default=None, help="save every this many iterations")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None,
+                   help="delete older iter_* directories (default: keep all)")
+    g.add_argument("--no-load-optim", action="store_true", help="resume without the optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="resume without the random-number states")
     g.add_argument("--no-verify-checkpoint", action="store_false", dest="verify_checkpoint",
                    help="load without checking the checkpoint's files against its checksums.json")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and data")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, use this run's LR/WD schedule flags instead of the checkpoint's")
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
-                   help="on resume, take the LR/WD schedule from the checkpoint (default: they must match)")
-    g.add_argument("--exit-interval", type=int, default=None)
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+                   help="on resume, take the LR/WD schedule from the checkpoint (without either flag, a changed "
+                        "schedule is an error)")
+    g.add_argument("--exit-interval", type=int, default=None, help="save and stop at a multiple of this iteration")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and stop after this many minutes of wall time")
     g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
                    help="do not save and exit on SIGTERM (slurm preemption)")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--metrics-file", default=None, help="default: SAVE/metrics.jsonl")
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--wandb-project", default=None)
-    g.add_argument("--wandb-exp-name", default=None)
-    g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines (iteration 1 too)")
+    g.add_argument("--eval-interval", type=int, default=None, help="iterations between validations (default: none)")
+    g.add_argument("--eval-iters", type=int, default=10, help="batches per validation")
+    g.add_argument("--metrics-file", default=None, help="JSON lines of every logged iteration (default: SAVE/metrics.jsonl)")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events there")
+    g.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project")
+    g.add_argument("--wandb-exp-name", default=None, help="Weights & Biases run name")
+    g.add_argument("--wandb-save-dir", default=None, help="Weights & Biases local directory")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU (default: known GPUs' bf16 peak; none on CPU)")
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parsed flags with the machine-dependent default (``--transformer-impl``) resolved, so that the
+    checkpoint's args record what ran."""
     args = build_parser().parse_args(argv)
+    if args.transformer_impl is None:
+        from megatron_unix import platform
+
+        args.transformer_impl = platform.default_transformer_impl()
     if args.model_preset == "tiny":
         for name, value in TINY_PRESET.items():
             if getattr(args, name) is None:
@@ -161,7 +194,9 @@ def fill_architecture_defaults(args: argparse.Namespace) -> None:
 
 def merge_model_args(args: argparse.Namespace, stored: dict[str, Any]) -> None:
     """Fill unset architecture flags from a checkpoint; a flag set to another value is an error."""
-    for name in ARCHITECTURE:
+    from megatron_unix.model.config import ARCHITECTURE_FIELDS
+
+    for name in (*ARCHITECTURE_FIELDS, "vocab_size"):
         if name not in stored:
             continue
         given = getattr(args, name, None)
@@ -184,7 +219,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     _check_ranges(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if not (args.load or args.pretrained_checkpoint):
-        missing = [n for n in ARCHITECTURE[:6] if getattr(args, n) is None]
+        missing = [n for n in MODEL_FLAGS if getattr(args, n) is None]
         if missing:
             raise ValueError(f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load "
                              "a checkpoint)")
@@ -219,6 +254,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                          f"({args.seq_length * args.micro_batch_size}) divisible by --tensor-model-parallel-size ({tp})")
     if not args.data_path:
         raise ValueError("--data-path must name at least one dataset prefix (see tools/preprocess_data.py)")
+    from megatron_unix.data.indexed import output_files
+
     for prefix in data_prefixes(args.data_path):
         missing = [str(p) for p in output_files(prefix) if not p.is_file()]
         if missing:
@@ -255,6 +292,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 def data_prefixes(data_path: list[str]) -> list[str]:
     """The prefixes of ``--data-path``, parsed exactly as the dataset builder parses them."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
     return get_blend_from_list(data_path)[0]
 
 
