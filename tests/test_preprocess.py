@@ -259,7 +259,7 @@ def test_strict_cli_fails_on_the_first_bad_line_and_leaves_nothing(bpe_dir, tmp_
     done = subprocess.run(cli("--input", tmp_path / "*.jsonl", "--output-prefix", tmp_path / "out", "--tokenizer-model",
                               bpe_dir, "--vq-codebook-size", CODEBOOK, "--image-tokens", IMAGE, "--workers", 2,
                               "--strict"), capture_output=True, text=True, check=False)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "in.jsonl:4: wrong_code_count" in done.stderr and "--strict" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no final or partial files
 

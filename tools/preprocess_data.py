@@ -10,8 +10,9 @@ One line is one sample: {"text": ...}; an image-text pair ("caption" or "text", 
 LLaVA's form or chat "messages") with the image's codes. Flag names follow Megatron-LM's
 preprocess_data.py. Text samples get no EOS unless --append-eod (the reference appends none). A
 line with a key none of the --*-key flags names is bad (skipped, counted). Progress goes to stderr,
-the summary to stdout; any failure leaves no output files (exit status 2 when the input holds no
-sample, else 1), and the partial files of killed earlier runs for the prefix are removed.
+the summary to stdout; any failure (bad input or settings, no sample at all, --strict at a bad line)
+exits 2 with a message and leaves no output files, and the partial files of killed earlier runs for
+the prefix are removed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unix.data.preprocess import LineFormat, NoDocuments, PreprocessError, merge, preprocess  # noqa: E402
+from megatron_unix.data.preprocess import LineFormat, PreprocessError, merge, preprocess  # noqa: E402
 from megatron_unix.data.tokenizer import MultimodalTokenizer  # noqa: E402
 
 TOKENIZER_DEFAULTS = {name: p.default for name, p in inspect.signature(MultimodalTokenizer).parameters.items()}
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = preprocess(args.input, args.output_prefix, tok, fmt, args.workers, args.strict, args.log_interval)
     except (PreprocessError, OSError, ValueError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, NoDocuments) else 1
+        return 2
     print(summary.report())
     return 0
 
