@@ -226,7 +226,8 @@ BAD = [
     (json.dumps({"vqcode": [1, 2, 3, 4], "conversations": [{"from": "human", "value": "hi"}]}), "bad_conversation"),
     (json.dumps({"messages": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "x"}]}),
      "missing_key"),
-    (json.dumps({"text": "a red bicycle", "image_codes": [1, 2, 3, 4]}), "unknown_key"),
+    (json.dumps({"text": "a red bicycle", "image_codes": [1, 2, 3, 4]}), "unknown_codes_key"),
+    (json.dumps({"text": "a red bicycle", "image_codes": "[1, 2, 3, 4]"}), "unknown_codes_key"),
 ]
 
 
@@ -272,25 +273,28 @@ def test_unreadable_input_leaves_nothing(tok, tmp_path):
     assert not list(tmp_path.glob("out*"))
 
 
-def test_unknown_key_is_a_bad_line_not_a_text_sample(tok, tmp_path):
-    """Image codes under a key the line format does not know would make a text-only sample silently."""
-    path = write(tmp_path / "in.jsonl", [{"text": "a red bicycle"}, {"text": "a quick fox", "image_codes": codes(1)},
-                                         {"text": "the river bank", "id": 7}])  # "id": a metadata key
+def test_codes_under_an_unknown_key_make_a_bad_line_not_a_text_sample(tok, tmp_path):
+    """Image codes under a key the line format does not know would make a text-only sample silently; other
+    unknown keys (metadata such as id, url, an image path, a short list) are ignored."""
+    path = write(tmp_path / "in.jsonl", [{"text": "a red bicycle", "url": "http://x", "bbox": [1, 2]},
+                                         {"text": "a quick fox", "image_codes": codes(1)},
+                                         {"text": "the river bank", "id": 7, "image": "coco/1.jpg"}])
     summary, log = run(tok, [path], tmp_path / "out")
-    assert summary.skipped == Counter(unknown_key=1)
-    assert log == (f"skipped {path}:2: unknown_key: unknown key 'image_codes': name it with --vqcode-key, "
-                   "--caption-key, --text-key or --conversation-key, or --metadata-key to ignore it\n")
+    assert summary.skipped == Counter(unknown_codes_key=1)
+    assert log == (f"skipped {path}:2: unknown_codes_key: key 'image_codes' holds what looks like image codes (at "
+                   f"least {IMAGE} integers) but is no --vqcode-key: name it with --vqcode-key, or with "
+                   "--metadata-key to ignore it\n")
     assert [tokens for tokens, _ in stored(tmp_path / "out")] == [tok.tokenize("a red bicycle"),
                                                                    tok.tokenize("the river bank")]
-    with pytest.raises(PreprocessError, match=r"in\.jsonl:2: unknown_key: unknown key 'image_codes'"):
+    with pytest.raises(PreprocessError, match=r"in\.jsonl:2: unknown_codes_key: key 'image_codes'"):
         run(tok, [path], tmp_path / "strict", strict=True)
-    summary, _ = run(tok, [path], tmp_path / "declared", metadata_keys=("id", "image_codes"))
+    summary, _ = run(tok, [path], tmp_path / "declared", metadata_keys=("image_codes",))
     assert summary.documents == 3
 
 
 @pytest.mark.parametrize("lines,why", [([], "the input is empty"),
-                                       (["{not json", {"text": " "}, {"text": "x", "image_codes": [1]}],
-                                        "all 3 lines are bad (empty_text 1, unknown_key 1, unparsable_json 1)")])
+                                       (["{not json", {"text": " "}, {"text": "x", "image_codes": [1] * 1024}],
+                                        "all 3 lines are bad (empty_text 1, unknown_codes_key 1, unparsable_json 1)")])
 def test_input_without_any_sample_fails_with_status_2_and_writes_nothing(bpe_dir, tmp_path, capsys, lines, why):
     path = write(tmp_path / "in.jsonl", lines)
     status = load_cli().main(["--input", str(path), "--output-prefix", str(tmp_path / "out"),

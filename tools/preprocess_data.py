@@ -8,8 +8,9 @@
 One line is one sample: {"text": ...}; an image-text pair ("caption" or "text", and "vqcode" or
 "vqcode_512": a list of ints or a JSON string of one); or an SFT conversation ("conversations" in
 LLaVA's form or chat "messages") with the image's codes. Flag names follow Megatron-LM's
-preprocess_data.py. Text samples get no EOS unless --append-eod (the reference appends none). A
-line with a key none of the --*-key flags names is bad (skipped, counted). Progress goes to stderr,
+preprocess_data.py. Text samples get no EOS unless --append-eod (the reference appends none). Other
+keys (id, url, ...) are ignored, but a line with an unknown key that holds what looks like image codes
+is bad (skipped, counted), never a text-only sample. Progress goes to stderr,
 the summary to stdout; any failure (bad input or settings, no sample at all, --strict at a bad line)
 exits 2 with a message and leaves no output files, and the partial files of killed earlier runs for
 the prefix are removed.
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vqcode-key", nargs="+", default=list(fmt.vqcode_keys), help="the image's VQ codes")
     g.add_argument("--conversation-key", nargs="+", default=list(fmt.conversation_keys), help="SFT turns")
     g.add_argument("--metadata-key", nargs="+", default=list(fmt.metadata_keys),
-                   help="keys to ignore; a line with a key no --*-key flag names is bad")
+                   help="keys to ignore although they hold a list of integers; other unknown keys are ignored, "
+                        "but one holding an image's worth of integers makes the line bad")
 
     g = p.add_argument_group("layouts (spec §3)")
     g.add_argument("--image-tokens", type=int, default=fmt.image_tokens, help="VQ codes per image")

@@ -53,9 +53,9 @@ class LineFormat:
     caption_keys: tuple[str, ...] = ("caption", "text")
     vqcode_keys: tuple[str, ...] = ("vqcode", "vqcode_512")
     conversation_keys: tuple[str, ...] = ("conversations", "messages")
-    metadata_keys: tuple[str, ...] = ("id",)
-    """Keys a line may carry besides its sample, ignored. A line with any other key is bad: image codes
-    under a key not listed here must not become a text-only sample."""
+    metadata_keys: tuple[str, ...] = ()
+    """Keys to ignore even though they hold what looks like image codes (other unknown keys, such as
+    ``id``, ``url`` or an image path, are ignored anyway)."""
     image_tokens: int = 1024
     t2i_ratio: float = 0.8
     seed: int = 1234
@@ -97,10 +97,11 @@ def parse_line(line: bytes, tok: MultimodalTokenizer, fmt: LineFormat) -> Sample
         raise BadLine("unparsable_json", str(e)) from None
     if not isinstance(record, dict):
         raise BadLine("not_an_object", f"the line is a JSON {type(record).__name__}, not an object")
-    if not fmt.known_keys.issuperset(record):
-        unknown = ", ".join(map(repr, sorted(set(record) - fmt.known_keys)))
-        raise BadLine("unknown_key", f"unknown key {unknown}: name it with --vqcode-key, --caption-key, --text-key "
-                                     "or --conversation-key, or --metadata-key to ignore it")
+    hidden_codes = sorted(k for k in record if k not in fmt.known_keys and _looks_like_codes(record[k], fmt))
+    if hidden_codes:
+        raise BadLine("unknown_codes_key", f"key {hidden_codes[0]!r} holds what looks like image codes (at least "
+                                           f"{fmt.image_tokens} integers) but is no --vqcode-key: name it with "
+                                           "--vqcode-key, or with --metadata-key to ignore it")
     codes_key = _first_key(record, fmt.vqcode_keys)
     codes = None if codes_key is None else _codes(record[codes_key], codes_key, tok.codebook_size, fmt.image_tokens)
     conversation_key = _first_key(record, fmt.conversation_keys)
@@ -111,6 +112,18 @@ def parse_line(line: bytes, tok: MultimodalTokenizer, fmt: LineFormat) -> Sample
         rng = random.Random(int.from_bytes(hashlib.blake2b(b"%d\n%s" % (fmt.seed, line), digest_size=8).digest()))
         return pair_sample(tok, _text(record, fmt.caption_keys), codes, rng, fmt.t2i_ratio, fmt.ignore_instruction)
     return text_sample(tok, _text(record, fmt.text_keys), fmt.append_eod)
+
+
+def _looks_like_codes(value: object, fmt: LineFormat) -> bool:
+    """A list of at least an image's worth of integers, or a JSON string of one: image codes under a key
+    the format does not know would otherwise make a text-only sample silently."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return False
+    return (isinstance(value, list) and len(value) >= fmt.image_tokens
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
 
 
 def _first_key(record: dict, keys: Sequence[str]) -> str | None:
