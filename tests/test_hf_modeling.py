@@ -172,6 +172,38 @@ def test_cached_sampling_matches_teacher_forcing(tmp_path):
     assert (generated >= TEXT_VOCAB).any() and (generated < TEXT_VOCAB).any()
 
 
+def test_beam_search_and_prompt_lookup_match_decoding_without_cache(tmp_path):
+    """Beam search reorders the cache and prompt-lookup decoding crops it: both must give what the same
+    search gives recomputing every step without a cache."""
+    model = load_remote(export(tmp_path / "unix", seed=3))
+    prompts, mask = left_padded_prompts()
+    common = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, do_sample=False)
+    with torch.no_grad():
+        beams = model.generate(prompts, num_beams=3, **common)
+        assert torch.equal(beams, model.generate(prompts, num_beams=3, use_cache=False, **common))
+        row = prompts[1:]  # prompt lookup needs repeated n-grams: a prompt that repeats itself
+        repeated = torch.cat([row, row], dim=1)
+        kwargs = dict(common, attention_mask=torch.ones_like(repeated))
+        looked_up = model.generate(repeated, prompt_lookup_num_tokens=3, **kwargs)
+        assert torch.equal(looked_up, model.generate(repeated, use_cache=False, **kwargs))
+
+
+def test_cache_crop_follows_both_transformers_conventions():
+    from megatron_unix.conversion.hf_remote.modeling_unix import UniXCache
+
+    def filled() -> UniXCache:
+        cache = UniXCache()
+        cache.append_modality(torch.tensor([[True, False, True, False, True]]))
+        cache.update(0, torch.arange(5.0).view(1, 1, 5, 1), torch.arange(5.0).view(1, 1, 5, 1))
+        return cache
+
+    for length, kept in ((0, 5), (-2, 3), (3, 3), (9, 5)):  # 5.x: 0 / negative; 4.x: an absolute length
+        cache = filled()
+        cache.crop(length)
+        assert cache.get_seq_length() == kept and cache.keys[0].shape[2] == kept, length
+        assert torch.equal(cache.vision, torch.tensor([[True, False, True, False, True]])[:, :kept])
+
+
 @pytest.mark.parametrize("style", ["qwen3", "qwen2"])
 def test_directory_loads_as_plain_text_lm(tmp_path, style):
     root = export(tmp_path / "unix", style, tie=style == "qwen3")

@@ -76,10 +76,13 @@ def separator_ids(config) -> list[int]:
 
 class UniXCache:
     """Keys/values per slot (text/shared layers 0..L-1, then the vision copies) and the modality of
-    every cached token. Owned here, not a transformers ``Cache``: generate() only stores it between
-    steps and asks ``get_seq_length``, which is stable across versions."""
+    every cached token. Owned here, not a transformers ``Cache``: generate() stores it between steps,
+    asks ``get_seq_length``, and for beam search and (5.x) assisted decoding reorders and crops it.
+    Assisted or prompt-lookup decoding under transformers 4.x is not supported (its cropping helper
+    knows only its own cache classes)."""
 
     is_compileable = False
+    is_croppable = True
 
     def __init__(self) -> None:
         self.keys: dict[int, torch.Tensor] = {}
@@ -105,10 +108,16 @@ class UniXCache:
         self.keys[slot], self.values[slot] = key, value
         return key, value
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens (negative: drop that many), as transformers' caches do."""
-        keep = max_length if max_length >= 0 else self.get_seq_length() + max_length
-        self._apply(lambda t, dim: t.narrow(dim, 0, keep))
+    def crop(self, length: int) -> None:
+        """Drop the last ``-length`` tokens (negative; 0 drops nothing: transformers 5.x), or keep the
+        first ``length`` (positive: 4.x); a cache already that short is left as it is."""
+        cached = self.get_seq_length()
+        keep = cached + length if length <= 0 else min(length, cached)
+        if keep < cached:
+            self._apply(lambda t, dim: t.narrow(dim, 0, max(keep, 0)))
+
+    def activate_past_recording(self) -> None:
+        """transformers 5.x asks this before it may crop; every past token is kept anyway."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t, dim: t.index_select(0, beam_idx.to(t.device)))
