@@ -93,8 +93,20 @@ def delete(name: str | None = None) -> Callable[[Path], str]:
     return damage
 
 
+def malform_manifest(checkpoint: Path) -> str:
+    """Valid JSON, but an entry without its size: must be refused as a whole, not crash one rank."""
+    import json
+
+    path = checkpoint / "checksums.json"
+    manifest = json.loads(path.read_text())
+    del next(iter(manifest["files"].values()))["size"]
+    path.write_text(json.dumps(manifest))
+    return "checksums.json is malformed"
+
+
 DAMAGE = {"garbled shard": garble, "truncated shard": truncate, "deleted shard": delete(),
-          "deleted common.pt": delete("common.pt"), "deleted .metadata": delete(".metadata")}
+          "deleted common.pt": delete("common.pt"), "deleted .metadata": delete(".metadata"),
+          "malformed manifest": malform_manifest}
 
 
 def _load(checkpoint: Path, verify: bool = True) -> torch.nn.Module:

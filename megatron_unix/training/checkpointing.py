@@ -101,12 +101,14 @@ def read_common(checkpoint: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 def _gathered(step: Callable[[], T], failure: str) -> list[T]:
-    """Run ``step`` on this rank and all-gather every rank's result. An OSError on any rank is raised on
-    every rank as a CheckpointError (``failure: error``, or a CheckpointError's own message)."""
+    """Run ``step`` on this rank and all-gather every rank's result. An error on any rank is raised on
+    every rank as a CheckpointError (``failure: error``, or a CheckpointError's own message); so is any
+    other exception, since a rank that left would leave the others waiting in the all-gather."""
     try:
         outcome: tuple[T | None, str | None] = (step(), None)
-    except OSError as error:
-        outcome = (None, str(error) if isinstance(error, CheckpointError) else f"{failure}: {error}")
+    except Exception as error:  # noqa: BLE001 - every failure must reach the collective below
+        message = str(error) if isinstance(error, CheckpointError) else f"{failure}: {_one_line(error)}"
+        outcome = (None, message)
     outcomes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, outcome)
     errors = [error for _, error in outcomes if error]

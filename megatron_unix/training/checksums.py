@@ -74,6 +74,11 @@ def read_manifest(directory: Path) -> dict[str, dict[str, int | str]] | None:
         raise CheckpointError(f"{path} is unreadable ({error}); {SKIP_HINT}") from error
     if algorithm != ALGORITHM:
         raise CheckpointError(f"{path} uses checksum {algorithm!r}; this version checks {ALGORITHM!r}")
+    well_formed = isinstance(entries, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get(ALGORITHM), str)
+        for e in entries.values())
+    if not well_formed:
+        raise CheckpointError(f"{path} is malformed (each file needs a size and a {ALGORITHM}); {SKIP_HINT}")
     return entries
 
 
