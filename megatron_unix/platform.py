@@ -28,8 +28,9 @@ class Accelerators:
     apex: bool
     torch_varlen: bool
 
-    def describe(self) -> str:
-        return ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in self.__dict__.items())
+    def absent(self) -> list[str]:
+        """The names of what this process lacks (megatron-core and this code fall back to torch for each)."""
+        return [name for name, present in self.__dict__.items() if not present]
 
 
 def _has_module(name: str) -> bool:
@@ -57,6 +58,18 @@ def default_transformer_impl() -> str:
     it installed, Megatron's local modules otherwise."""
     found = detect_accelerators()
     return "transformer_engine" if found.cuda and found.transformer_engine else "local"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (signal 0 checks without sending anything): files
+    named after a dead writer's PID are leftovers of a killed run."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
 
 
 def device() -> torch.device:

@@ -369,6 +369,21 @@ def test_separators_by_text_need_the_tokenizer(megatron_single, reference_dir, t
     assert not (tmp_path / "m").exists()
 
 
+def test_export_removes_the_staging_of_killed_exports_only(megatron_single, hf_tokenizer_dir, tmp_path, capsys):
+    from megatron_unix.conversion.convert import export_hf, import_hf
+
+    import_hf(make_source(tmp_path / "source", hf_tokenizer_dir, "qwen3", tie=True), tmp_path / "m", options())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed, live = tmp_path / f".out.partial-{dead.pid}", tmp_path / f".out.partial-{os.getppid()}"
+    for staging in (killed, live):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"x" * 100)
+    export_hf(tmp_path / "m", tmp_path / "out")
+    assert not killed.exists() and f"removed {killed}, left by a killed export" in capsys.readouterr().out
+    assert live.exists()  # a running process's export is left alone
+
+
 def test_export_without_the_recorded_tokenizer_writes_nothing(megatron_single, hf_tokenizer_dir, tmp_path):
     """Separators are written as token text, so an export needs the tokenizer; failing, it leaves no directory."""
     from megatron_unix.conversion.convert import export_hf, import_hf

@@ -11,6 +11,7 @@ way the process holds one copy of the weights (the Megatron model, fp32) plus on
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from megatron_unix import platform
 from megatron_unix.conversion.hf_config import (INTERCHANGE, generation_config_json, hf_config_object, layer_style,
                                                 read_interchange, text_fields, unix_config_json, unix_fields)
 from megatron_unix.conversion.hf_io import (ConversionError, HFCheckpoint, LazyTensors, copy_remote_code,
@@ -297,6 +299,20 @@ def _separator_texts(config: UniXConfig, tokenizer_path: str | None) -> list[str
     return [tokenizer.token_text(index) for index in config.separator_ids]
 
 
+STAGING_PREFIX = ".{name}.partial-"
+"""An export is written into ``.NAME.partial-PID`` beside ``NAME`` and renamed when complete."""
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging directories of exports that were killed (SIGKILL, out of memory) are full-size copies."""
+    prefix = STAGING_PREFIX.format(name=out.name)
+    for stale in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = stale.name[len(prefix):]
+        if pid.isdigit() and not platform.process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            log(f"removed {stale}, left by a killed export")
+
+
 def write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
@@ -317,7 +333,8 @@ def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shar
     tokenizer_path = (common.get("args") or {}).get("tokenizer_model")
     config_json = unix_config_json(config, vocab_size, _separator_texts(config, tokenizer_path), interchange)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_stale_staging(out)
+    staging = out.parent / f"{STAGING_PREFIX.format(name=out.name)}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:

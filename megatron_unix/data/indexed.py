@@ -29,6 +29,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset, IndexedDatasetBuilder
 
+from megatron_unix import platform
+
 LOSSMASK_SUFFIX = "_lossmask"
 VISION_SUFFIX = "_vision.npy"
 VOCABULARY_SUFFIX = "_vocab.json"
@@ -105,17 +107,6 @@ def check_vocabulary(prefix: str | Path, vocabulary: dict[str, Any], tokenizer_n
                          f"{tokenizer_name} gives ({differ}): use the tokenizer it was made with, or preprocess again")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # another user's process
-        return True
-    except (ProcessLookupError, OverflowError):
-        return False
-    return True
-
-
 def remove_stale_partials(prefix: str | Path) -> list[Path]:
     """Remove the partial files that writers of ``prefix`` killed by a signal left (tens of MB a run);
     a live process's are kept, it may still be writing them. PIDs are this machine's: never write one
@@ -124,7 +115,7 @@ def remove_stale_partials(prefix: str | Path) -> list[Path]:
     suffixes = "|".join(map(re.escape, DATA_SUFFIXES + (VOCABULARY_SUFFIX,)))
     name = re.compile(rf"{re.escape(prefix.name + PARTIAL_INFIX)}(\d+)(?:{suffixes})")
     stale = sorted(path for path in prefix.parent.glob(glob.escape(prefix.name + PARTIAL_INFIX) + "*")
-                   if (match := name.fullmatch(path.name)) and not _alive(int(match[1])))
+                   if (match := name.fullmatch(path.name)) and not platform.process_alive(int(match[1])))
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
