@@ -12,7 +12,9 @@ setting fails in seconds with the flag named.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import warnings
 from typing import Any, Sequence
 
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -272,7 +274,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     """Numbers whose wrong value would otherwise surface as a traceback far from their flag."""
-    for name in ("seq_length", "micro_batch_size", "global_batch_size", "lr_decay_iters"):
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "lr_decay_iters", "log_interval",
+                 "eval_interval", "save_interval", "exit_interval", "exit_duration_in_mins", "keep_last_checkpoints"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"{_flag(name)} must be positive, got {value}")
@@ -281,12 +284,16 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise ValueError(f"{_flag(name)} must not be negative, got {getattr(args, name)}")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
-    try:
-        weights = [float(w) for w in args.split.split(",")]
-    except ValueError:
-        weights = []
-    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--split {args.split!r} must be three non-negative weights with a positive sum "
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    try:  # Megatron's own reading (missing weights are 0), which divides by the sum
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's 0/0: reported below instead
+            weights = parse_and_normalize_split(args.split)
+    except AssertionError:  # more than three weights
+        weights = [math.nan]
+    if not all(0 <= w <= 1 for w in weights):  # NaN fails too
+        raise ValueError(f"--split {args.split!r} must be up to three non-negative weights with a positive sum "
                          "(train,valid,test), e.g. 969,30,1")
 
 
