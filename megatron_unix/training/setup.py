@@ -78,18 +78,23 @@ SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--
 """Megatron scheduler state -> the flag that sets it."""
 
 
-def check_schedule(args: argparse.Namespace, scheduler: OptimizerParamScheduler, stored: dict[str, Any]) -> None:
+def check_schedule(args: argparse.Namespace, scheduler: OptimizerParamScheduler, common: dict[str, Any]) -> None:
     """Before resuming: Megatron's scheduler would assert on a changed schedule with values in samples
-    and no flag named; say which flags differ, in iterations, and which flags accept the change."""
+    and no flag named; say which flags differ, in iterations, and which flags accept the change.
+    Steps are samples, so where a changed --global-batch-size changed them, it is named first."""
     if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
         return
-    current = scheduler.state_dict()
+    stored, current = common.get("opt_param_scheduler", {}), scheduler.state_dict()
+    stored_batch = (common.get("args") or {}).get("global_batch_size") or args.global_batch_size
 
-    def show(key: str, value: Any) -> str:
-        return f"{value // args.global_batch_size} iterations ({value} samples)" if key.endswith("_steps") else str(value)
+    def show(key: str, value: Any, batch: int) -> str:
+        return f"{value // batch} iterations ({value} samples)" if key.endswith("_steps") else str(value)
 
-    differ = [f"{flag}: checkpoint {show(key, stored[key])}, this run {show(key, current[key])}"
+    differ = [f"{flag}: checkpoint {show(key, stored[key], stored_batch)}, this run "
+              f"{show(key, current[key], args.global_batch_size)}"
               for key, flag in SCHEDULE_FLAGS.items() if key in stored and stored[key] != current[key]]
+    if differ and stored_batch != args.global_batch_size:
+        differ.insert(0, f"--global-batch-size: checkpoint {stored_batch}, this run {args.global_batch_size}")
     if differ:
         raise ValueError("the checkpoint's learning-rate schedule differs from this run's (" + "; ".join(differ)
                          + "): pass --override-opt-param-scheduler to continue with this run's schedule, or "
