@@ -17,8 +17,8 @@
 #SBATCH --time=48:00:00                # edit me: wall time (--exit-duration-in-mins follows it)
 #SBATCH --signal=TERM@600              # SIGTERM 10 min before the limit: pretrain_unix saves and exits
 #SBATCH --output=%x-%j.out
-#SBATCH --partition=gpu                # edit me: your cluster's GPU partition
-#SBATCH --account=my-project           # edit me: the account the job is charged to
+##SBATCH --partition=gpu               # edit me: your GPU partition (then drop one '#')
+##SBATCH --account=my-project          # edit me: the account charged (then drop one '#')
 set -euo pipefail
 
 # ---------------------------------------------------------------- edit me

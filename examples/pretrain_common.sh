@@ -9,7 +9,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-8}   # newer slurm: srun does not inherit --cpus-per-task
 export OMP_NUM_THREADS=$SRUN_CPUS_PER_TASK            # the CPUs slurm gives each rank
 source "$REPO/examples/slurm_time.sh"
-EXIT_MINUTES=$(( $(job_minutes) - EXIT_MARGIN_MINUTES ))   # from #SBATCH --time
+EXIT_MINUTES=$(exit_minutes "$EXIT_MARGIN_MINUTES")   # from #SBATCH --time
 export MASTER_PORT=${MASTER_PORT:-29500}             # MASTER_ADDR = first node of the allocation
 mkdir -p "$SAVE"
 
@@ -28,4 +28,4 @@ srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py" \
     --log-interval 10 --eval-interval 1000 --eval-iters 20 \
     --tensorboard-dir "$SAVE/tensorboard" \
     ${WANDB_PROJECT:+--wandb-project "$WANDB_PROJECT" --wandb-exp-name "${RUN_NAME}-${SLURM_JOB_ID}"} \
-    --exit-duration-in-mins "$EXIT_MINUTES"
+    ${EXIT_MINUTES:+--exit-duration-in-mins "$EXIT_MINUTES"}

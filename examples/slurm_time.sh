@@ -10,11 +10,26 @@ limit_to_minutes() {
     if [ -n "${c:-}" ]; then echo $(( days * 1440 + 10#$a * 60 + 10#$b )); else echo $(( days * 1440 + 10#$a )); fi
 }
 
-# Minutes this job may run: slurm's start and end times when it exports them, else squeue's limit.
+# Minutes this job may run: slurm's start and end times when it exports them, else squeue's limit;
+# nothing for a job without a limit.
 job_minutes() {
     if [ -n "${SLURM_JOB_END_TIME:-}" ] && [ -n "${SLURM_JOB_START_TIME:-}" ]; then
         echo $(( (SLURM_JOB_END_TIME - SLURM_JOB_START_TIME) / 60 ))
-    else
-        limit_to_minutes "$(squeue -h -j "$SLURM_JOB_ID" -o %l)"
+        return
     fi
+    local limit
+    limit=$(squeue -h -j "$SLURM_JOB_ID" -o %l)
+    if [[ $limit =~ ^[0-9] ]]; then limit_to_minutes "$limit"; fi   # not UNLIMITED / NOT_SET
+}
+
+# --exit-duration-in-mins: the job's minutes less a margin for the final save (empty without a limit).
+exit_minutes() {
+    local margin=$1 minutes
+    minutes=$(job_minutes)
+    [ -z "$minutes" ] && return
+    if (( minutes <= margin )); then
+        echo "the job's time limit ($minutes min) leaves no time after EXIT_MARGIN_MINUTES=$margin" >&2
+        return 1
+    fi
+    echo $(( minutes - margin ))
 }
