@@ -214,6 +214,7 @@ def import_hf(hf_dir: str | Path, save: str | Path, options: ImportOptions = Imp
     if Path(save).exists() and checkpointing.find_checkpoint(save) is not None:
         raise ConversionError(f"--save {save} already holds a Megatron checkpoint")
     source = HFCheckpoint(hf_dir)
+    interchange = read_interchange(source.path)  # before the slow part: a damaged JSON file stops at once
     log(f"source {source.path}: {'Uni-X reference format' if source.kind == 'unix' else 'text model'}, "
         f"model_type {source.style}, {len(source.names)} tensors")
     tokenizer = _source_tokenizer(source, options)
@@ -226,7 +227,7 @@ def import_hf(hf_dir: str | Path, save: str | Path, options: ImportOptions = Imp
     load_weights(model, weights, config, vocab_size)
     run_args: dict[str, Any] = {"tokenizer_model": str(source.path) if tokenizer else None,
                                 "vq_codebook_size": config.vq_codebook_size, "converted_from": str(source.path)}
-    model_args = {**architecture(config, vocab_size), INTERCHANGE: read_interchange(source.path)}
+    model_args = {**architecture(config, vocab_size), INTERCHANGE: interchange}
     path = checkpointing.save(save, 0, model, model_args=model_args, run_args=run_args)
     log(f"saved {path}")
     if verify:

@@ -14,13 +14,12 @@ Megatron checkpoint (:data:`INTERCHANGE`) and are written back unchanged unless 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from megatron_unix.conversion.hf_io import CLASSES, ConversionError
+from megatron_unix.conversion.hf_io import CLASSES, ConversionError, read_json
 from megatron_unix.conversion.hf_remote import auto_map
 from megatron_unix.conversion.hf_remote.configuration_unix import UNIX_DEFAULTS, VIS_SEP_TOKEN_IDS, rope_theta
 from megatron_unix.data.tokenizer import TextTokenizer
@@ -126,8 +125,8 @@ def unix_fields(hf: PretrainedConfig, tokenizer: TextTokenizer | None, where: Pa
 def read_interchange(directory: Path) -> dict[str, Any]:
     """The source's config.json and generation_config.json, as dicts, to carry through the checkpoint."""
     generation = directory / "generation_config.json"
-    return {"config": json.loads((directory / "config.json").read_text()),
-            "generation_config": json.loads(generation.read_text()) if generation.is_file() else None}
+    return {"config": read_json(directory / "config.json"),
+            "generation_config": read_json(generation) if generation.is_file() else None}
 
 
 def unix_config_json(config: UniXConfig, vocab_size: int, separator_texts: list[str],

@@ -59,6 +59,17 @@ def expected_tensors(config: PretrainedConfig, unix: bool) -> dict[str, torch.Si
     return shapes
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file; a truncated or otherwise damaged one is an error naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def has_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
@@ -75,7 +86,7 @@ class HFCheckpoint:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise ConversionError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
-        raw = json.loads(config_file.read_text())
+        raw = read_json(config_file)
         self.style = raw.get("model_type")
         if self.style not in CLASSES:
             raise ConversionError(f"{config_file}: model_type={self.style!r} is not supported "
@@ -93,7 +104,9 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str]:
         index = self.path / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no weight_map (tensor name -> shard file)")
             missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if missing:
                 raise ConversionError(f"{index} names shard {missing[0]}, which is not in {self.path}")
