@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from megatron_unix.conversion.hf_io import CLASSES, ConversionError, read_json
 from megatron_unix.conversion.hf_remote import auto_map
 from megatron_unix.conversion.hf_remote.configuration_unix import UNIX_DEFAULTS, VIS_SEP_TOKEN_IDS, rope_theta
+from megatron_unix.conversion.hf_remote.modeling_unix import check_supported
 from megatron_unix.data.tokenizer import TextTokenizer
 from megatron_unix.model.config import UniXConfig
 
@@ -54,16 +55,12 @@ def _refuse(hf: PretrainedConfig, field: str, bad: bool, why: str) -> None:
 
 
 def text_fields(hf: PretrainedConfig) -> dict[str, Any]:
-    """The UniXConfig architecture fields of a Qwen2/Qwen3 config.json (layer style included)."""
-    for field in ("rope_parameters", "rope_scaling"):
-        rope = getattr(hf, field, None) or {}
-        _refuse(hf, field, rope.get("rope_type", "default") != "default",
-                "only plain rotary embeddings (rope_type 'default') are implemented")
-    _refuse(hf, "hidden_act", hf.hidden_act != "silu", "the Megatron model uses SwiGLU (silu)")
-    _refuse(hf, "use_sliding_window", bool(getattr(hf, "use_sliding_window", False)),
-            "Uni-X attends over the whole sequence")
-    _refuse(hf, "attention_bias", bool(getattr(hf, "attention_bias", False)),
-            "a Qwen3 attention bias includes o_proj.bias, which the Megatron layers do not have")
+    """The UniXConfig architecture fields of a Qwen2/Qwen3 config.json (layer style included), after the
+    remote code's refusals of what neither model computes."""
+    try:
+        check_supported(hf)
+    except ValueError as error:
+        raise ConversionError(f"config.json {error}") from None
     return dict(
         num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, ffn_hidden_size=hf.intermediate_size,
         num_attention_heads=hf.num_attention_heads, num_query_groups=hf.num_key_value_heads,
@@ -108,8 +105,6 @@ def _token_id(tokenizer: TextTokenizer, text: str, where: Path) -> int:
 
 def unix_fields(hf: PretrainedConfig, tokenizer: TextTokenizer | None, where: Path) -> dict[str, Any]:
     """Architecture and vocabulary layout of a reference-format Uni-X config.json: all from the file."""
-    for field, off in (("skip_connection_loc", -1), ("add_share_ffn", 0), ("all_modal_visible", 0)):
-        _refuse(hf, field, getattr(hf, field, off) != off, "a reference variant this stack does not implement")
     fields = text_fields(hf)
     codes_end = hf.real_text_vocab_size + hf.vision_vocab_size
     _refuse(hf, "vocab_size", hf.vocab_size < codes_end,

@@ -45,19 +45,25 @@ UNSUPPORTED_VARIANTS = {"skip_connection_loc": -1, "add_share_ffn": 0, "all_moda
 
 
 def check_supported(config) -> None:
-    """Refuse, naming the field, what this code would compute differently from the checkpoint's model."""
-    for field, off in UNSUPPORTED_VARIANTS.items():
-        if unix_field(config, field) != off:
-            raise ValueError(f"Uni-X remote code does not support {field}={unix_field(config, field)!r}")
-    for field in ("use_sliding_window", "attention_bias"):
-        if getattr(config, field, False):
-            raise ValueError(f"Uni-X remote code does not support {field}={getattr(config, field)!r}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"Uni-X remote code needs hidden_act='silu', not {config.hidden_act!r}")
-    for field in ("rope_parameters", "rope_scaling"):  # 5.x names it the first, 4.x the second
-        if (getattr(config, field, None) or {}).get("rope_type", "default") != "default":
-            raise ValueError(f"Uni-X remote code implements plain rotary embeddings only: {field} has "
-                             f"rope_type {getattr(config, field)['rope_type']!r}")
+    """Refuse, naming the field, what this code would compute differently from the checkpoint's model
+    (megatron-unix's converter applies the same refusals to what it imports)."""
+    def rope_type(field: str) -> str:
+        return (getattr(config, field, None) or {}).get("rope_type", "default")
+
+    plain_rope = "only plain rotary embeddings (rope_type 'default') are implemented"
+    problems = {field: (unix_field(config, field) != off, "a reference variant this code does not implement")
+                for field, off in UNSUPPORTED_VARIANTS.items()}
+    problems.update(
+        hidden_act=(getattr(config, "hidden_act", "silu") != "silu", "the layers use SwiGLU (silu)"),
+        rope_parameters=(rope_type("rope_parameters") != "default", plain_rope),  # transformers 5.x
+        rope_scaling=(rope_type("rope_scaling") != "default", plain_rope),        # transformers 4.x
+        use_sliding_window=(bool(getattr(config, "use_sliding_window", False)), "Uni-X attends over the whole sequence"),
+        attention_bias=(bool(getattr(config, "attention_bias", False)),
+                        "a Qwen3 attention bias includes o_proj.bias, which these layers do not have"),
+    )
+    for field, (bad, why) in problems.items():
+        if bad:
+            raise ValueError(f"{field}={getattr(config, field, None)!r} is not supported: {why}")
 
 
 def separator_ids(config) -> list[int]:
