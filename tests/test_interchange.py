@@ -1,9 +1,10 @@
 """Exports read the same under every transformers their users run (issue: interchange).
 
-One tiny Uni-X (Qwen3 layers, N=M=1, a separator, rotary base 1e6) goes HF -> Megatron -> HF; the
+A tiny Uni-X (Qwen3 or Qwen2 layers, N=M=1, a separator, rotary base 1e6) goes HF -> Megatron -> HF; the
 export is then loaded in a fresh process, as a user would, by the pinned transformers and by the
 reference's transformers 4.53.3 (an isolated site directory that .ci/legacy_transformers.sh builds
-and caches): through the export's remote code and through plain ``Qwen3ForCausalLM``. Every logit
+and caches): through the export's remote code and through plain ``Qwen3ForCausalLM`` /
+``Qwen2ForCausalLM``. Every logit
 must match the Megatron model's (fp32, 1e-5), and cached generation must equal recomputation.
 """
 
@@ -34,8 +35,8 @@ def legacy_site() -> Path:
     return Path(site)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, hf_tokenizer_dir, megatron_single):
+@pytest.fixture(scope="module", params=["qwen3", "qwen2"])
+def exported(request, tmp_path_factory, hf_tokenizer_dir, megatron_single):
     """(export directory, samples file, Megatron fp32 logits per sample). The Megatron model compared with
     is the export imported again, so that both hold the same bf16-rounded weights (mean-initialised
     codebook rows and random vision copies are not bf16 values before the first export)."""
@@ -44,7 +45,7 @@ def exported(tmp_path_factory, hf_tokenizer_dir, megatron_single):
     from megatron_unix.data.tokenizer import load_text_tokenizer
 
     tmp = tmp_path_factory.mktemp("interchange")
-    source = make_source(tmp / "source", hf_tokenizer_dir, "qwen3", tie=True, seed=7)
+    source = make_source(tmp / "source", hf_tokenizer_dir, request.param, tie=request.param == "qwen3", seed=7)
     import_hf(source, tmp / "megatron", ImportOptions(vision_encode_layers=1, vision_decode_layers=1,
                                                       vq_codebook_size=48, vision_init="random",
                                                       separator="<|vision_pad|>"))
@@ -63,6 +64,7 @@ def exported(tmp_path_factory, hf_tokenizer_dir, megatron_single):
     torch.save({"rows": rows, "prompts": prompts, "prompt_mask": mask}, samples)
     expected = {name: megatron_logits(model, tokens, vocab) for name, tokens in rows.items()}
     expected["prompt_last"] = megatron_logits(model, prompts[1], vocab)[-1]
+    expected["padded_prompt_last"] = megatron_logits(model, prompts[0, 4:], vocab)[-1]  # left padding changes nothing
     return tmp / "exported", samples, expected
 
 
@@ -95,15 +97,16 @@ def test_export_reads_the_same_under_each_transformers(exported, legacy_site, tm
     assert torch.equal(generation["cached_sequences"], generation["recomputed_sequences"])
     close(generation["cached_logits"], generation["recomputed_logits"])
     close(generation["cached_logits"][1, 0], expected["prompt_last"])
+    close(generation["cached_logits"][0, 0], expected["padded_prompt_last"])
 
 
 def test_export_states_its_transformers_range(exported):
-    from megatron_unix.conversion.hf_remote.modeling_unix import TRANSFORMERS_SUPPORTED
-
+    """The model card's lower bound is the release CI loads exports with."""
     card = (exported[0] / "README.md").read_text()
-    assert f"transformers>={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}" in card
+    assert f"`transformers>={LEGACY_VERSION},<6.0`" in card
 
 
+@pytest.mark.parametrize("exported", ["qwen3"], indirect=True)
 def test_config_fields_survive_training(exported, tmp_path):
     """export -> import -> pretrain_unix.py (2 iterations from --pretrained-checkpoint) -> export: the same
     config.json and generation_config.json, key for key, around trained weights."""

@@ -3,17 +3,20 @@
 Run by tests/test_interchange.py in a subprocess, once with the pinned transformers and once with
 the reference's transformers 4.53.3 (an isolated site directory first on PYTHONPATH). It imports
 nothing of megatron-unix: only transformers and the files inside the export. Writes to OUT (torch.save):
-the transformers version, the remote-code logits of every sample, the plain Qwen3ForCausalLM logits
-of the text sample, and a cached greedy generation beside its no-cache recomputation.
+the transformers version, the remote-code logits of every sample, the plain Qwen3ForCausalLM /
+Qwen2ForCausalLM logits of the text sample, and a cached greedy generation beside its no-cache
+recomputation.
 
     python load_export.py EXPORT_DIR SAMPLES.pt OUT.pt
 """
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 STEPS = 8
 
@@ -42,7 +45,9 @@ def greedy(model, prompts: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.
 def main(root: str, samples_file: str, out_file: str) -> None:
     samples = torch.load(samples_file)
     unix = load(AutoModelForCausalLM, root, trust_remote_code=True)
-    plain = load(Qwen3ForCausalLM, root)
+    text_class = {"qwen3": Qwen3ForCausalLM, "qwen2": Qwen2ForCausalLM}[
+        json.loads((Path(root) / "config.json").read_text())["model_type"]]
+    plain = load(text_class, root)
     with torch.no_grad():
         result = {"version": transformers.__version__, "unix_class": type(unix).__module__,
                   "unix": {name: unix(input_ids=t[None]).logits[0] for name, t in samples["rows"].items()},
