@@ -372,3 +372,6 @@ def test_vocabulary_record_guards_merge_and_training(tok, bpe_dir, tmp_path):
     check_vocabulary(tmp_path / "a", tok.model_config_fields(), "tok")
     with pytest.raises(ValueError, match=r"--data-path .*a was preprocessed with another vocabulary .*vq_offset"):
         check_vocabulary(tmp_path / "a", other.model_config_fields(), "other")
+    with_separator = MultimodalTokenizer.from_pretrained(bpe_dir, codebook_size=CODEBOOK, separator="<|vision_pad|>")
+    with pytest.raises(ValueError, match=r"\(separator_ids \[\] vs \[\d+\]\): pass --separator with the token"):
+        check_vocabulary(tmp_path / "a", with_separator.model_config_fields(), "tok")

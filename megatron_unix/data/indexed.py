@@ -101,10 +101,13 @@ def check_vocabulary(prefix: str | Path, vocabulary: dict[str, Any], tokenizer_n
                          f"tools/preprocess_data.py, or pass --allow-unrecorded-vocabulary if it was made with "
                          f"--tokenizer-model {tokenizer_name}")
     if stored is not None and stored != expected:
-        differ = ", ".join(f"{k} {stored.get(k)} vs {expected.get(k)}" for k in sorted(set(stored) | set(expected))
-                           if stored.get(k) != expected.get(k))
+        keys = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+        differ = ", ".join(f"{k} {stored.get(k)} vs {expected.get(k)}" for k in keys)
+        remedy = ("pass --separator with the token the data routes as vision (earlier versions made "
+                  "<|vision_pad|> one by default)" if keys == ["separator_ids"]
+                  else "use the tokenizer it was made with, or preprocess again")
         raise ValueError(f"--data-path {prefix} was preprocessed with another vocabulary than --tokenizer-model "
-                         f"{tokenizer_name} gives ({differ}): use the tokenizer it was made with, or preprocess again")
+                         f"{tokenizer_name} gives ({differ}): {remedy}")
 
 
 def remove_stale_partials(prefix: str | Path) -> list[Path]:
@@ -195,7 +198,7 @@ class MultimodalDocuments:
 
     def __init__(self, prefix: str | Path, mmap: bool = True) -> None:
         self.prefix = str(prefix)
-        _require_files(self.prefix)
+        require_files(self.prefix)
         self.tokens = IndexedDataset(self.prefix, mmap=mmap)
         self.masks = IndexedDataset(self.prefix + LOSSMASK_SUFFIX, mmap=mmap)
         self.vision_tokens = np.load(self.prefix + VISION_SUFFIX, mmap_mode="r" if mmap else None)
@@ -220,7 +223,8 @@ class MultimodalDocuments:
         return self.tokens.get(index, offset, length), trained[offset:stop]
 
 
-def _require_files(prefix: str) -> None:
+def require_files(prefix: str | Path) -> None:
+    """Every file of the dataset exists (the vocabulary record is checked by :func:`check_vocabulary`)."""
     missing = [str(p) for p in output_files(prefix) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"dataset {prefix} is incomplete: missing {', '.join(missing)} "
@@ -344,7 +348,7 @@ def check_dataset(prefix: str | Path) -> None:
     and the damage, instead of a failure naming no file when the bad sample is reached. Vectorised
     over the memory-mapped files in chunks of :data:`CHECK_CHUNK` samples: seconds for 10^8 samples."""
     prefix = str(prefix)
-    _require_files(prefix)
+    require_files(prefix)
     tokens = _read_index(prefix)
     _check_index(tokens)
     masks = _read_index(prefix + LOSSMASK_SUFFIX)

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--add-qkv-bias", action="store_true", default=None, help="bias on q, k and v (Qwen2)")
     g.add_argument("--untie-embeddings-and-output-weights", dest="tie_word_embeddings", action="store_false",
                    default=None, help="a separate output head (default: tied to the embedding)")
-    g.add_argument("--rotary-base", type=float, default=None, help="rotary embedding base (default 1e6)")
+    g.add_argument("--rotary-base", type=float, default=None,
+                   help=f"rotary embedding base (default {ARCHITECTURE_DEFAULTS['rotary_base']:g})")
     g.add_argument("--norm-epsilon", dest="layernorm_epsilon", type=float, default=None,
-                   help="RMSNorm epsilon (default 1e-6)")
+                   help=f"RMSNorm epsilon (default {ARCHITECTURE_DEFAULTS['layernorm_epsilon']:g})")
     g.add_argument("--model-preset", choices=["tiny"], default=None,
                    help="fill unset architecture flags with a tiny CPU-sized model")
     g.add_argument("--no-document-isolation", dest="document_isolation", action="store_false",
@@ -256,12 +257,13 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                          f"({args.seq_length * args.micro_batch_size}) divisible by --tensor-model-parallel-size ({tp})")
     if not args.data_path:
         raise ValueError("--data-path must name at least one dataset prefix (see tools/preprocess_data.py)")
-    from megatron_unix.data.indexed import output_files
+    from megatron_unix.data.indexed import require_files
 
     for prefix in data_prefixes(args.data_path):
-        missing = [str(p) for p in output_files(prefix) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"--data-path {prefix}: missing {', '.join(missing)}")
+        try:
+            require_files(prefix)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--data-path {prefix}: {error}") from None
     if args.tokenizer_model is None:
         raise ValueError("--tokenizer-model must name the tokenizer the data was preprocessed with")
     if args.save_interval and not args.save:
