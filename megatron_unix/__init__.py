@@ -1,3 +1,7 @@
 """megatron-unix: Uni-X unified multimodal pretraining on Megatron-Core."""
 
+from megatron_unix.known_warnings import silence_known_warnings
+
+silence_known_warnings()  # here, so that it precedes megatron-core's import-time warnings in every entry point
+
 __version__ = "0.1.0"

@@ -141,6 +141,9 @@ def test_longer_resume_names_the_schedule_flags(data, straight, tmp_path):
     assert proc.returncode == 2
     assert ("--lr-decay-iters (default --train-iters): checkpoint 4 iterations (16 samples), this run 6 iterations "
             "(24 samples)") in proc.stderr and "--override-opt-param-scheduler" in proc.stderr
+    doubled = common_args(data, iters=6) + ["--global-batch-size", "8", "--load", str(straight), "--save", str(tmp_path)]
+    proc = run(doubled, check=False)
+    assert proc.returncode == 2 and "(--global-batch-size: checkpoint 4, this run 8; " in proc.stderr
     run(resume + ["--override-opt-param-scheduler"])
     assert sorted(losses(tmp_path / "metrics.jsonl")) == [5, 6]
 
@@ -153,6 +156,14 @@ def test_checkpoint_and_tokenizer_conflict_names_that_pair(data, initial, senten
     assert re.search(rf"--tokenizer-model {re.escape(str(sentencepiece_model))} gives (\w+)=\d+ but the checkpoint "
                      rf"{re.escape(initial)}/iter_0000000 was trained with \1=\d+", proc.stderr)
     assert "preprocessed with another vocabulary" not in proc.stderr
+
+
+def test_separator_that_the_checkpoint_does_not_route_is_refused(data, initial, tmp_path):
+    proc = run(common_args(data) + ["--pretrained-checkpoint", initial, "--save", str(tmp_path), "--separator",
+                                    "<|vision_pad|>"], check=False)
+    assert proc.returncode == 2
+    assert re.search(rf"--separator <\|vision_pad\|> is id \[\d+\] but the checkpoint {re.escape(initial)}/iter_0000000 "
+                     r"routes separators \[\] as vision", proc.stderr)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
@@ -329,7 +340,7 @@ def test_slurm_examples_use_existing_flags(script):
     args = parse_args(proc.stdout.splitlines())
     assert args.bf16 and args.use_distributed_optimizer and args.save and args.pretrained_checkpoint
     assert args.lr == 1e-4 and args.exit_duration_in_mins == 48 * 60 - 30 and args.wandb_exp_name.endswith("-1")
-    assert re.search(r"^#SBATCH --partition=\S+ +# edit me", text, re.M) and re.search(r"^#SBATCH --account=", text, re.M)
+    assert re.search(r"^##SBATCH --partition=\S+ +# edit me", text, re.M) and re.search(r"^##SBATCH --account=", text, re.M)
     assert "export OMP_NUM_THREADS=$SRUN_CPUS_PER_TASK" in launch
     n_m = {"pretrain_3b.sh": "12 --vision-decode-layers 6", "pretrain_1.5b.sh": "9 --vision-decode-layers 5"}[script]
     assert f"--vision-encode-layers {n_m}" in text
@@ -341,3 +352,12 @@ def test_slurm_time_limit_in_minutes(limit, minutes):
     proc = subprocess.run(["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; limit_to_minutes {limit}'],
                           capture_output=True, text=True, check=True)
     assert int(proc.stdout) == minutes
+
+
+@pytest.mark.parametrize("minutes, out, status", [(60, "30", 0), (20, "", 1)])
+def test_exit_minutes_leave_the_margin_or_refuse(minutes, out, status):
+    job = f"SLURM_JOB_START_TIME=0 SLURM_JOB_END_TIME={60 * minutes}; exit_minutes 30"
+    proc = subprocess.run(["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; {job}'], capture_output=True,
+                          text=True)
+    assert (proc.returncode, proc.stdout.strip()) == (status, out)
+    assert not status or "leaves no time after EXIT_MARGIN_MINUTES=30" in proc.stderr

@@ -86,8 +86,9 @@ QWEN_DEFAULTS: dict[str, Any] = dict(
 
 def make_config(**fields: Any) -> UniXConfig:
     """A UniXConfig with Qwen's layer choices and this machine's safe defaults under ``fields``."""
-    merged = {**QWEN_DEFAULTS, "transformer_impl": platform.default_transformer_impl(), **platform.config_defaults(),
-              **fields}
+    # cuda_graph_scope=[]: the whole layer, as megatron-core's default "full", which it deprecates with a warning
+    merged = {**QWEN_DEFAULTS, "cuda_graph_scope": [], "transformer_impl": platform.default_transformer_impl(),
+              **platform.config_defaults(), **fields}
     if merged["params_dtype"] is None:
         import torch
 

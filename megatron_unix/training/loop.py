@@ -3,8 +3,9 @@
 One iteration runs Megatron's forward-backward schedule over the global batch's micro-batches,
 reduces the loss (and its text/vision parts, token and attention-pair counts) with one all-reduce
 over the world, steps Megatron's optimizer and LR schedule, then logs, evaluates and saves on their
-intervals. SIGTERM, ``--exit-interval`` and ``--exit-duration-in-mins`` save and stop at the end of
-an iteration, at the same iteration on every rank (the stop flags ride on the same all-reduce).
+intervals (it also logs the run's first iteration, so that a run shows its loss at once; set-up steps
+log as they start). SIGTERM, ``--exit-interval`` and ``--exit-duration-in-mins`` save and stop at the
+end of an iteration, at the same iteration on every rank (the stop flags ride on the same all-reduce).
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+def _progress(start_time: float, message: str) -> None:
+    """A set-up step about to run, with the seconds since start: the wait before iteration 1 is visible."""
+    log(f"> [{time.time() - start_time:6.1f} s] {message}")
+
+
 def _starting_checkpoint(args: argparse.Namespace) -> Path | None:
     """The checkpoint this run starts from: ``--load``'s, else ``--pretrained-checkpoint``'s."""
     source = checkpointing.find_checkpoint(args.load) if args.load else None
@@ -121,6 +127,9 @@ def _architecture(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> d
         arch[name] = layout[name]
     if arch["separator_ids"] is None:
         arch["separator_ids"] = list(layout["separator_ids"])
+    elif args.separator and list(arch["separator_ids"]) != list(layout["separator_ids"]):
+        raise ValueError(f"--separator {args.separator} is id {list(layout['separator_ids'])} but the checkpoint "
+                         f"{_starting_checkpoint(args)} routes separators {list(arch['separator_ids'])} as vision")
     stored_vocab = getattr(args, "vocab_size", None)
     if stored_vocab is not None and stored_vocab < tokenizer.vocab_size:
         raise ValueError(f"--tokenizer-model {args.tokenizer_model} needs {tokenizer.vocab_size} ids but the "
@@ -129,12 +138,30 @@ def _architecture(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> d
     return arch
 
 
+def _check_data(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> None:
+    """Vocabulary record and damage of every ``--data-path`` prefix, before the model is built. Rank 0
+    checks (every rank reading every index of a 10^8-sample dataset would multiply the reads by the
+    job size) and shares the outcome, so every rank stops with the same message."""
+    outcome: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            for prefix in data_prefixes(args.data_path):
+                check_vocabulary(prefix, tokenizer.model_config_fields(), args.tokenizer_model,
+                                 allow_unrecorded=args.allow_unrecorded_vocabulary)
+                check_dataset(prefix)
+        except (ValueError, OSError) as error:
+            outcome[0] = str(error)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise ValueError(outcome[0])
+
+
 def _restore(args: argparse.Namespace, ddp, optimizer, scheduler) -> TrainState:
     """Resume from ``--load`` (everything), or start from ``--pretrained-checkpoint`` (weights only)."""
     resume = checkpointing.find_checkpoint(args.load) if args.load else None
     if resume is not None and not args.finetune:
         stored = checkpointing.read_common(resume, verify=args.verify_checkpoint)
-        setup.check_schedule(args, scheduler, stored.get("opt_param_scheduler", {}))
+        setup.check_schedule(args, scheduler, stored)
         common = checkpointing.load(resume, ddp, optimizer=None if args.no_load_optim else optimizer,
                                     scheduler=scheduler, load_rng=not args.no_load_rng, verify=args.verify_checkpoint)
         if args.no_load_optim or not common.get("has_optimizer"):
@@ -217,17 +244,19 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                            timeout_minutes=args.distributed_timeout_minutes)
     exit_signal = ExitSignal(args.exit_signal_handler)  # before any data-loader worker exists
+    absent = platform.detect_accelerators().absent()
+    log(f"> accelerators absent: {', '.join(absent) or 'none'}" + (" (torch fallbacks in use)" if absent else ""))
+    _progress(start_time, f"loading the tokenizer {args.tokenizer_model}")
     tokenizer = MultimodalTokenizer.from_pretrained(
         args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
         eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
     requested = _architecture(args, tokenizer)  # checkpoint vs tokenizer first: then data vs tokenizer
-    for prefix in data_prefixes(args.data_path):  # before the model is built: damage fails the run at the door
-        check_vocabulary(prefix, tokenizer.model_config_fields(), args.tokenizer_model,
-                         allow_unrecorded=args.allow_unrecorded_vocabulary)
-        check_dataset(prefix)
+    _progress(start_time, f"checking {len(data_prefixes(args.data_path))} dataset(s)")
+    _check_data(args, tokenizer)
     config = setup.model_config(args, requested)
     arch = architecture(config, requested["vocab_size"])  # with Megatron's derived sizes: what checkpoints store
     arch.update({k: v for k, v in (stored or {}).items() if k not in arch})  # records of others (conversion's)
+    _progress(start_time, "building the model and optimizer")
     ddp = setup.build(args, config, arch["vocab_size"])
     optimizer, scheduler = setup.build_optimizer(args, ddp)
     state = _restore(args, ddp, optimizer, scheduler)
@@ -235,7 +264,12 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     gbs, mbs = args.global_batch_size, args.micro_batch_size
     num_micro = gbs // (mbs * dp)
+    log(f"> Uni-X {arch['num_layers']} layers ({arch['vision_encode_layers']}:{arch['vision_decode_layers']} "
+        f"separated), {sum(p.numel() for p in ddp.parameters()):,} parameters on rank 0, "
+        f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} DP={dp}, {num_micro} "
+        f"micro-batches of {mbs} x {args.seq_length}")
     evaluations = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
+    _progress(start_time, "building the packed datasets (the packing is cached beside the data)")
     train_ds, valid_ds, _ = build_datasets(
         args.data_path, args.split, args.seq_length, args.seed, tokenizer,
         (args.train_iters * gbs, evaluations * args.eval_iters * gbs, 0),
@@ -253,10 +287,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         metrics_file = args.metrics_file or (f"{args.save}/metrics.jsonl" if args.save else None)
         sinks = metrics.MetricsSinks(metrics_file, args.tensorboard_dir, args.wandb_project, args.wandb_exp_name,
                                      args.wandb_save_dir, vars(args), state.iteration)
-    params = sum(p.numel() for p in ddp.parameters())
-    log(f"> Uni-X {arch['num_layers']} layers ({arch['vision_encode_layers']}:{arch['vision_decode_layers']} "
-        f"separated), {params:,} parameters on rank 0, TP={args.tensor_model_parallel_size} "
-        f"PP={args.pipeline_model_parallel_size} DP={dp}, {num_micro} micro-batches of {mbs} x {args.seq_length}")
+    if state.iteration < args.train_iters:
+        _progress(start_time, f"training iterations {state.iteration + 1} to {args.train_iters}")
     ddp.train()
     window = StepStats()
     window_start, window_iters = time.perf_counter(), 0
@@ -294,7 +326,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         window.values += stats.values
         window_iters += 1
 
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if iteration % args.log_interval == 0 or iteration in (train_start_iteration + 1, args.train_iters):
             elapsed = time.perf_counter() - window_start
             flops = metrics.training_flops(config, padded_vocab, int(window["tokens"]), int(window["shared_pairs"]),
                                            int(window["separated_pairs"]))
