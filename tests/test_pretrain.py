@@ -202,6 +202,32 @@ def test_damaged_checkpoint_stops_the_run_naming_the_file(data, initial, tmp_pat
     assert "loaded weights from" in run(start + ["--no-verify-checkpoint"]).stdout
 
 
+@pytest.mark.parametrize("damage", ["checkpoint", "dataset"])
+def test_damage_stops_every_rank_of_a_two_process_run(data, initial, tmp_path, damage):
+    """The checks run on one rank (data) or on a share of the files each (checkpoint): a damaged file must
+    stop both ranks with its name, never leave one waiting in a collective (the timeout would fail here)."""
+    import numpy as np
+
+    from helpers import garble
+
+    args = common_args(data, iters=2) + ["--save", str(tmp_path / "out")]
+    if damage == "checkpoint":
+        shutil.copytree(initial, tmp_path / "damaged")
+        name = f"{tmp_path}/damaged/iter_0000000/{garble(tmp_path / 'damaged' / 'iter_0000000')} is damaged"
+        args += ["--pretrained-checkpoint", str(tmp_path / "damaged")]
+    else:
+        for suffix in (".bin", ".idx", "_lossmask.bin", "_lossmask.idx", "_vision.npy", "_vocab.json"):
+            shutil.copy(data["pairs"] + suffix, str(tmp_path / "pairs") + suffix)
+        lengths = np.memmap(str(tmp_path / "pairs.idx"), np.int32, "r+", offset=34, shape=(2,))
+        lengths[1] = -3  # the second sample's length (the header is 34 bytes)
+        lengths.flush()
+        args[args.index(data["pairs"])] = str(tmp_path / "pairs")
+        name = f"{tmp_path}/pairs.idx: sample 1 has length -3"
+    proc = run(args, nproc=2, check=False, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: {name}") == 2, proc.stderr[-3000:]  # both ranks say it
+
+
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     cmd = [sys.executable, str(ROOT / "pretrain_unix.py"), *common_args(data, iters=10_000), "--save", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
