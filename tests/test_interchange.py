@@ -10,6 +10,7 @@ must match the Megatron model's (fp32, 1e-5), and cached generation must equal r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,23 @@ def legacy_site() -> Path:
     return Path(site)
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen2"])
+def qwen25_config(tiny: dict, eos: int) -> dict:
+    """Qwen2.5-1.5B's config.json as its release writes it (transformers 4.40), with tiny dimensions: the keys
+    a real import meets (max_window_layers, sliding_window, use_mrope, rope_theta and torch_dtype at the top)."""
+    dims = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+            "vocab_size", "tie_word_embeddings")
+    return {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": eos, "eos_token_id": eos,
+            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 131072,
+            "max_window_layers": 21, "model_type": "qwen2", "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+            "sliding_window": 131072, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
+            "use_mrope": False, "use_sliding_window": False, **{k: tiny[k] for k in dims}}
+
+
+SOURCES = {"qwen3": ("qwen3", None), "qwen2": ("qwen2", None), "qwen2.5 release -> qwen3 layers": ("qwen2", "qwen3")}
+"""Fixture param -> (source layer style, --layer-style): the last is the README's Qwen2.5 -> Uni-X path."""
+
+
+@pytest.fixture(scope="module", params=list(SOURCES))
 def exported(request, tmp_path_factory, hf_tokenizer_dir, megatron_single):
     """(export directory, samples file, Megatron fp32 logits per sample). The Megatron model compared with
     is the export imported again, so that both hold the same bf16-rounded weights (mean-initialised
@@ -45,10 +62,15 @@ def exported(request, tmp_path_factory, hf_tokenizer_dir, megatron_single):
     from megatron_unix.data.tokenizer import load_text_tokenizer
 
     tmp = tmp_path_factory.mktemp("interchange")
-    source = make_source(tmp / "source", hf_tokenizer_dir, request.param, tie=request.param == "qwen3", seed=7)
+    style, target_style = SOURCES[request.param]
+    source = make_source(tmp / "source", hf_tokenizer_dir, style, tie=style == "qwen3", seed=7)
+    if target_style:  # the release's config.json in place of the one save_pretrained wrote
+        tiny = json.loads((source / "config.json").read_text())
+        eos = load_text_tokenizer(hf_tokenizer_dir).token_id("<|endoftext|>")
+        (source / "config.json").write_text(json.dumps(qwen25_config(tiny, eos)))
     import_hf(source, tmp / "megatron", ImportOptions(vision_encode_layers=1, vision_decode_layers=1,
                                                       vq_codebook_size=48, vision_init="random",
-                                                      separator="<|vision_pad|>"))
+                                                      separator="<|vision_pad|>", layer_style=target_style))
     export_hf(tmp / "megatron", tmp / "exported")
     import_hf(tmp / "exported", tmp / "reimported")
     model, config, common = load_megatron(tmp / "reimported")
@@ -106,11 +128,22 @@ def test_export_states_its_transformers_range(exported):
     assert f"`transformers>={LEGACY_VERSION},<6.0`" in card
 
 
+@pytest.mark.parametrize("exported", ["qwen2.5 release -> qwen3 layers"], indirect=True)
+def test_release_config_keys_are_carried_into_the_export(exported):
+    """What the model did not change comes back as the release wrote it; what it changed is recomputed."""
+    config = json.loads((exported[0] / "config.json").read_text())
+    assert {k: config[k] for k in ("max_position_embeddings", "max_window_layers", "sliding_window", "use_mrope",
+                                   "use_sliding_window", "initializer_range", "rope_theta")} == {
+        "max_position_embeddings": 131072, "max_window_layers": 21, "sliding_window": 131072, "use_mrope": False,
+        "use_sliding_window": False, "initializer_range": 0.02, "rope_theta": 1e6}
+    assert (config["model_type"], config["architectures"], config["torch_dtype"]) == (
+        "qwen3", ["UniQwen3ForCausalLM"], "bfloat16")
+
+
 @pytest.mark.parametrize("exported", ["qwen3"], indirect=True)
 def test_config_fields_survive_training(exported, tmp_path):
     """export -> import -> pretrain_unix.py (2 iterations from --pretrained-checkpoint) -> export: the same
     config.json and generation_config.json, key for key, around trained weights."""
-    import json
     import random
 
     from conftest import CORPUS
