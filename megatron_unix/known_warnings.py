@@ -17,12 +17,17 @@ import warnings
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"Transformer Engine and Apex are not installed\. Falling back to ", UserWarning, r"megatron\.core\."),
     (r"Apex is not installed\. Falling back to Torch Norm", UserWarning, r"megatron\.core\."),
-    (r"The pad token id in the tokenizer collides with another special token id\. ", UserWarning,
-     r"megatron\.core\."),
-    (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\. ", FutureWarning,
-     r"torch\.distributed\."),
-    (r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
-     FutureWarning, r"megatron\.core\.dist_checkpointing\."),
+    (r"The pad token id in the tokenizer collides with another special token id\. ", UserWarning, r"megatron\.core\."),
+    (
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\. ",
+        FutureWarning,
+        r"torch\.distributed\.",
+    ),
+    (
+        r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead\.",
+        FutureWarning,
+        r"megatron\.core\.dist_checkpointing\.",
+    ),
     (r"Please use DTensor instead and we are deprecating ShardedTensor\.", FutureWarning, r""),
 )
 """(message pattern, category, module pattern): ``re.match`` at the start of the message and of the

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +45,19 @@ def sentencepiece_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("sp")
     (root / "corpus.txt").write_text("\n".join(CORPUS))
     sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=120,
-        user_defined_symbols=SPECIALS, model_type="bpe", minloglevel=2,
+        input=str(root / "corpus.txt"),
+        model_prefix=str(root / "sp"),
+        vocab_size=120,
+        user_defined_symbols=SPECIALS,
+        model_type="bpe",
+        minloglevel=2,
     )
     return root / "sp.model"
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from tiny import TINY_MODEL, TINY_VOCAB
 
 
@@ -29,10 +28,18 @@ def build_tiny(seed: int = 0, **overrides):
 
 def reference_cfg(config) -> dict:
     return dict(
-        num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_query_groups, head_dim=config.kv_channels, rms_eps=config.layernorm_epsilon,
-        rope_theta=config.rotary_base, n_encode=config.vision_encode_layers, n_decode=config.vision_decode_layers,
-        vq_offset=config.vq_offset, boi_id=config.boi_id, separator_ids=list(config.separator_ids),
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_query_groups,
+        head_dim=config.kv_channels,
+        rms_eps=config.layernorm_epsilon,
+        rope_theta=config.rotary_base,
+        n_encode=config.vision_encode_layers,
+        n_decode=config.vision_decode_layers,
+        vq_offset=config.vq_offset,
+        boi_id=config.boi_id,
+        separator_ids=list(config.separator_ids),
         document_isolation=config.document_isolation,
     )
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import garble, largest_item
+
 from megatron_unix.training.checkpointing import TRACKER, _commit, _prune, find_checkpoint
 
 
@@ -57,13 +56,15 @@ def test_resaving_an_iteration_replaces_it_atomically(tmp_path):
 
 # ------------------------------------------------------------------------------- damage at the door
 
+
 @pytest.fixture(scope="module")
 def saved(megatron_single, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A tiny model's checkpoint written by the production save, and the weights it holds."""
     from helpers import build_tiny
+    from tiny import TINY_VOCAB
+
     from megatron_unix.model.config import architecture
     from megatron_unix.training import checkpointing
-    from tiny import TINY_VOCAB
 
     model, config = build_tiny()
     root = tmp_path_factory.mktemp("saved")
@@ -86,10 +87,12 @@ def truncate(checkpoint: Path) -> str:
 
 def delete(name: str | None = None) -> Callable[[Path], str]:
     """Delete ``name``, or (None) the last shard."""
+
     def damage(checkpoint: Path) -> str:
         target = name or max(p.name for p in checkpoint.glob("*.distcp"))
         (checkpoint / target).unlink()
         return target
+
     return damage
 
 
@@ -104,13 +107,19 @@ def malform_manifest(checkpoint: Path) -> str:
     return "checksums.json is malformed"
 
 
-DAMAGE = {"garbled shard": garble, "truncated shard": truncate, "deleted shard": delete(),
-          "deleted common.pt": delete("common.pt"), "deleted .metadata": delete(".metadata"),
-          "malformed manifest": malform_manifest}
+DAMAGE = {
+    "garbled shard": garble,
+    "truncated shard": truncate,
+    "deleted shard": delete(),
+    "deleted common.pt": delete("common.pt"),
+    "deleted .metadata": delete(".metadata"),
+    "malformed manifest": malform_manifest,
+}
 
 
 def _load(checkpoint: Path, verify: bool = True) -> torch.nn.Module:
     from helpers import build_tiny
+
     from megatron_unix.training import checkpointing
 
     model, _ = build_tiny(seed=1)
@@ -159,6 +168,7 @@ def test_checkpoint_without_manifest_loads_with_a_notice(saved, copy, capsys):
 def test_disk_full_during_save_names_the_directory_and_keeps_the_last_checkpoint(saved, copy, monkeypatch):
     from helpers import build_tiny
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     from megatron_unix.training import checkpointing
     from megatron_unix.training.checksums import CheckpointError
 
@@ -177,11 +187,8 @@ def test_disk_full_during_save_names_the_directory_and_keeps_the_last_checkpoint
 
 
 def test_export_hf_refuses_a_garbled_checkpoint(copy, tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        from convert_checkpoint import main
-    finally:
-        sys.path.pop(0)
+    from megatron_unix.cli.convert_checkpoint import main
+
     name = garble(copy)
     assert main(["export-hf", "--load", str(copy.parent), "--save", str(tmp_path / "hf")]) == 2
     error = capsys.readouterr().err

@@ -31,15 +31,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_source(root: Path, tokenizer_dir: Path, style: str = "qwen2", tie: bool = False,
-                dtype: torch.dtype = torch.bfloat16, vocab: int = 192, seed: int = 0) -> Path:
+def make_source(
+    root: Path,
+    tokenizer_dir: Path,
+    style: str = "qwen2",
+    tie: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    vocab: int = 192,
+    seed: int = 0,
+) -> Path:
     """A tiny Qwen2/Qwen3 text model with the test tokenizer, saved in several safetensors shards."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if style == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
-    config = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tie,
-                        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, initializer_range=0.1)
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        initializer_range=0.1,
+    )
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():
@@ -86,6 +102,7 @@ def tokenizer_length(directory: Path) -> int:
 
 # -------------------------------------------------------------------------------- (a) bit-exact
 
+
 @pytest.mark.parametrize("style", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_round_trip_is_bit_exact(megatron_single, hf_tokenizer_dir, tmp_path, style, tie):
@@ -93,9 +110,11 @@ def test_round_trip_is_bit_exact(megatron_single, hf_tokenizer_dir, tmp_path, st
     _, exported = convert(tmp_path, source)
     src, out = read_tensors(source), read_tensors(exported)
     vocab = 192
-    vision = {"model.vision_encode_layers.0.": "model.layers.0.",
-              "model.vision_decode_layers.0.": f"model.layers.{LAYERS - 1}."}
-    expected = set(src) | {v + n[len(t):] for v, t in vision.items() for n in src if n.startswith(t)}
+    vision = {
+        "model.vision_encode_layers.0.": "model.layers.0.",
+        "model.vision_decode_layers.0.": f"model.layers.{LAYERS - 1}.",
+    }
+    expected = set(src) | {v + n[len(t) :] for v, t in vision.items() for n in src if n.startswith(t)}
     assert set(out) == expected and ("lm_head.weight" in out) == (not tie)
     for name, tensor in out.items():
         assert tensor.dtype == torch.bfloat16, name
@@ -105,7 +124,7 @@ def test_round_trip_is_bit_exact(megatron_single, hf_tokenizer_dir, tmp_path, st
             mean = src[name].float().mean(0).to(torch.bfloat16)
             assert torch.equal(tensor[vocab:], mean.expand(CODES, -1)), name
         else:
-            twin = next((t + name[len(v):] for v, t in vision.items() if name.startswith(v)), name)
+            twin = next((t + name[len(v) :] for v, t in vision.items() if name.startswith(v)), name)
             assert torch.equal(tensor, src[twin]), name  # vision copies are exact copies of text layer i
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == style and config["architectures"] == [f"Uni{style.title()}ForCausalLM"]
@@ -140,11 +159,13 @@ def test_layer_style_qwen2_to_qwen3_and_random_vision(megatron_single, hf_tokeni
             assert torch.equal(tensor, torch.ones_like(tensor)), name
         else:
             assert tensor.float().std().item() == pytest.approx(0.02, rel=0.25), name
-    assert not torch.equal(out["model.vision_encode_layers.0.mlp.up_proj.weight"],
-                           out["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        out["model.vision_encode_layers.0.mlp.up_proj.weight"], out["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 # -------------------------------------------------------------------- (b) text logits = Qwen's
+
 
 @pytest.mark.parametrize("style,tie", [("qwen2", True), ("qwen3", False)])
 def test_text_logits_match_transformers(megatron_single, hf_tokenizer_dir, tmp_path, style, tie):
@@ -173,9 +194,21 @@ def test_text_logits_match_transformers(megatron_single, hf_tokenizer_dir, tmp_p
 # ------------------------------------------------------------------ (c) reference-format Uni-X
 
 REFERENCE_FIELDS = dict(  # the reference's own fields, several off their defaults so that a reset shows
-    add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>", vis_sep_lens="16", use_share_attn=1, use_share_ffn=1,
-    attn_v_q_heads=2, decoder_sparse_step=4, ffn_share_size=1024, ffn_vision_size=4096, initializer_range=0.1,
-    max_position_embeddings=4096, transformers_version="4.53.3", torch_dtype="bfloat16", rope_theta=1e6)
+    add_sep_for_vis=1,
+    vis_sep_tokens="<|vision_pad|>",
+    vis_sep_lens="16",
+    use_share_attn=1,
+    use_share_ffn=1,
+    attn_v_q_heads=2,
+    decoder_sparse_step=4,
+    ffn_share_size=1024,
+    ffn_vision_size=4096,
+    initializer_range=0.1,
+    max_position_embeddings=4096,
+    transformers_version="4.53.3",
+    torch_dtype="bfloat16",
+    rope_theta=1e6,
+)
 NEW_KEYS = {"auto_map", "rope_parameters", "dtype", "vis_sep_token_ids"}
 """What an export adds to a reference config.json: remote code, transformers 5 names, resolved separators."""
 UNIX_SOURCE = dict(vision_encode_layers=None, vision_decode_layers=None, vq_codebook_size=None)
@@ -192,8 +225,12 @@ def reference_dir(tmp_path_factory, hf_tokenizer_dir, megatron_single) -> Path:
     config_file = exported / "config.json"
     config = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in NEW_KEYS}
     config_file.write_text(json.dumps({**config, **REFERENCE_FIELDS}, indent=2))
-    generation = {"_from_model_config": True, "eos_token_id": config["eos_token_id"], "max_new_tokens": 77,
-                  "transformers_version": "4.53.3"}
+    generation = {
+        "_from_model_config": True,
+        "eos_token_id": config["eos_token_id"],
+        "max_new_tokens": 77,
+        "transformers_version": "4.53.3",
+    }
     (exported / "generation_config.json").write_text(json.dumps(generation))
     for name in ("modeling_unix.py", "configuration_unix.py"):
         (exported / name).unlink()
@@ -226,13 +263,15 @@ def test_reference_checkpoint_round_trip(megatron_single, reference_dir, hf_toke
     plain = Qwen3ForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     with torch.no_grad():
         for tokens in (torch.tensor(t2i), samples["i2t"], samples["text"]):
-            torch.testing.assert_close(unix(input_ids=tokens[None]).logits[0], megatron_logits(model, tokens, vocab),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                unix(input_ids=tokens[None]).logits[0], megatron_logits(model, tokens, vocab), rtol=1e-5, atol=1e-5
+            )
         text = samples["text"][None]
         torch.testing.assert_close(plain(input_ids=text).logits, unix(input_ids=text).logits, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- (d) --verify
+
 
 @pytest.fixture(scope="module")
 def untied_source(tmp_path_factory, hf_tokenizer_dir) -> Path:
@@ -241,11 +280,8 @@ def untied_source(tmp_path_factory, hf_tokenizer_dir) -> Path:
 
 
 def run_cli(*args: str) -> int:
-    sys.path.insert(0, str(CLI.parent))
-    try:
-        from convert_checkpoint import main
-    finally:
-        sys.path.pop(0)
+    from megatron_unix.cli.convert_checkpoint import main
+
     return main(list(args))
 
 
@@ -255,8 +291,9 @@ def _roll_embedding(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.roll(1, dims=0) if embedding else tensor
 
 
-def test_verify_passes_then_catches_a_corrupted_conversion(megatron_single, untied_source, tmp_path, capsys,
-                                                          monkeypatch):
+def test_verify_passes_then_catches_a_corrupted_conversion(
+    megatron_single, untied_source, tmp_path, capsys, monkeypatch
+):
     from megatron_unix.conversion import convert
 
     flags = ["--vision-encode-layers", "1", "--vision-decode-layers", "1", "--vq-codebook-size", str(CODES)]
@@ -268,20 +305,18 @@ def test_verify_passes_then_catches_a_corrupted_conversion(megatron_single, unti
     assert "FAIL" not in printed
 
     iterate = convert.iter_hf_to_megatron
-    monkeypatch.setattr(convert, "iter_hf_to_megatron",
-                        lambda *a: ((n, _roll_embedding(n, t)) for n, t in iterate(*a)))
-    assert run_cli("import-hf", "--hf-dir", str(untied_source), "--save", str(tmp_path / "m2"), *flags,
-                   "--verify") == 1
+    monkeypatch.setattr(convert, "iter_hf_to_megatron", lambda *a: ((n, _roll_embedding(n, t)) for n, t in iterate(*a)))
+    assert run_cli("import-hf", "--hf-dir", str(untied_source), "--save", str(tmp_path / "m2"), *flags, "--verify") == 1
     monkeypatch.undo()
     to_hf = convert.megatron_to_hf
-    monkeypatch.setattr(convert, "megatron_to_hf",
-                        lambda *a: {n: _roll_embedding(n, t) for n, t in to_hf(*a).items()})
+    monkeypatch.setattr(convert, "megatron_to_hf", lambda *a: {n: _roll_embedding(n, t) for n, t in to_hf(*a).items()})
     assert run_cli("export-hf", "--load", str(tmp_path / "m"), "--save", str(tmp_path / "h2"), "--verify") == 1
     captured = capsys.readouterr()
     assert "FAIL" in captured.out and "verification failed" in captured.err
 
 
 # ------------------------------------------------------------------------------ (e) refusals
+
 
 def _edit_tensors(directory: Path, edit) -> None:
     """Rewrite the shards of ``directory`` with ``edit(tensors)`` applied, and the index to match."""
@@ -304,28 +339,48 @@ def _edit_config(directory: Path, **fields) -> None:
 
 
 BAD = {
-    "wrong shape": (lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.1.mlp.down_proj.weight":
-                                                                  torch.zeros(64, 95)})),
-                    "model.layers.1.mlp.down_proj.weight has shape [64, 95]"),
-    "missing tensor": (lambda d: _edit_tensors(d, lambda t: t.pop("model.layers.2.self_attn.k_proj.weight")),
-                       "model.layers.2.self_attn.k_proj.weight is missing"),
-    "extra tensor": (lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.9.mlp.up_proj.weight":
-                                                                    torch.zeros(1)})),
-                     "model.layers.9.mlp.up_proj.weight is not part of"),
+    "wrong shape": (
+        lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 95)})),
+        "model.layers.1.mlp.down_proj.weight has shape [64, 95]",
+    ),
+    "missing tensor": (
+        lambda d: _edit_tensors(d, lambda t: t.pop("model.layers.2.self_attn.k_proj.weight")),
+        "model.layers.2.self_attn.k_proj.weight is missing",
+    ),
+    "extra tensor": (
+        lambda d: _edit_tensors(d, lambda t: t.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(1)})),
+        "model.layers.9.mlp.up_proj.weight is not part of",
+    ),
     "activation": (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act='gelu'"),
-    "edited layer count": (lambda d: _edit_config(d, num_hidden_layers=6),
-                           "config.json: transformers refuses this config (Class validation error"),
+    "edited layer count": (
+        lambda d: _edit_config(d, num_hidden_layers=6),
+        "config.json: transformers refuses this config (Class validation error",
+    ),
     "truncated config": (lambda d: _truncate(d / "config.json"), "config.json: not valid JSON"),
-    "truncated index": (lambda d: _truncate(d / "model.safetensors.index.json"),
-                        "model.safetensors.index.json: not valid JSON"),
-    "damaged generation config": (lambda d: (d / "generation_config.json").write_text("[1]"),
-                                  "generation_config.json: a JSON list, not an object"),
-    "truncated shard": (lambda d: _truncate(sorted(d.glob("model-*.safetensors"))[1]),
-                        "model-00002-of-00009.safetensors: not a readable safetensors file"),
-    "uni-x variant": (lambda d: _edit_config(d, num_vision_encode_layers=1, num_vision_decode_layers=1,
-                                             vision_vocab_size=CODES, real_text_vocab_size=166, vision_start_id=1,
-                                             skip_connection_loc=2),
-                      "skip_connection_loc=2"),
+    "truncated index": (
+        lambda d: _truncate(d / "model.safetensors.index.json"),
+        "model.safetensors.index.json: not valid JSON",
+    ),
+    "damaged generation config": (
+        lambda d: (d / "generation_config.json").write_text("[1]"),
+        "generation_config.json: a JSON list, not an object",
+    ),
+    "truncated shard": (
+        lambda d: _truncate(sorted(d.glob("model-*.safetensors"))[1]),
+        "model-00002-of-00009.safetensors: not a readable safetensors file",
+    ),
+    "uni-x variant": (
+        lambda d: _edit_config(
+            d,
+            num_vision_encode_layers=1,
+            num_vision_decode_layers=1,
+            vision_vocab_size=CODES,
+            real_text_vocab_size=166,
+            vision_start_id=1,
+            skip_connection_loc=2,
+        ),
+        "skip_connection_loc=2",
+    ),
 }
 
 
@@ -349,19 +404,29 @@ def test_refused_layer_style_and_flags(megatron_single, hf_tokenizer_dir, refere
     from megatron_unix.conversion.hf_io import ConversionError
 
     with pytest.raises(ConversionError, match="--layer-style qwen2 from a qwen3 source"):
-        import_hf(reference_dir, tmp_path / "a", options(vision_encode_layers=None, vision_decode_layers=None,
-                                                         vq_codebook_size=None, layer_style="qwen2"))
+        import_hf(
+            reference_dir,
+            tmp_path / "a",
+            options(vision_encode_layers=None, vision_decode_layers=None, vq_codebook_size=None, layer_style="qwen2"),
+        )
     with pytest.raises(ConversionError, match="--vision-decode-layers 1 contradicts"):
         import_hf(reference_dir, tmp_path / "b", options(vision_encode_layers=None, vq_codebook_size=None))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: _edit_config(d, vis_sep_tokens="<|vision_pad|>,<|no such token|>"),
-     r"vis_sep_tokens item '<\|no such token\|>' is not a token of the tokenizer in .*broken"),
-    (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
-     r"broken/config.json: add_sep_for_vis=1 names vis_sep_tokens=\['<\|vision_pad\|>'\] by text, and .*broken has "
-     "no tokenizer"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda d: _edit_config(d, vis_sep_tokens="<|vision_pad|>,<|no such token|>"),
+            r"vis_sep_tokens item '<\|no such token\|>' is not a token of the tokenizer in .*broken",
+        ),
+        (
+            lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+            r"broken/config.json: add_sep_for_vis=1 names vis_sep_tokens=\['<\|vision_pad\|>'\] by text, and .*broken has "
+            "no tokenizer",
+        ),
+    ],
+)
 def test_separators_by_text_need_the_tokenizer(megatron_single, reference_dir, tmp_path, damage, message):
     from megatron_unix.conversion.convert import import_hf
     from megatron_unix.conversion.hf_io import ConversionError
@@ -402,13 +467,19 @@ def test_export_without_the_recorded_tokenizer_writes_nothing(megatron_single, h
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(untied_source, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(untied_source, broken)
     _edit_config(broken, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, str(CLI), "import-hf", "--hf-dir", str(broken), "--save",
-                           str(tmp_path / "m")], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(CLI), "import-hf", "--hf-dir", str(broken), "--save", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("convert_checkpoint: error: config.json rope_parameters=") and "yarn" in last
@@ -416,6 +487,8 @@ def test_cli_error_is_one_line(untied_source, tmp_path):
 
 # ------------------------------------------------------------------- (f) load at TP=2 and PP=2
 
+
+@pytest.mark.dist
 def test_converted_checkpoint_loads_at_tp2_and_pp2(megatron_single, untied_source, tmp_path):
     from dist.convert_worker import sample_batch
 
@@ -425,11 +498,24 @@ def test_converted_checkpoint_loads_at_tp2_and_pp2(megatron_single, untied_sourc
     checkpoint = import_hf(untied_source, tmp_path / "m", options())
     model, config, common = load_megatron(checkpoint)
     with torch.no_grad():
-        want = stream_forward(model.eval(), {"tokens": sample_batch(config)})[..., :common["model_args"]["vocab_size"]]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           f"--master-port={free_port()}",
-                           str(WORKER), "--load", str(checkpoint), "--out", str(tmp_path / "logits")],
-                          capture_output=True, text=True, timeout=300)
+        want = stream_forward(model.eval(), {"tokens": sample_batch(config)})[..., : common["model_args"]["vocab_size"]]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            f"--master-port={free_port()}",
+            str(WORKER),
+            "--load",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "logits"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for layout in ("tp2", "pp2"):
         torch.testing.assert_close(torch.load(tmp_path / f"logits.{layout}.pt"), want, rtol=1e-5, atol=1e-5)

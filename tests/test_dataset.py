@@ -25,8 +25,12 @@ BOI, EOI, EOS = 90, 91, 92
 
 class TinyText:
     path = "tiny-text"
-    specials: ClassVar[dict[str, int]] = {"<|vision_start|>": BOI, "<|vision_end|>": EOI, "<|endoftext|>": EOS,
-                                          "<|vision_pad|>": 93}
+    specials: ClassVar[dict[str, int]] = {
+        "<|vision_start|>": BOI,
+        "<|vision_end|>": EOI,
+        "<|endoftext|>": EOS,
+        "<|vision_pad|>": 93,
+    }
 
     def __len__(self) -> int:
         return 100
@@ -137,8 +141,13 @@ def random_samples(count: int, capacity: int, seed: int) -> list[tuple[list[int]
         image = g.random() < 0.4
         length = int(g.integers(8, capacity + 4)) if image else int(g.integers(1, 3 * capacity))
         untrained = int(g.integers(0, length)) if g.random() < 0.5 else 0
-        samples.append(([(s + 1) * 1000 + k for k in range(length)], [k >= untrained for k in range(length)],
-                        length // 2 if image else 0))
+        samples.append(
+            (
+                [(s + 1) * 1000 + k for k in range(length)],
+                [k >= untrained for k in range(length)],
+                length // 2 if image else 0,
+            )
+        )
     return samples
 
 
@@ -184,7 +193,7 @@ def test_packing_invariants(tmp_path, long_text):
             assert segments[s] == [list(range(n))], f"image sample {s} is not whole in one row"
         # Every token is an input once (the last one may sit only as a label at a row's end) and every
         # trained token a target with loss once.
-        assert (inputs[s, :max(n - 1, 0)] == 1).all() and inputs[s, n - 1:n].max(initial=0) <= 1
+        assert (inputs[s, : max(n - 1, 0)] == 1).all() and inputs[s, n - 1 : n].max(initial=0) <= 1
         assert not inputs[s, n:].any()
         assert np.array_equal(targets[s, 1:n], np.array(trained[1:n], int)) and not targets[s, n:].any()
 
@@ -194,8 +203,9 @@ def test_blend_ratios_and_disjoint_splits(tmp_path, megatron_single):
 
     a = write(tmp_path / "a", random_samples(200, 33, seed=2))
     b = write(tmp_path / "b", random_samples(200, 33, seed=3))
-    datasets = build(["0.7", a, "0.3", b], seq_length=32, split="98,1,1", sizes=(1000, 20, 10),
-                     cache_dir=str(tmp_path / "cache"))
+    datasets = build(
+        ["0.7", a, "0.3", b], seq_length=32, split="98,1,1", sizes=(1000, 20, 10), cache_dir=str(tmp_path / "cache")
+    )
     train = datasets[0]
     assert all(isinstance(d, BlendedDataset) for d in datasets)
     assert np.bincount(train.dataset_index).tolist() == [700, 300]
@@ -242,8 +252,12 @@ def test_missing_prefix_is_named(tmp_path):
 
 def test_rows_are_tensors_of_the_training_dtypes(tmp_path):
     item = build(write(tmp_path / "d", [TEXT, T2I]))[0][0]
-    assert {k: v.dtype for k, v in item.items()} == {"tokens": torch.int64, "labels": torch.int64,
-                                                      "loss_mask": torch.float32, "document_ids": torch.int64}
+    assert {k: v.dtype for k, v in item.items()} == {
+        "tokens": torch.int64,
+        "labels": torch.int64,
+        "loss_mask": torch.float32,
+        "document_ids": torch.int64,
+    }
     assert all(v.shape == (8,) for v in item.values())
 
 
@@ -256,13 +270,33 @@ def test_end_to_end_from_preprocessed_jsonl(tmp_path, sentencepiece_model):
 
     g = np.random.default_rng(0)
     captions = ["a red bicycle leaning on a wall", "a quick brown fox", "the river bank"]
-    lines = [{"text": " ".join(captions[: 1 + i % 3] * (1 + i % 4))} if i % 2 else
-             {"caption": captions[i % 3], "vqcode": g.integers(0, 64, 16).tolist()} for i in range(40)]
+    lines = [
+        {"text": " ".join(captions[: 1 + i % 3] * (1 + i % 4))}
+        if i % 2
+        else {"caption": captions[i % 3], "vqcode": g.integers(0, 64, 16).tolist()}
+        for i in range(40)
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     tool = Path(__file__).resolve().parents[1] / "tools" / "preprocess_data.py"
-    subprocess.run([sys.executable, str(tool), "--input", str(tmp_path / "in.jsonl"), "--output-prefix",
-                    str(tmp_path / "mix"), "--tokenizer-model", str(sentencepiece_model), "--vq-codebook-size", "64",
-                    "--image-tokens", "16", "--append-eod"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "mix"),
+            "--tokenizer-model",
+            str(sentencepiece_model),
+            "--vq-codebook-size",
+            "64",
+            "--image-tokens",
+            "16",
+            "--append-eod",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     from megatron_unix.data.dataset import build_datasets
 
@@ -273,7 +307,7 @@ def test_end_to_end_from_preprocessed_jsonl(tmp_path, sentencepiece_model):
     for r in rows(train):
         full = np.array(r["tokens"] + r["labels"][-1:])
         for b in np.flatnonzero(full == tok.boi_id):
-            assert (full[b + 1:b + 17] >= tok.vq_offset).all() and full[b + 17] == tok.eoi_id
+            assert (full[b + 1 : b + 17] >= tok.vq_offset).all() and full[b + 17] == tok.eoi_id
             images += 1
     assert images == 20
 
@@ -287,8 +321,16 @@ def _one_row(tmp_path: Path, tok: MultimodalTokenizer, name: str, line: dict, **
     from megatron_unix.data.preprocess import LineFormat, preprocess
 
     (tmp_path / f"{name}.jsonl").write_text(json.dumps(line) + "\n")
-    preprocess([str(tmp_path / f"{name}.jsonl")], str(tmp_path / name), tok, LineFormat(image_tokens=4, **fmt), 1,
-               True, 10**6, io.StringIO())
+    preprocess(
+        [str(tmp_path / f"{name}.jsonl")],
+        str(tmp_path / name),
+        tok,
+        LineFormat(image_tokens=4, **fmt),
+        1,
+        True,
+        10**6,
+        io.StringIO(),
+    )
     documents = MultimodalDocuments(tmp_path / name)  # keep it alive: lengths is a view of its mmap
     length = int(documents.lengths[0])
     train = build_datasets([str(tmp_path / name)], "1,0,0", length - 1, 1, tok, (None, None, None))[0]
@@ -298,9 +340,13 @@ def _one_row(tmp_path: Path, tok: MultimodalTokenizer, name: str, line: dict, **
 
 def _matches_one_of(row: dict, candidates: list[tuple[list[int], list[bool]]]) -> bool:
     """The row is sample ``tokens`` shifted into inputs/labels, with loss where the target is trained."""
-    return any(row["tokens"] == tokens[:-1] and row["labels"] == tokens[1:]
-               and row["loss_mask"] == [float(t) for t in trained[1:]] and set(row["document_ids"]) == {0}
-               for tokens, trained in candidates)
+    return any(
+        row["tokens"] == tokens[:-1]
+        and row["labels"] == tokens[1:]
+        and row["loss_mask"] == [float(t) for t in trained[1:]]
+        and set(row["document_ids"]) == {0}
+        for tokens, trained in candidates
+    )
 
 
 def test_jsonl_to_training_rows_for_every_layout(tmp_path):
@@ -319,18 +365,29 @@ def test_jsonl_to_training_rows_for_every_layout(tmp_path):
     assert _matches_one_of(row, [(enc(text) + [tok.eos_id], [True] * (len(enc(text)) + 1))])
 
     caption = "a red bicycle"
-    t2i = [(enc(condition) + [tok.boi_id] + image[1:] + [tok.eos_id],
-            [False] * (len(enc(condition)) + 1) + [True] * (len(codes) + 2))
-           for condition in [f"{caption} {p}" for p in T2I_PROMPTS] + [UNCONDITIONAL]]
+    t2i = [
+        (
+            enc(condition) + [tok.boi_id] + image[1:] + [tok.eos_id],
+            [False] * (len(enc(condition)) + 1) + [True] * (len(codes) + 2),
+        )
+        for condition in [f"{caption} {p}" for p in T2I_PROMPTS] + [UNCONDITIONAL]
+    ]
     assert _matches_one_of(_one_row(tmp_path, tok, "t2i", {"caption": caption, "vqcode": codes}, t2i_ratio=1.0), t2i)
 
-    i2t = [(image + enc(p) + enc(" " + caption) + [tok.eos_id],
-            [False] * (len(image) + len(enc(p))) + [True] * (len(enc(" " + caption)) + 1)) for p in I2T_PROMPTS]
+    i2t = [
+        (
+            image + enc(p) + enc(" " + caption) + [tok.eos_id],
+            [False] * (len(image) + len(enc(p))) + [True] * (len(enc(" " + caption)) + 1),
+        )
+        for p in I2T_PROMPTS
+    ]
     assert _matches_one_of(_one_row(tmp_path, tok, "i2t", {"caption": caption, "vqcode": codes}, t2i_ratio=0.0), i2t)
 
     question, answer = "What is in the picture?", "A red bicycle near the river bank."
-    sft = (image + enc("\n" + question) + enc("\n" + answer) + [tok.eos_id],
-           [False] * (len(image) + len(enc("\n" + question))) + [True] * (len(enc("\n" + answer)) + 1))
+    sft = (
+        image + enc("\n" + question) + enc("\n" + answer) + [tok.eos_id],
+        [False] * (len(image) + len(enc("\n" + question))) + [True] * (len(enc("\n" + answer)) + 1),
+    )
     line = {"vqcode": codes, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
     assert _matches_one_of(_one_row(tmp_path, tok, "sft", line), [sft])
 
@@ -357,25 +414,43 @@ LENGTHS_AT = 34  # the int32 sequence lengths follow Megatron's 34-byte .idx hea
 # The dataset is [TEXT, T2I, I2T]: lengths 6, 9, 9 (24 int32 tokens, 96 bytes); loss-mask runs [0, 6], [3, 6],
 # [6, 3]; vision counts 0, 5, 3. Each damage, then the exact refusal ({p} is the prefix).
 DAMAGES = {
-    "negative length": (lambda p: overwrite(p + ".idx", LENGTHS_AT + 4, np.int32(-3).tobytes()),
-                        "{p}.idx: sample 1 has length -3"),
-    "truncated bin": (lambda p: shorten(p + ".bin", 8),
-                      "{p}.bin: 88 bytes, but the lengths in {p}.idx add up to 24 tokens (96 bytes)"),
-    "empty idx": (lambda p: Path(p + ".idx").write_bytes(b""),
-                  "{p}.idx: 0 bytes, shorter than the 34-byte header of a Megatron index"),
-    "truncated idx": (lambda p: shorten(p + ".idx", 8),
-                      "{p}.idx: 94 bytes, but its header's 3 sequences and 4 document boundaries need 102"),
-    "not an idx": (lambda p: overwrite(p + ".idx", 0, b"MMIDIDY"),
-                   "{p}.idx: magic b'MMIDIDY\\x00\\x00', expected b'MMIDIDX\\x00\\x00'"),
+    "negative length": (
+        lambda p: overwrite(p + ".idx", LENGTHS_AT + 4, np.int32(-3).tobytes()),
+        "{p}.idx: sample 1 has length -3",
+    ),
+    "truncated bin": (
+        lambda p: shorten(p + ".bin", 8),
+        "{p}.bin: 88 bytes, but the lengths in {p}.idx add up to 24 tokens (96 bytes)",
+    ),
+    "empty idx": (
+        lambda p: Path(p + ".idx").write_bytes(b""),
+        "{p}.idx: 0 bytes, shorter than the 34-byte header of a Megatron index",
+    ),
+    "truncated idx": (
+        lambda p: shorten(p + ".idx", 8),
+        "{p}.idx: 94 bytes, but its header's 3 sequences and 4 document boundaries need 102",
+    ),
+    "not an idx": (
+        lambda p: overwrite(p + ".idx", 0, b"MMIDIDY"),
+        "{p}.idx: magic b'MMIDIDY\\x00\\x00', expected b'MMIDIDX\\x00\\x00'",
+    ),
     "loss mask count": (lambda p: swap_loss_masks(p, [TEXT, T2I]), "{p}_lossmask.idx: 2 loss masks for 3 samples"),
-    "loss mask length": (lambda p: overwrite(p + "_lossmask.bin", 4, np.int32(7).tobytes()),
-                         "{p}_lossmask.bin: the loss mask of sample 0 covers 7 tokens, the sample has 6"),
-    "negative run": (lambda p: overwrite(p + "_lossmask.bin", 8, np.int32([-1, 10]).tobytes()),
-                     "{p}_lossmask.bin: sample 1 has a run of length -1"),
-    "vision count": (lambda p: np.save(p + "_vision.npy", np.zeros(2, np.int32)),
-                     "{p}_vision.npy: 2 vision counts for 3 samples"),
-    "vision over length": (lambda p: np.save(p + "_vision.npy", np.int32([0, 10, 3])),
-                           "{p}_vision.npy: sample 1 has 10 vision tokens but length 9"),
+    "loss mask length": (
+        lambda p: overwrite(p + "_lossmask.bin", 4, np.int32(7).tobytes()),
+        "{p}_lossmask.bin: the loss mask of sample 0 covers 7 tokens, the sample has 6",
+    ),
+    "negative run": (
+        lambda p: overwrite(p + "_lossmask.bin", 8, np.int32([-1, 10]).tobytes()),
+        "{p}_lossmask.bin: sample 1 has a run of length -1",
+    ),
+    "vision count": (
+        lambda p: np.save(p + "_vision.npy", np.zeros(2, np.int32)),
+        "{p}_vision.npy: 2 vision counts for 3 samples",
+    ),
+    "vision over length": (
+        lambda p: np.save(p + "_vision.npy", np.int32([0, 10, 3])),
+        "{p}_vision.npy: sample 1 has 10 vision tokens but length 9",
+    ),
 }
 
 
@@ -399,20 +474,41 @@ def test_damaged_dataset_is_refused_when_opened_naming_the_file(tmp_path, name):
     assert not list(tmp_path.glob("merged*"))
 
 
+@pytest.mark.slow
 def test_training_refuses_unrecorded_vocabulary_and_damage_before_building(tmp_path, hf_tokenizer_dir):
     """pretrain_unix.py: a prefix without _vocab.json is refused unless --allow-unrecorded-vocabulary; then
     the damage check runs on it, both before the model is built (exit 2, the file named)."""
     prefix = write(tmp_path / "d", [TEXT, T2I, I2T])  # this writer records no vocabulary
     DAMAGES["negative length"][0](prefix)
-    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "pretrain_unix.py"), "--model-preset", "tiny",
-               "--tokenizer-model", str(hf_tokenizer_dir), "--vq-codebook-size", "64", "--data-path", prefix,
-               "--split", "1,0,0", "--seq-length", "8", "--micro-batch-size", "1", "--global-batch-size", "1",
-               "--train-iters", "1"]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "pretrain_unix.py"),
+        "--model-preset",
+        "tiny",
+        "--tokenizer-model",
+        str(hf_tokenizer_dir),
+        "--vq-codebook-size",
+        "64",
+        "--data-path",
+        prefix,
+        "--split",
+        "1,0,0",
+        "--seq-length",
+        "8",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "1",
+        "--train-iters",
+        "1",
+    ]
     refused = subprocess.run(command, capture_output=True, text=True, check=False)
     assert refused.returncode == 2
-    message = (f"error: --data-path {prefix}: {prefix}_vocab.json is missing, so nothing records which vocabulary "
-               f"its samples were tokenized with: preprocess it again with tools/preprocess_data.py, or pass "
-               f"--allow-unrecorded-vocabulary if it was made with --tokenizer-model {hf_tokenizer_dir}\n")
+    message = (
+        f"error: --data-path {prefix}: {prefix}_vocab.json is missing, so nothing records which vocabulary "
+        f"its samples were tokenized with: preprocess it again with tools/preprocess_data.py, or pass "
+        f"--allow-unrecorded-vocabulary if it was made with --tokenizer-model {hf_tokenizer_dir}\n"
+    )
     assert message in refused.stderr
     allowed = subprocess.run(command + ["--allow-unrecorded-vocabulary"], capture_output=True, text=True, check=False)
     assert allowed.returncode == 2 and "_vocab.json" not in allowed.stderr

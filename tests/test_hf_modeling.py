@@ -11,30 +11,51 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import BOI, EOI, EOS, SEP, TEXT_VOCAB, TINY_VOCAB
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from unix_reference import unix_reference_forward
 
 from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES, auto_map
 from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen2Config, UniQwen3Config
 from megatron_unix.conversion.hf_remote.modeling_unix import UniQwen2ForCausalLM, UniQwen3ForCausalLM, separator_ids
-from tiny import BOI, EOI, EOS, SEP, TEXT_VOCAB, TINY_VOCAB
-from unix_reference import unix_reference_forward
 
-STYLES = {"qwen3": (UniQwen3Config, UniQwen3ForCausalLM, Qwen3ForCausalLM),
-          "qwen2": (UniQwen2Config, UniQwen2ForCausalLM, Qwen2ForCausalLM)}
+STYLES = {
+    "qwen3": (UniQwen3Config, UniQwen3ForCausalLM, Qwen3ForCausalLM),
+    "qwen2": (UniQwen2Config, UniQwen2ForCausalLM, Qwen2ForCausalLM),
+}
 LAYERS = 4
 
 
-def export(root: Path, style: str = "qwen3", tie: bool = True, n: int = 1, m: int = 1,
-           separators: tuple[int, ...] = (), seed: int = 0) -> Path:
+def export(
+    root: Path,
+    style: str = "qwen3",
+    tie: bool = True,
+    n: int = 1,
+    m: int = 1,
+    separators: tuple[int, ...] = (),
+    seed: int = 0,
+) -> Path:
     """What the converter does: save_pretrained, copy the remote-code files, add `auto_map`."""
     config_cls, model_cls, _ = STYLES[style]
     extra = dict(add_sep_for_vis=1, vis_sep_token_ids=list(separators)) if separators else {}
     config = config_cls(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=tie,
-        initializer_range=0.1, num_vision_encode_layers=n, num_vision_decode_layers=m,
-        real_text_vocab_size=TEXT_VOCAB, vision_start_id=BOI, **extra)
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=tie,
+        initializer_range=0.1,
+        num_vision_encode_layers=n,
+        num_vision_decode_layers=m,
+        real_text_vocab_size=TEXT_VOCAB,
+        vision_start_id=BOI,
+        **extra,
+    )
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():  # non-default norms and biases, so a skipped one shows
@@ -59,9 +80,21 @@ def load_remote(root: Path, **kwargs):
 
 
 def reference_cfg(config, separators: tuple[int, ...]) -> dict:
-    return dict(num_layers=LAYERS, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, rms_eps=1e-6,
-                rope_theta=1e6, n_encode=config.num_vision_encode_layers, n_decode=config.num_vision_decode_layers,
-                vq_offset=TEXT_VOCAB, boi_id=BOI, separator_ids=list(separators), document_isolation=True)
+    return dict(
+        num_layers=LAYERS,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_eps=1e-6,
+        rope_theta=1e6,
+        n_encode=config.num_vision_encode_layers,
+        n_decode=config.num_vision_decode_layers,
+        vq_offset=TEXT_VOCAB,
+        boi_id=BOI,
+        separator_ids=list(separators),
+        document_isolation=True,
+    )
 
 
 def text(k: int, g: torch.Generator) -> list[int]:
@@ -76,9 +109,7 @@ def mixed_rows(separator: int | None = None) -> torch.Tensor:
     """Text, T2I [text, BOI, codes, EOI, EOS] and I2T [BOI, codes, EOI, text, EOS] rows of 24 tokens."""
     g = torch.Generator().manual_seed(1)
     image = codes(12, g) if separator is None else codes(5, g) + [separator] + codes(6, g)
-    rows = [text(24, g),
-            text(9, g) + [BOI, *image, EOI, EOS],
-            [BOI, *image, EOI, *text(9, g), EOS]]
+    rows = [text(24, g), text(9, g) + [BOI, *image, EOI, EOS], [BOI, *image, EOI, *text(9, g), EOS]]
     return torch.tensor(rows)
 
 
@@ -101,12 +132,15 @@ def assert_tight(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("style, tie, n, m, separators, attn", [
-    ("qwen3", True, 1, 1, (), "sdpa"),
-    ("qwen2", False, 1, 2, (), "sdpa"),
-    ("qwen3", True, 0, 0, (), "sdpa"),
-    ("qwen3", False, 2, 1, (SEP,), "eager"),
-])
+@pytest.mark.parametrize(
+    "style, tie, n, m, separators, attn",
+    [
+        ("qwen3", True, 1, 1, (), "sdpa"),
+        ("qwen2", False, 1, 2, (), "sdpa"),
+        ("qwen3", True, 0, 0, (), "sdpa"),
+        ("qwen3", False, 2, 1, (SEP,), "eager"),
+    ],
+)
 def test_logits_match_reference(tmp_path, style, tie, n, m, separators, attn):
     root = export(tmp_path / "unix", style, tie, n, m, separators)
     with safe_open(root / "model.safetensors", "pt") as f:
@@ -137,8 +171,15 @@ def test_cached_greedy_generation_matches_recompute(tmp_path, style):
     prompts, mask = left_padded_prompts()
     steps = 12
     with torch.no_grad():
-        out = model.generate(prompts, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            prompts,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         seq, seq_mask, step_logits = prompts, mask, []
         for _ in range(steps):  # no cache: the full forward at every step
             last = model(seq, attention_mask=seq_mask, use_cache=False).logits[:, -1]
@@ -148,11 +189,17 @@ def test_cached_greedy_generation_matches_recompute(tmp_path, style):
     assert torch.equal(out.sequences, seq)
     for cached, full in zip(out.logits, step_logits):
         assert_tight(cached, full)
-    generated = seq[:, prompts.shape[1]:]
+    generated = seq[:, prompts.shape[1] :]
     assert (generated >= TEXT_VOCAB).any() and (generated < TEXT_VOCAB).any()  # both copies were cached
     with torch.no_grad():  # left padding changes nothing: the padded row continues like its prompt alone
-        alone = model.generate(prompts[:1, 4:], max_new_tokens=steps, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
+        alone = model.generate(
+            prompts[:1, 4:],
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert torch.equal(alone.sequences[0, 6:], generated[0])
     assert_tight(torch.stack(alone.logits)[:, 0], torch.stack(out.logits)[:, 0])
 
@@ -162,12 +209,21 @@ def test_cached_sampling_matches_teacher_forcing(tmp_path):
     prompts, mask = left_padded_prompts()
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(prompts, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0,
-                             temperature=1.0, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            prompts,
+            attention_mask=mask,
+            max_new_tokens=10,
+            do_sample=True,
+            top_k=0,
+            temperature=1.0,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         full_mask = torch.cat([mask, torch.ones(2, 10, dtype=mask.dtype)], dim=1)
         full = model(out.sequences, attention_mask=full_mask, use_cache=False).logits
     p = prompts.shape[1]
-    assert_tight(torch.stack(out.logits, dim=1), full[:, p - 1:-1])
+    assert_tight(torch.stack(out.logits, dim=1), full[:, p - 1 : -1])
     generated = out.sequences[:, p:]
     assert (generated >= TEXT_VOCAB).any() and (generated < TEXT_VOCAB).any()
 
@@ -217,17 +273,26 @@ def test_directory_loads_as_plain_text_lm(tmp_path, style):
         torch.testing.assert_close(plain(tokens).logits, unix(tokens).logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("field, value", [("skip_connection_loc", 2), ("add_share_ffn", 1),
-                                          ("all_modal_visible", 1)])
+@pytest.mark.parametrize("field, value", [("skip_connection_loc", 2), ("add_share_ffn", 1), ("all_modal_visible", 1)])
 def test_unsupported_reference_variants_are_refused(field, value):
-    config = UniQwen3Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, **{field: value})
+    config = UniQwen3Config(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        **{field: value},
+    )
     with pytest.raises(ValueError, match=field):
         UniQwen3ForCausalLM(config)
 
 
 def test_separators_route_by_resolved_ids_only():
-    assert separator_ids(UniQwen2Config(add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>", vis_sep_token_ids=[7])) == [7]
+    assert separator_ids(UniQwen2Config(add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>", vis_sep_token_ids=[7])) == [
+        7
+    ]
     assert separator_ids(UniQwen2Config(add_sep_for_vis=0, vis_sep_tokens="<|vision_pad|>")) == []  # the default
     with pytest.raises(ValueError, match="vis_sep_token_ids"):  # token texts alone: only a tokenizer resolves them
         separator_ids(UniQwen2Config(add_sep_for_vis=1, vis_sep_tokens="<|vision_pad|>"))

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_convert import make_source
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADER = Path(__file__).parent / "interop" / "load_export.py"
@@ -30,22 +31,50 @@ LEGACY_VERSION = "4.53.3"
 @pytest.fixture(scope="session")
 def legacy_site() -> Path:
     """The transformers 4.53.3 site directory: CI's (environment variable) or built here the same way."""
-    site = os.environ.get(LEGACY_SITE_ENV) or subprocess.run(
-        ["bash", str(ROOT / ".ci" / "legacy_transformers.sh"), sys.executable],
-        check=True, capture_output=True, text=True).stdout.strip()
+    site = (
+        os.environ.get(LEGACY_SITE_ENV)
+        or subprocess.run(
+            ["bash", str(ROOT / ".ci" / "legacy_transformers.sh"), sys.executable],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     return Path(site)
 
 
 def qwen25_config(tiny: dict, eos: int) -> dict:
     """Qwen2.5-1.5B's config.json as its release writes it (transformers 4.40), with tiny dimensions: the keys
     a real import meets (max_window_layers, sliding_window, use_mrope, rope_theta and torch_dtype at the top)."""
-    dims = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
-            "vocab_size", "tie_word_embeddings")
-    return {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": eos, "eos_token_id": eos,
-            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 131072,
-            "max_window_layers": 21, "model_type": "qwen2", "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-            "sliding_window": 131072, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
-            "use_mrope": False, "use_sliding_window": False, **{k: tiny[k] for k in dims}}
+    dims = (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 131072,
+        "max_window_layers": 21,
+        "model_type": "qwen2",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 131072,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1",
+        "use_cache": True,
+        "use_mrope": False,
+        "use_sliding_window": False,
+        **{k: tiny[k] for k in dims},
+    }
 
 
 SOURCES = {"qwen3": ("qwen3", None), "qwen2": ("qwen2", None), "qwen2.5 release -> qwen3 layers": ("qwen2", "qwen3")}
@@ -68,9 +97,18 @@ def exported(request, tmp_path_factory, hf_tokenizer_dir, megatron_single):
         tiny = json.loads((source / "config.json").read_text())
         eos = load_text_tokenizer(hf_tokenizer_dir).token_id("<|endoftext|>")
         (source / "config.json").write_text(json.dumps(qwen25_config(tiny, eos)))
-    import_hf(source, tmp / "megatron", ImportOptions(vision_encode_layers=1, vision_decode_layers=1,
-                                                      vq_codebook_size=48, vision_init="random",
-                                                      separator="<|vision_pad|>", layer_style=target_style))
+    import_hf(
+        source,
+        tmp / "megatron",
+        ImportOptions(
+            vision_encode_layers=1,
+            vision_decode_layers=1,
+            vq_codebook_size=48,
+            vision_init="random",
+            separator="<|vision_pad|>",
+            layer_style=target_style,
+        ),
+    )
     export_hf(tmp / "megatron", tmp / "exported")
     import_hf(tmp / "exported", tmp / "reimported")
     model, config, common = load_megatron(tmp / "reimported")
@@ -94,8 +132,13 @@ def load_in_subprocess(export: Path, samples: Path, out: Path, pythonpath: Path 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(LOADER), str(export), str(samples), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(LOADER), str(export), str(samples), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out)
 
@@ -132,12 +175,31 @@ def test_export_states_its_transformers_range(exported):
 def test_release_config_keys_are_carried_into_the_export(exported):
     """What the model did not change comes back as the release wrote it; what it changed is recomputed."""
     config = json.loads((exported[0] / "config.json").read_text())
-    assert {k: config[k] for k in ("max_position_embeddings", "max_window_layers", "sliding_window", "use_mrope",
-                                   "use_sliding_window", "initializer_range", "rope_theta")} == {
-        "max_position_embeddings": 131072, "max_window_layers": 21, "sliding_window": 131072, "use_mrope": False,
-        "use_sliding_window": False, "initializer_range": 0.02, "rope_theta": 1e6}
+    assert {
+        k: config[k]
+        for k in (
+            "max_position_embeddings",
+            "max_window_layers",
+            "sliding_window",
+            "use_mrope",
+            "use_sliding_window",
+            "initializer_range",
+            "rope_theta",
+        )
+    } == {
+        "max_position_embeddings": 131072,
+        "max_window_layers": 21,
+        "sliding_window": 131072,
+        "use_mrope": False,
+        "use_sliding_window": False,
+        "initializer_range": 0.02,
+        "rope_theta": 1e6,
+    }
     assert (config["model_type"], config["architectures"], config["torch_dtype"]) == (
-        "qwen3", ["UniQwen3ForCausalLM"], "bfloat16")
+        "qwen3",
+        ["UniQwen3ForCausalLM"],
+        "bfloat16",
+    )
 
 
 @pytest.mark.parametrize("exported", ["qwen3"], indirect=True)
@@ -147,12 +209,13 @@ def test_config_fields_survive_training(exported, tmp_path):
     import random
 
     from conftest import CORPUS
+    from test_convert import read_tensors
+    from test_pretrain import run
+
     from megatron_unix.conversion.convert import export_hf, import_hf
     from megatron_unix.data.indexed import DatasetWriter
     from megatron_unix.data.layouts import pair_sample, text_sample
     from megatron_unix.data.tokenizer import MultimodalTokenizer
-    from test_convert import read_tensors
-    from test_pretrain import run
 
     first = exported[0]
     import_hf(first, tmp_path / "imported")
@@ -163,10 +226,32 @@ def test_config_fields_survive_training(exported, tmp_path):
             sample = text_sample(tok, line) if i % 2 else pair_sample(tok, line[:30], [rng.randrange(48)] * 8, rng)
             writer.add(sample.tokens, sample.trained, 0 if i % 2 else 9)
         writer.commit()
-    run(["--pretrained-checkpoint", str(tmp_path / "imported"), "--save", str(tmp_path / "trained"),
-         "--tokenizer-model", str(first), "--data-path", str(tmp_path / "data"), "--split", "100,0,0",
-         "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
-         "--lr", "1e-2", "--log-interval", "1"])
+    run(
+        [
+            "--pretrained-checkpoint",
+            str(tmp_path / "imported"),
+            "--save",
+            str(tmp_path / "trained"),
+            "--tokenizer-model",
+            str(first),
+            "--data-path",
+            str(tmp_path / "data"),
+            "--split",
+            "100,0,0",
+            "--seq-length",
+            "64",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "2",
+            "--train-iters",
+            "2",
+            "--lr",
+            "1e-2",
+            "--log-interval",
+            "1",
+        ]
+    )
     export_hf(tmp_path / "trained", tmp_path / "second")
     for name in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "second" / name).read_text()) == json.loads((first / name).read_text())

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+
 @pytest.fixture(scope="module")
 def tok(hf_tokenizer_dir):
     from megatron_unix.data.tokenizer import MultimodalTokenizer
@@ -49,7 +50,7 @@ def test_t2i_unconditional(tok):
     from megatron_unix.data.layouts import t2i_sample
 
     s = t2i_sample(tok, "a red bicycle", [3], FixedRng(0.05))
-    assert s.tokens[: -4] == tok.tokenize("<unconditional>")
+    assert s.tokens[:-4] == tok.tokenize("<unconditional>")
     assert s.tokens[-4:] == [tok.boi_id, tok.vq_offset + 3, tok.eoi_id, tok.eos_id]
 
 

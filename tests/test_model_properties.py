@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import build_tiny, logits
 from tiny import TEXT_VOCAB, VQ_CODES, make_batch
 
@@ -43,8 +42,9 @@ def test_documents_do_not_see_each_other(megatron_single, isolation):
 
 
 def test_config_refuses_bad_settings():
-    from megatron_unix.model import make_config
     from tiny import TINY_MODEL
+
+    from megatron_unix.model import make_config
 
     with pytest.raises(ValueError, match="--vision-encode-layers"):
         make_config(**{**TINY_MODEL, "vision_encode_layers": 3, "vision_decode_layers": 2})
@@ -57,9 +57,10 @@ def test_config_refuses_bad_settings():
 
 
 def test_transformer_engine_impl_needs_transformer_engine():
+    from tiny import TINY_MODEL
+
     from megatron_unix import platform
     from megatron_unix.model import make_config
-    from tiny import TINY_MODEL
 
     if platform.detect_accelerators().transformer_engine:
         pytest.skip("Transformer Engine is installed here")
@@ -69,11 +70,18 @@ def test_transformer_engine_impl_needs_transformer_engine():
 
 
 TE_LAYER_KEYS = [  # a Transformer Engine layer's sharded keys: its input norms are fused into linear_qkv / linear_fc1
-    "self_attention.linear_qkv.weight", "self_attention.linear_qkv.layer_norm_weight",
-    "self_attention.linear_qkv._extra_state", "self_attention.linear_proj.weight",
-    "self_attention.linear_proj._extra_state", "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
-    "mlp.linear_fc1.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1._extra_state",
-    "mlp.linear_fc2.weight", "mlp.linear_fc2._extra_state",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_qkv.layer_norm_weight",
+    "self_attention.linear_qkv._extra_state",
+    "self_attention.linear_proj.weight",
+    "self_attention.linear_proj._extra_state",
+    "self_attention.q_layernorm.weight",
+    "self_attention.k_layernorm.weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc1.layer_norm_weight",
+    "mlp.linear_fc1._extra_state",
+    "mlp.linear_fc2.weight",
+    "mlp.linear_fc2._extra_state",
 ]
 
 
@@ -108,7 +116,7 @@ def test_attention_backends_agree_on_segments():
     segments = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
     q, k, v = (torch.randn(10, 4, 8, generator=g) for _ in range(3))
     k, v = k[:, :2], v[:, :2]  # GQA: 2 kv heads
-    out = sdpa_backend(q, k, v, segment_params(segments, 10), 8 ** -0.5, 0.0)
+    out = sdpa_backend(q, k, v, segment_params(segments, 10), 8**-0.5, 0.0)
     for seg in segments.unique():
         idx = (segments == seg).nonzero().flatten()
         kk, vv = (x[idx].repeat_interleave(2, dim=1).transpose(0, 1) for x in (k, v))
@@ -116,13 +124,35 @@ def test_attention_backends_agree_on_segments():
         torch.testing.assert_close(out[idx], ref.transpose(0, 1))
 
 
-@pytest.mark.parametrize("shape,expected", [
-    (dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
-          vision_encode_layers=9, vision_decode_layers=5), 2_211_391_488),
-    (dict(num_layers=36, hidden_size=2048, ffn_hidden_size=11008, num_attention_heads=16,
-          vision_encode_layers=12, vision_decode_layers=6), 4_489_977_344),
-    (dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12), 1_556_247_040),
-], ids=["unix-1.5b-9:5", "unix-3b-12:6", "shared-1.5b"])
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        (
+            dict(
+                num_layers=28,
+                hidden_size=1536,
+                ffn_hidden_size=8960,
+                num_attention_heads=12,
+                vision_encode_layers=9,
+                vision_decode_layers=5,
+            ),
+            2_211_391_488,
+        ),
+        (
+            dict(
+                num_layers=36,
+                hidden_size=2048,
+                ffn_hidden_size=11008,
+                num_attention_heads=16,
+                vision_encode_layers=12,
+                vision_decode_layers=6,
+            ),
+            4_489_977_344,
+        ),
+        (dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12), 1_556_247_040),
+    ],
+    ids=["unix-1.5b-9:5", "unix-3b-12:6", "shared-1.5b"],
+)
 def test_published_parameter_counts(megatron_single, shape, expected):
     """Spec §1 table (vocab 160128, tied, Qwen3 style); N = M = 0 gives the "text model alone"."""
     from megatron_unix.model import build_model, make_config
@@ -133,8 +163,9 @@ def test_published_parameter_counts(megatron_single, shape, expected):
 
 
 def test_routing_segments_and_sequence_parallel_padding():
-    from megatron_unix.model import build_routing, make_config
     from tiny import BOI, EOI, TINY_MODEL
+
+    from megatron_unix.model import build_routing, make_config
 
     config = make_config(**TINY_MODEL, tensor_model_parallel_size=2, sequence_parallel=True)
     tokens = torch.tensor([[1, 2, BOI, 100, 101, EOI, 3, 4], [5, BOI, 102, EOI, 6, 7, 8, 9]])

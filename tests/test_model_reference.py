@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import build_tiny, hf_weights, logits, reference_cfg
 from tiny import SEP, make_batch
 from unix_reference import reference_loss, unix_reference_forward
 
 CONFIGS = {
     "qwen3-style-tied-1:1": dict(),
-    "qwen2-style-untied-2:1": dict(qk_layernorm=False, add_qkv_bias=True, tie_word_embeddings=False,
-                                   vision_encode_layers=2, vision_decode_layers=1),
+    "qwen2-style-untied-2:1": dict(
+        qk_layernorm=False, add_qkv_bias=True, tie_word_embeddings=False, vision_encode_layers=2, vision_decode_layers=1
+    ),
     "shared-baseline-0:0": dict(vision_encode_layers=0, vision_decode_layers=0),
     "all-separated-2:2-with-separator": dict(vision_encode_layers=2, vision_decode_layers=2, separator_ids=(SEP,)),
     "no-document-isolation": dict(document_isolation=False),
@@ -47,8 +47,9 @@ def test_logits_and_gradients_match_reference(megatron_single, name):
     ref_loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
 
-    from megatron_unix.conversion.mappings import megatron_to_hf
     from tiny import TINY_VOCAB
+
+    from megatron_unix.conversion.mappings import megatron_to_hf
 
     grads = megatron_to_hf({n: p.grad for n, p in model.named_parameters()}, config, TINY_VOCAB)
     assert set(grads) == set(weights)

@@ -15,14 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.dist
+
 WORKER = Path(__file__).parent / "dist" / "parity_worker.py"
 
 
 def torchrun(nproc: int, out: Path, *args: str) -> dict:
     port = 24000 + (os.getpid() + hash(args)) % 4000
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}",
-           str(WORKER), "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={port}",
+        str(WORKER),
+        "--out",
+        str(out),
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the worker imports tests/tiny.py
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     result["logits"] = torch.load(str(out) + ".logits.pt")
@@ -50,7 +62,16 @@ def test_single_modality_micro_batches_under_ddp_overlap(single):
     root, _ = single
     ckpt = str(root / "ckpt")
     one = torchrun(1, root / "split1.json", "--load", ckpt, "--batches", "split-modality")
-    two = torchrun(2, root / "split2.json", "--load", ckpt, "--batches", "split-modality", "--micro-batches", "1",
-                   "--overlap-grad-reduce")
+    two = torchrun(
+        2,
+        root / "split2.json",
+        "--load",
+        ckpt,
+        "--batches",
+        "split-modality",
+        "--micro-batches",
+        "1",
+        "--overlap-grad-reduce",
+    )
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)

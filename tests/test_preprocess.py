@@ -22,8 +22,7 @@ from conftest import CORPUS
 
 from megatron_unix.data.indexed import MultimodalDocuments, output_files
 from megatron_unix.data.layouts import I2T_PROMPTS, T2I_PROMPTS, UNCONDITIONAL
-from megatron_unix.data.preprocess import (BadLine, LineFormat, PreprocessError, Summary, merge, parse_line,
-                                           preprocess)
+from megatron_unix.data.preprocess import BadLine, LineFormat, PreprocessError, Summary, merge, parse_line, preprocess
 from megatron_unix.data.tokenizer import MultimodalTokenizer, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +48,13 @@ def write(path: Path, lines: list) -> Path:
     return path
 
 
-def run(tok, inputs, prefix, workers=1, strict=False, block_bytes=1 << 20, log_interval=10**6,
-        **fmt) -> tuple[Summary, str]:
+def run(
+    tok, inputs, prefix, workers=1, strict=False, block_bytes=1 << 20, log_interval=10**6, **fmt
+) -> tuple[Summary, str]:
     log = io.StringIO()
-    summary = preprocess(inputs, prefix, tok, LineFormat(image_tokens=IMAGE, **fmt), workers, strict, log_interval,
-                         log, block_bytes)
+    summary = preprocess(
+        inputs, prefix, tok, LineFormat(image_tokens=IMAGE, **fmt), workers, strict, log_interval, log, block_bytes
+    )
     return summary, log.getvalue()
 
 
@@ -105,8 +106,10 @@ def i2t_candidates(tok, text: str, c: list[int]) -> list[tuple[list[int], list[b
 @pytest.mark.parametrize("append_eod", [False, True])
 def test_text_from_jsonl_and_gz_in_input_order(tok, tmp_path, append_eod):
     texts = [caption(i) + "." for i in range(6)]
-    inputs = [write(tmp_path / "b.jsonl", [{"text": t} for t in texts[:4]]),
-              write(tmp_path / "a.jsonl.gz", [{"text": t, "id": 3} for t in texts[4:]])]
+    inputs = [
+        write(tmp_path / "b.jsonl", [{"text": t} for t in texts[:4]]),
+        write(tmp_path / "a.jsonl.gz", [{"text": t, "id": 3} for t in texts[4:]]),
+    ]
     summary, _ = run(tok, inputs, tmp_path / "out", append_eod=append_eod)
     eos = [tok.eos_id] if append_eod else []
     assert stored(tmp_path / "out") == [(tok.tokenize(t) + eos, [True] * len(tok.tokenize(t) + eos)) for t in texts]
@@ -115,9 +118,11 @@ def test_text_from_jsonl_and_gz_in_input_order(tok, tmp_path, append_eod):
 
 
 def test_t2i_every_prompt_and_unconditional(tok, tmp_path):
-    lines = [{"caption": caption(i), "vqcode": codes(i)} for i in range(0, 60, 3)] + \
-            [{"text": caption(i), "vqcode": json.dumps(codes(i))} for i in range(1, 60, 3)] + \
-            [{"text": caption(i), "vqcode_512": codes(i)} for i in range(2, 60, 3)]
+    lines = (
+        [{"caption": caption(i), "vqcode": codes(i)} for i in range(0, 60, 3)]
+        + [{"text": caption(i), "vqcode": json.dumps(codes(i))} for i in range(1, 60, 3)]
+        + [{"text": caption(i), "vqcode_512": codes(i)} for i in range(2, 60, 3)]
+    )
     run(tok, [write(tmp_path / "pairs.jsonl", lines)], tmp_path / "out", t2i_ratio=1.0)
     samples = stored(tmp_path / "out")
     chosen = []
@@ -149,13 +154,29 @@ def test_i2t_and_no_ignore_instruction(tok, tmp_path):
 
 @pytest.mark.parametrize("newlines", [1, 2])
 def test_sft_llava_and_chat_forms(tok, tmp_path, newlines):
-    llava = {"vqcode": codes(1), "conversations": [
-        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A red bicycle."},
-        {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "Near the river bank."}]}
-    chat = {"vqcode_512": json.dumps(codes(2)), "messages": [
-        {"role": "user", "content": "Describe this image."}, {"role": "assistant", "content": "A quick brown fox."}]}
-    text_only = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                              {"role": "assistant", "content": "Hello."}]}
+    llava = {
+        "vqcode": codes(1),
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"},
+            {"from": "gpt", "value": "A red bicycle."},
+            {"from": "human", "value": "Where is it?"},
+            {"from": "gpt", "value": "Near the river bank."},
+        ],
+    }
+    chat = {
+        "vqcode_512": json.dumps(codes(2)),
+        "messages": [
+            {"role": "user", "content": "Describe this image."},
+            {"role": "assistant", "content": "A quick brown fox."},
+        ],
+    }
+    text_only = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
     run(tok, [write(tmp_path / "sft.jsonl", [llava, chat, text_only])], tmp_path / "out", sft_newlines=newlines)
 
     def expected(c, turns):
@@ -166,17 +187,32 @@ def test_sft_llava_and_chat_forms(tok, tmp_path, newlines):
         return tokens + [tok.eos_id], trained + [True]
 
     assert stored(tmp_path / "out") == [
-        expected(codes(1), [("What is in the picture?", False), ("A red bicycle.", True), ("Where is it?", False),
-                            ("Near the river bank.", True)]),
+        expected(
+            codes(1),
+            [
+                ("What is in the picture?", False),
+                ("A red bicycle.", True),
+                ("Where is it?", False),
+                ("Near the river bank.", True),
+            ],
+        ),
         expected(codes(2), [("Describe this image.", False), ("A quick brown fox.", True)]),
         expected(None, [("Be brief.", False), ("Hi", False), ("Hello.", True)]),
     ]
 
 
 def mixed_lines(n: int) -> list[dict]:
-    kinds = [lambda i: {"text": caption(i) + "."}, lambda i: {"caption": caption(i), "vqcode": codes(i)},
-             lambda i: {"vqcode": codes(i), "conversations": [{"from": "human", "value": "<image>\n" + caption(i)},
-                                                              {"from": "gpt", "value": caption(i + 1)}]}]
+    kinds = [
+        lambda i: {"text": caption(i) + "."},
+        lambda i: {"caption": caption(i), "vqcode": codes(i)},
+        lambda i: {
+            "vqcode": codes(i),
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + caption(i)},
+                {"from": "gpt", "value": caption(i + 1)},
+            ],
+        },
+    ]
     return [kinds[i % 3](i) for i in range(n)]
 
 
@@ -199,8 +235,9 @@ def test_identical_bytes_across_runs_worker_counts_and_block_sizes(tok, tmp_path
     _, log = run(tok, [path], tmp_path / "c", workers=2, block_bytes=700, log_interval=50)
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b") == file_bytes(tmp_path / "c")
     progress = log.splitlines()
-    assert len(progress) >= 2 and all(" docs/s, " in line and " MB/s), " in line and " ETA " in line
-                                      for line in progress)
+    assert len(progress) >= 2 and all(
+        " docs/s, " in line and " MB/s), " in line and " ETA " in line for line in progress
+    )
 
 
 def test_t2i_ratio_and_unconditional_share(tok, tmp_path):
@@ -224,8 +261,10 @@ BAD = [
     (json.dumps([1, 2]), "not_an_object"),
     ("", "blank_line"),
     (json.dumps({"vqcode": [1, 2, 3, 4], "conversations": [{"from": "human", "value": "hi"}]}), "bad_conversation"),
-    (json.dumps({"messages": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "x"}]}),
-     "missing_key"),
+    (
+        json.dumps({"messages": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "x"}]}),
+        "missing_key",
+    ),
     (json.dumps({"text": "a red bicycle", "image_codes": [1, 2, 3, 4]}), "unknown_codes_key"),
     (json.dumps({"text": "a red bicycle", "image_codes": "[1, 2, 3, 4]"}), "unknown_codes_key"),
 ]
@@ -257,9 +296,26 @@ def cli(*args: str) -> list[str]:
 def test_strict_cli_fails_on_the_first_bad_line_and_leaves_nothing(bpe_dir, tmp_path):
     bad = {"caption": "x", "vqcode": [1, 2]}
     write(tmp_path / "in.jsonl", [{"text": "a red bicycle"}] * 3 + [bad] + mixed_lines(9))
-    done = subprocess.run(cli("--input", tmp_path / "*.jsonl", "--output-prefix", tmp_path / "out", "--tokenizer-model",
-                              bpe_dir, "--vq-codebook-size", CODEBOOK, "--image-tokens", IMAGE, "--workers", 2,
-                              "--strict"), capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        cli(
+            "--input",
+            tmp_path / "*.jsonl",
+            "--output-prefix",
+            tmp_path / "out",
+            "--tokenizer-model",
+            bpe_dir,
+            "--vq-codebook-size",
+            CODEBOOK,
+            "--image-tokens",
+            IMAGE,
+            "--workers",
+            2,
+            "--strict",
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 2
     assert "in.jsonl:4: wrong_code_count" in done.stderr and "--strict" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no final or partial files
@@ -276,32 +332,51 @@ def test_unreadable_input_leaves_nothing(tok, tmp_path):
 def test_codes_under_an_unknown_key_make_a_bad_line_not_a_text_sample(tok, tmp_path):
     """Image codes under a key the line format does not know would make a text-only sample silently; other
     unknown keys (metadata such as id, url, an image path, a short list) are ignored."""
-    path = write(tmp_path / "in.jsonl", [{"text": "a red bicycle", "url": "http://x", "bbox": [1, 2]},
-                                         {"text": "a quick fox", "image_codes": codes(1)},
-                                         {"text": "the river bank", "id": 7, "image": "coco/1.jpg"}])
+    path = write(
+        tmp_path / "in.jsonl",
+        [
+            {"text": "a red bicycle", "url": "http://x", "bbox": [1, 2]},
+            {"text": "a quick fox", "image_codes": codes(1)},
+            {"text": "the river bank", "id": 7, "image": "coco/1.jpg"},
+        ],
+    )
     summary, log = run(tok, [path], tmp_path / "out")
     assert summary.skipped == Counter(unknown_codes_key=1)
-    assert log == (f"skipped {path}:2: unknown_codes_key: key 'image_codes' holds what looks like image codes (at "
-                   f"least {IMAGE} integers) but is no --vqcode-key: name it with --vqcode-key, or with "
-                   "--metadata-key to ignore it\n")
-    assert [tokens for tokens, _ in stored(tmp_path / "out")] == [tok.tokenize("a red bicycle"),
-                                                                   tok.tokenize("the river bank")]
+    assert log == (
+        f"skipped {path}:2: unknown_codes_key: key 'image_codes' holds what looks like image codes (at "
+        f"least {IMAGE} integers) but is no --vqcode-key: name it with --vqcode-key, or with "
+        "--metadata-key to ignore it\n"
+    )
+    assert [tokens for tokens, _ in stored(tmp_path / "out")] == [
+        tok.tokenize("a red bicycle"),
+        tok.tokenize("the river bank"),
+    ]
     with pytest.raises(PreprocessError, match=r"in\.jsonl:2: unknown_codes_key: key 'image_codes'"):
         run(tok, [path], tmp_path / "strict", strict=True)
     summary, _ = run(tok, [path], tmp_path / "declared", metadata_keys=("image_codes",))
     assert summary.documents == 3
 
 
-@pytest.mark.parametrize("lines,why", [([], "the input is empty"),
-                                       (["{not json", {"text": " "}, {"text": "x", "image_codes": [1] * 1024}],
-                                        "all 3 lines are bad (empty_text 1, unknown_codes_key 1, unparsable_json 1)")])
+@pytest.mark.parametrize(
+    "lines,why",
+    [
+        ([], "the input is empty"),
+        (
+            ["{not json", {"text": " "}, {"text": "x", "image_codes": [1] * 1024}],
+            "all 3 lines are bad (empty_text 1, unknown_codes_key 1, unparsable_json 1)",
+        ),
+    ],
+)
 def test_input_without_any_sample_fails_with_status_2_and_writes_nothing(bpe_dir, tmp_path, capsys, lines, why):
     path = write(tmp_path / "in.jsonl", lines)
-    status = load_cli().main(["--input", str(path), "--output-prefix", str(tmp_path / "out"),
-                              "--tokenizer-model", str(bpe_dir)])
+    status = load_cli().main(
+        ["--input", str(path), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", str(bpe_dir)]
+    )
     assert status == 2
-    assert (f"preprocess_data.py: error: --input {path}: no document to write, {why}; nothing written\n"
-            in capsys.readouterr().err)
+    assert (
+        f"preprocess_data.py: error: --input {path}: no document to write, {why}; nothing written\n"
+        in capsys.readouterr().err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
@@ -310,19 +385,39 @@ def test_partials_of_killed_runs_are_removed_and_a_live_process_s_kept(bpe_dir, 
     those of dead processes, says so in one line, and keeps those of a live one (this test process)."""
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
-    stale = sorted(tmp_path / f"out.partial-{dead.pid}{suffix}" for suffix in (".bin", ".idx", "_lossmask.bin",
-                                                                               "_vision.npy", "_vocab.json"))
-    kept = [tmp_path / f"out.partial-{os.getpid()}.bin", tmp_path / f"out.partial-{os.getpid()}_lossmask.idx",
-            tmp_path / f"other.partial-{dead.pid}.bin"]  # another prefix's
+    stale = sorted(
+        tmp_path / f"out.partial-{dead.pid}{suffix}"
+        for suffix in (".bin", ".idx", "_lossmask.bin", "_vision.npy", "_vocab.json")
+    )
+    kept = [
+        tmp_path / f"out.partial-{os.getpid()}.bin",
+        tmp_path / f"out.partial-{os.getpid()}_lossmask.idx",
+        tmp_path / f"other.partial-{dead.pid}.bin",
+    ]  # another prefix's
     for path in stale + kept:
         path.write_bytes(b"partial")
     write(tmp_path / "in.jsonl", mixed_lines(6))
-    done = subprocess.run(cli("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "out",
-                              "--tokenizer-model", bpe_dir, "--vq-codebook-size", CODEBOOK, "--image-tokens", IMAGE),
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        cli(
+            "--input",
+            tmp_path / "in.jsonl",
+            "--output-prefix",
+            tmp_path / "out",
+            "--tokenizer-model",
+            bpe_dir,
+            "--vq-codebook-size",
+            CODEBOOK,
+            "--image-tokens",
+            IMAGE,
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("removed")] == [
-        f"removed the partial files of earlier runs that did not finish: {', '.join(map(str, stale))}"]
+        f"removed the partial files of earlier runs that did not finish: {', '.join(map(str, stale))}"
+    ]
     assert not any(path.exists() for path in stale)
     assert all(path.read_bytes() == b"partial" for path in kept)
     assert len(MultimodalDocuments(tmp_path / "out")) == 6
@@ -340,14 +435,35 @@ def test_merge_of_shards_equals_their_concatenation_and_cli_flags(tok, bpe_dir, 
     write(tmp_path / "shard-0.jsonl", lines[:17])
     write(tmp_path / "shard-1.jsonl.gz", lines[17:])
     main = load_cli().main
-    flags = ["--tokenizer-model", str(bpe_dir), "--vq-codebook-size", str(CODEBOOK), "--image-tokens", str(IMAGE),
-             "--t2i-ratio", "0.5", "--seed", "7", "--append-eod"]
+    flags = [
+        "--tokenizer-model",
+        str(bpe_dir),
+        "--vq-codebook-size",
+        str(CODEBOOK),
+        "--image-tokens",
+        str(IMAGE),
+        "--t2i-ratio",
+        "0.5",
+        "--seed",
+        "7",
+        "--append-eod",
+    ]
     for shard in ("shard-0", "shard-1"):
         [path] = tmp_path.glob(shard + ".*")
         assert main(["--input", str(path), "--output-prefix", str(tmp_path / shard)] + flags) == 0
     assert "documents       23" in capsys.readouterr().out
-    assert main(["--merge-prefixes", str(tmp_path / "shard-0"), str(tmp_path / "shard-1"),
-                 "--output-prefix", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "--merge-prefixes",
+                str(tmp_path / "shard-0"),
+                str(tmp_path / "shard-1"),
+                "--output-prefix",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     assert "40 documents" in capsys.readouterr().out
     (tmp_path / "whole").mkdir()
     whole = write(tmp_path / "whole" / "all.jsonl", lines)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CODEBOOK, IMAGE_CODES = 64, 16
 
@@ -24,6 +26,7 @@ CODEBOOK, IMAGE_CODES = 64, 16
 def data(tmp_path_factory, hf_tokenizer_dir) -> dict[str, str]:
     """A text dataset and an image-text dataset (16-code images) written with the production writer."""
     from conftest import CORPUS
+
     from megatron_unix.data.indexed import DatasetWriter
     from megatron_unix.data.layouts import pair_sample, text_sample
     from megatron_unix.data.tokenizer import MultimodalTokenizer
@@ -46,20 +49,64 @@ def data(tmp_path_factory, hf_tokenizer_dir) -> dict[str, str]:
 
 
 def common_args(data: dict[str, str], iters: int = 4) -> list[str]:
-    return ["--model-preset", "tiny", "--tokenizer-model", data["tokenizer"], "--vq-codebook-size", str(CODEBOOK),
-            "--data-path", "0.5", data["text"], "0.5", data["pairs"], "--split", "90,10,0", "--seq-length", "64",
-            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(iters), "--log-interval", "1",
-            "--lr", "3e-3", "--lr-warmup-iters", "1", "--clip-grad", "1.0"]
+    return [
+        "--model-preset",
+        "tiny",
+        "--tokenizer-model",
+        data["tokenizer"],
+        "--vq-codebook-size",
+        str(CODEBOOK),
+        "--data-path",
+        "0.5",
+        data["text"],
+        "0.5",
+        data["pairs"],
+        "--split",
+        "90,10,0",
+        "--seq-length",
+        "64",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "1",
+        "--clip-grad",
+        "1.0",
+    ]
 
 
-def run(args: list[str], nproc: int = 1, env: dict[str, str] | None = None, check: bool = True,
-        timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                     "--nproc-per-node", str(nproc), "--master-port",
-                                                     str(20000 + os.getpid() % 9000)]
-    proc = subprocess.run(launcher + [str(ROOT / "pretrain_unix.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout,
-                          start_new_session=True)
+def run(
+    args: list[str], nproc: int = 1, env: dict[str, str] | None = None, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(20000 + os.getpid() % 9000),
+        ]
+    )
+    proc = subprocess.run(
+        launcher + [str(ROOT / "pretrain_unix.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        start_new_session=True,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -69,11 +116,16 @@ def losses(metrics_file: Path) -> dict[int, dict]:
     return {r["iteration"]: r for r in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in r}
 
 
-UNDERSTOOD_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                       "The pad token id in the tokenizer collides", "full scope is deprecated",
-                       "`torch.distributed.all_gather_into_tensor` is deprecated",
-                       "`torch.distributed.reduce_scatter_tensor` is deprecated", "`load_state_dict` is deprecated",
-                       "we are deprecating ShardedTensor")
+UNDERSTOOD_WARNINGS = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "The pad token id in the tokenizer collides",
+    "full scope is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "`load_state_dict` is deprecated",
+    "we are deprecating ShardedTensor",
+)
 """Warnings that say nothing actionable here (megatron_unix/known_warnings.py): silenced, or avoided."""
 
 
@@ -96,9 +148,26 @@ def initial(data, tmp_path_factory) -> str:
 def straight(data, initial, tmp_path_factory) -> Path:
     """The reference run: 4 iterations in one process, every sink on."""
     save = tmp_path_factory.mktemp("straight")
-    run(common_args(data) + ["--pretrained-checkpoint", initial, "--save", str(save), "--eval-interval", "2", "--eval-iters", "1",
-                             "--tensorboard-dir", str(save / "tb"), "--wandb-project", "unix-test",
-                             "--wandb-save-dir", str(save)], env={"WANDB_MODE": "offline"})
+    run(
+        common_args(data)
+        + [
+            "--pretrained-checkpoint",
+            initial,
+            "--save",
+            str(save),
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+            "--tensorboard-dir",
+            str(save / "tb"),
+            "--wandb-project",
+            "unix-test",
+            "--wandb-save-dir",
+            str(save),
+        ],
+        env={"WANDB_MODE": "offline"},
+    )
     return save
 
 
@@ -106,8 +175,19 @@ def test_metrics_file_and_sinks(straight):
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["iteration"] for r in train] == [1, 2, 3, 4]
-    for key in ("iteration", "consumed_samples", "loss", "text_loss", "vision_loss", "lr", "grad_norm",
-                "tokens_per_sec", "tflops", "mfu", "mem_gib"):
+    for key in (
+        "iteration",
+        "consumed_samples",
+        "loss",
+        "text_loss",
+        "vision_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "tflops",
+        "mfu",
+        "mem_gib",
+    ):
         assert key in train[0], key
     assert train[-1]["consumed_samples"] == 16
     assert all(r["tokens_per_sec"] > 0 and r["tflops"] > 0 for r in train)
@@ -139,9 +219,18 @@ def test_longer_resume_names_the_schedule_flags(data, straight, tmp_path):
     resume = common_args(data, iters=6) + ["--load", str(straight), "--save", str(tmp_path)]
     proc = run(resume, check=False)
     assert proc.returncode == 2
-    assert ("--lr-decay-iters (default --train-iters): checkpoint 4 iterations (16 samples), this run 6 iterations "
-            "(24 samples)") in proc.stderr and "--override-opt-param-scheduler" in proc.stderr
-    doubled = common_args(data, iters=6) + ["--global-batch-size", "8", "--load", str(straight), "--save", str(tmp_path)]
+    assert (
+        "--lr-decay-iters (default --train-iters): checkpoint 4 iterations (16 samples), this run 6 iterations "
+        "(24 samples)"
+    ) in proc.stderr and "--override-opt-param-scheduler" in proc.stderr
+    doubled = common_args(data, iters=6) + [
+        "--global-batch-size",
+        "8",
+        "--load",
+        str(straight),
+        "--save",
+        str(tmp_path),
+    ]
     proc = run(doubled, check=False)
     assert proc.returncode == 2 and "(--global-batch-size: checkpoint 4, this run 8; " in proc.stderr
     run(resume + ["--override-opt-param-scheduler"])
@@ -153,23 +242,36 @@ def test_checkpoint_and_tokenizer_conflict_names_that_pair(data, initial, senten
     args[args.index("--tokenizer-model") + 1] = str(sentencepiece_model)
     proc = run(args, check=False)
     assert proc.returncode == 2
-    assert re.search(rf"--tokenizer-model {re.escape(str(sentencepiece_model))} gives (\w+)=\d+ but the checkpoint "
-                     rf"{re.escape(initial)}/iter_0000000 was trained with \1=\d+", proc.stderr)
+    assert re.search(
+        rf"--tokenizer-model {re.escape(str(sentencepiece_model))} gives (\w+)=\d+ but the checkpoint "
+        rf"{re.escape(initial)}/iter_0000000 was trained with \1=\d+",
+        proc.stderr,
+    )
     assert "preprocessed with another vocabulary" not in proc.stderr
 
 
 def test_separator_that_the_checkpoint_does_not_route_is_refused(data, initial, tmp_path):
-    proc = run(common_args(data) + ["--pretrained-checkpoint", initial, "--save", str(tmp_path), "--separator",
-                                    "<|vision_pad|>"], check=False)
+    proc = run(
+        common_args(data)
+        + ["--pretrained-checkpoint", initial, "--save", str(tmp_path), "--separator", "<|vision_pad|>"],
+        check=False,
+    )
     assert proc.returncode == 2
-    assert re.search(rf"--separator <\|vision_pad\|> is id \[\d+\] but the checkpoint {re.escape(initial)}/iter_0000000 "
-                     r"routes separators \[\] as vision", proc.stderr)
+    assert re.search(
+        rf"--separator <\|vision_pad\|> is id \[\d+\] but the checkpoint {re.escape(initial)}/iter_0000000 "
+        r"routes separators \[\] as vision",
+        proc.stderr,
+    )
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_parallel_runs_match_single_process(data, initial, straight, tmp_path, layout):
-    flags = {"tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-             "pp2": ["--pipeline-model-parallel-size", "2"], "dp2": []}[layout]
+    flags = {
+        "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        "pp2": ["--pipeline-model-parallel-size", "2"],
+        "dp2": [],
+    }[layout]
     proc = run(common_args(data) + flags + ["--pretrained-checkpoint", initial, "--save", str(tmp_path)], nproc=2)
     assert_no_understood_warnings(proc.stderr)  # TP+SP: megatron-core's deprecated collectives
     expected, got = losses(straight / "metrics.jsonl"), losses(tmp_path / "metrics.jsonl")
@@ -180,8 +282,11 @@ def test_parallel_runs_match_single_process(data, initial, straight, tmp_path, l
 
 
 def test_kill_during_save_keeps_previous_checkpoint(data, initial, straight, tmp_path):
-    proc = run(common_args(data) + ["--pretrained-checkpoint", initial, "--save", str(tmp_path), "--save-interval",
-                                    "2"], env={"MEGATRON_UNIX_KILL_DURING_SAVE": "4"}, check=False)
+    proc = run(
+        common_args(data) + ["--pretrained-checkpoint", initial, "--save", str(tmp_path), "--save-interval", "2"],
+        env={"MEGATRON_UNIX_KILL_DURING_SAVE": "4"},
+        check=False,
+    )
     assert proc.returncode != 0
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (tmp_path / "iter_0000004.partial").is_dir() and not (tmp_path / "iter_0000004").exists()
@@ -202,12 +307,12 @@ def test_damaged_checkpoint_stops_the_run_naming_the_file(data, initial, tmp_pat
     assert "loaded weights from" in run(start + ["--no-verify-checkpoint"]).stdout
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("damage", ["checkpoint", "dataset"])
 def test_damage_stops_every_rank_of_a_two_process_run(data, initial, tmp_path, damage):
     """The checks run on one rank (data) or on a share of the files each (checkpoint): a damaged file must
     stop both ranks with its name, never leave one waiting in a collective (the timeout would fail here)."""
     import numpy as np
-
     from helpers import garble
 
     args = common_args(data, iters=2) + ["--save", str(tmp_path / "out")]
@@ -246,10 +351,26 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
 
 def test_nonfinite_loss_stops_or_skips(data, tmp_path):
     # Also the explicit-dimensions path: a shared baseline (N = M = 0) with every unset flag defaulted.
-    args = common_args(data, iters=4)[2:] + ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-                                             "--num-attention-heads", "4", "--num-query-groups", "2",
-                                             "--kv-channels", "16", "--lr", "1e30", "--clip-grad", "0",
-                                             "--lr-warmup-iters", "0"]
+    args = common_args(data, iters=4)[2:] + [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--ffn-hidden-size",
+        "128",
+        "--num-attention-heads",
+        "4",
+        "--num-query-groups",
+        "2",
+        "--kv-channels",
+        "16",
+        "--lr",
+        "1e30",
+        "--clip-grad",
+        "0",
+        "--lr-warmup-iters",
+        "0",
+    ]
     proc = run(args, check=False)
     assert proc.returncode == 1
     assert re.search(r"error: iteration \d+: (lm loss|grad norm) is (nan|inf)", proc.stderr), proc.stderr[-2000:]
@@ -297,9 +418,11 @@ def test_help_is_instant_and_every_flag_says_what_it_does():
     and no help shows a meaningless default (a switch's stored True/False) or states its default twice."""
     from megatron_unix.training.arguments import build_parser
 
-    probe = ("import runpy, sys\nsys.argv = ['pretrain_unix.py', '--help']\ntry:\n"
-             "    runpy.run_path('pretrain_unix.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))")
+    probe = (
+        "import runpy, sys\nsys.argv = ['pretrain_unix.py', '--help']\ntry:\n"
+        "    runpy.run_path('pretrain_unix.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and "--train-iters" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]"
@@ -331,8 +454,13 @@ def test_understood_warnings_are_silenced_and_absent_accelerators_named_once(dat
 
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "quickstart"
-    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), str(out)], capture_output=True, text=True,
-                          env={**os.environ, "QUICKSTART_ITERS": "3", "PYTHON": sys.executable}, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples" / "quickstart.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QUICKSTART_ITERS": "3", "PYTHON": sys.executable},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     records = losses(out / "checkpoints" / "metrics.jsonl")
@@ -355,35 +483,47 @@ def test_slurm_examples_use_existing_flags(script):
     settings = settings.split("# ----------------------------------------------------------------")[0]
     launch = (ROOT / "examples" / "pretrain_common.sh").read_text()
     assert text.rstrip().endswith('source "$REPO/examples/pretrain_common.sh"')
-    command = launch[launch.index("srun --kill-on-bad-exit"):].replace(
-        'srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py"', "printf '%s\\n'")
+    command = launch[launch.index("srun --kill-on-bad-exit") :].replace(
+        'srun --kill-on-bad-exit=1 python "$REPO/pretrain_unix.py"', "printf '%s\\n'"
+    )
     exit_line = re.search(r"^EXIT_MINUTES=.*$", launch, re.M)[0]
     time_limit = re.search(r"^#SBATCH --time=(\S+)", text, re.M)[1]  # the job's own limit, as slurm gives it
-    job = (f"SLURM_JOB_ID=1\nREPO={ROOT}\nsource \"$REPO/examples/slurm_time.sh\"\n"
-           f"SLURM_JOB_START_TIME=1000; SLURM_JOB_END_TIME=$(( 1000 + 60 * $(limit_to_minutes {time_limit}) ))\n")
-    proc = subprocess.run(["bash", "-c", settings + job + exit_line + "\n" + command], capture_output=True,
-                          text=True, check=True)
+    job = (
+        f'SLURM_JOB_ID=1\nREPO={ROOT}\nsource "$REPO/examples/slurm_time.sh"\n'
+        f"SLURM_JOB_START_TIME=1000; SLURM_JOB_END_TIME=$(( 1000 + 60 * $(limit_to_minutes {time_limit}) ))\n"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", settings + job + exit_line + "\n" + command], capture_output=True, text=True, check=True
+    )
     args = parse_args(proc.stdout.splitlines())
     assert args.bf16 and args.use_distributed_optimizer and args.save and args.pretrained_checkpoint
     assert args.lr == 1e-4 and args.exit_duration_in_mins == 48 * 60 - 30 and args.wandb_exp_name.endswith("-1")
-    assert re.search(r"^##SBATCH --partition=\S+ +# edit me", text, re.M) and re.search(r"^##SBATCH --account=", text, re.M)
+    assert re.search(r"^##SBATCH --partition=\S+ +# edit me", text, re.M) and re.search(
+        r"^##SBATCH --account=", text, re.M
+    )
     assert "export OMP_NUM_THREADS=$SRUN_CPUS_PER_TASK" in launch
     n_m = {"pretrain_3b.sh": "12 --vision-decode-layers 6", "pretrain_1.5b.sh": "9 --vision-decode-layers 5"}[script]
     assert f"--vision-encode-layers {n_m}" in text
 
 
-@pytest.mark.parametrize("limit, minutes", [("48:00:00", 2880), ("2-00:00:00", 2880), ("1-12:30:00", 2190),
-                                            ("30:00", 30), ("00:45:59", 45)])
+@pytest.mark.parametrize(
+    "limit, minutes", [("48:00:00", 2880), ("2-00:00:00", 2880), ("1-12:30:00", 2190), ("30:00", 30), ("00:45:59", 45)]
+)
 def test_slurm_time_limit_in_minutes(limit, minutes):
-    proc = subprocess.run(["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; limit_to_minutes {limit}'],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; limit_to_minutes {limit}'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert int(proc.stdout) == minutes
 
 
 @pytest.mark.parametrize("minutes, out, status", [(60, "30", 0), (20, "", 1)])
 def test_exit_minutes_leave_the_margin_or_refuse(minutes, out, status):
     job = f"SLURM_JOB_START_TIME=0 SLURM_JOB_END_TIME={60 * minutes}; exit_minutes 30"
-    proc = subprocess.run(["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; {job}'], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["bash", "-c", f'source "{ROOT}/examples/slurm_time.sh"; {job}'], capture_output=True, text=True
+    )
     assert (proc.returncode, proc.stdout.strip()) == (status, out)
     assert not status or "leaves no time after EXIT_MARGIN_MINUTES=30" in proc.stderr

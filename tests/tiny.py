@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_unix.data.synthetic import Layout, make_batch as _make_batch
+from megatron_unix.data.synthetic import Layout
+from megatron_unix.data.synthetic import make_batch as _make_batch
 
 TEXT_VOCAB = 100  # text ids 0..99; BOI/EOI/EOS/SEP are among them
 VQ_CODES = 48
@@ -11,9 +12,20 @@ BOI, EOI, EOS, SEP = 90, 91, 92, 93
 LAYOUT = Layout(vq_offset=TEXT_VOCAB, vq_codes=VQ_CODES, boi_id=BOI, eoi_id=EOI, eos_id=EOS, image_codes=6, text_ids=89)
 
 TINY_MODEL = dict(
-    num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-    vision_encode_layers=1, vision_decode_layers=1, vq_offset=TEXT_VOCAB, vq_codebook_size=VQ_CODES,
-    boi_id=BOI, eoi_id=EOI, eos_id=EOS, qk_layernorm=True,
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=16,
+    vision_encode_layers=1,
+    vision_decode_layers=1,
+    vq_offset=TEXT_VOCAB,
+    vq_codebook_size=VQ_CODES,
+    boi_id=BOI,
+    eoi_id=EOI,
+    eos_id=EOS,
+    qk_layernorm=True,
 )
 
 

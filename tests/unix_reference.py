@@ -6,6 +6,7 @@ per row, per document and (in separated layers) per modality, each group run thr
 own copy of the layer over just its tokens, causally, at their ORIGINAL row positions.
 All math is float64; logits are returned as float32.
 """
+
 import math
 
 import torch
@@ -33,10 +34,11 @@ def _layer(weights, p, cfg, x, pos):
     h = _rmsnorm(x, _get(weights, f"{p}.input_layernorm.weight"), eps)
     proj = {}
     for name in ("q", "k", "v"):
-        proj[name] = F.linear(h, _get(weights, f"{p}.self_attn.{name}_proj.weight"),
-                              _get(weights, f"{p}.self_attn.{name}_proj.bias"))
-    q = proj["q"].view(n, nh, d).transpose(0, 1)    # [nh, n, d]
-    k = proj["k"].view(n, nkv, d).transpose(0, 1)   # [nkv, n, d]
+        proj[name] = F.linear(
+            h, _get(weights, f"{p}.self_attn.{name}_proj.weight"), _get(weights, f"{p}.self_attn.{name}_proj.bias")
+        )
+    q = proj["q"].view(n, nh, d).transpose(0, 1)  # [nh, n, d]
+    k = proj["k"].view(n, nkv, d).transpose(0, 1)  # [nkv, n, d]
     v = proj["v"].view(n, nkv, d).transpose(0, 1)
     qn, kn = _get(weights, f"{p}.self_attn.q_norm.weight"), _get(weights, f"{p}.self_attn.k_norm.weight")
     if qn is not None:
@@ -45,22 +47,23 @@ def _layer(weights, p, cfg, x, pos):
         k = _rmsnorm(k, kn, eps)
     inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     freqs = pos.double()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)          # [n, d]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [n, d]
     cos, sin = emb.cos(), emb.sin()
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    group = nh // nkv                                # kv head j serves query heads j*group .. j*group+group-1
+    group = nh // nkv  # kv head j serves query heads j*group .. j*group+group-1
     k = k.repeat_interleave(group, dim=0)
     v = v.repeat_interleave(group, dim=0)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # [nh, n, n]
-    causal = pos[None, :] <= pos[:, None]            # key position <= query position
+    causal = pos[None, :] <= pos[:, None]  # key position <= query position
     scores = scores.masked_fill(~causal, float("-inf"))
-    attn = torch.softmax(scores, dim=-1) @ v         # [nh, n, d]
+    attn = torch.softmax(scores, dim=-1) @ v  # [nh, n, d]
     attn = attn.transpose(0, 1).reshape(n, nh * d)
     x = x + F.linear(attn, _get(weights, f"{p}.self_attn.o_proj.weight"))
     h = _rmsnorm(x, _get(weights, f"{p}.post_attention_layernorm.weight"), eps)
-    mlp = F.silu(F.linear(h, _get(weights, f"{p}.mlp.gate_proj.weight"))) \
-        * F.linear(h, _get(weights, f"{p}.mlp.up_proj.weight"))
+    mlp = F.silu(F.linear(h, _get(weights, f"{p}.mlp.gate_proj.weight"))) * F.linear(
+        h, _get(weights, f"{p}.mlp.up_proj.weight")
+    )
     return x + F.linear(mlp, _get(weights, f"{p}.mlp.down_proj.weight"))
 
 
@@ -84,7 +87,7 @@ def _documents(doc_row):
 def _forward64(weights, cfg, tokens, document_ids):
     L, N, M = cfg["num_layers"], cfg["n_encode"], cfg["n_decode"]
     b, s = tokens.shape
-    x = _get(weights, "model.embed_tokens.weight")[tokens]          # [b, s, H]
+    x = _get(weights, "model.embed_tokens.weight")[tokens]  # [b, s, H]
     for i in range(L):
         separated = i < N or i >= L - M
         out = torch.zeros_like(x)
@@ -98,8 +101,9 @@ def _forward64(weights, cfg, tokens, document_ids):
                 if not separated:
                     groups = [(doc, f"model.layers.{i}")]
                 else:
-                    vis_copy = (f"model.vision_encode_layers.{i}" if i < N
-                                else f"model.vision_decode_layers.{i - (L - M)}")
+                    vis_copy = (
+                        f"model.vision_encode_layers.{i}" if i < N else f"model.vision_decode_layers.{i - (L - M)}"
+                    )
                     groups = [(doc[~vis[doc]], f"model.layers.{i}"), (doc[vis[doc]], vis_copy)]
                 for idx, prefix in groups:
                     if len(idx) > 0:
@@ -110,8 +114,9 @@ def _forward64(weights, cfg, tokens, document_ids):
     return F.linear(x, head.double())
 
 
-def unix_reference_forward(weights: dict, cfg: dict, tokens: torch.Tensor,
-                           document_ids: torch.Tensor | None) -> torch.Tensor:
+def unix_reference_forward(
+    weights: dict, cfg: dict, tokens: torch.Tensor, document_ids: torch.Tensor | None
+) -> torch.Tensor:
     """Logits [b, s, vocab] in fp32 for tokens [b, s] (int64)."""
     return _forward64(weights, cfg, tokens, document_ids).float()
 
@@ -120,7 +125,6 @@ def reference_loss(weights, cfg, tokens, document_ids, labels, loss_mask) -> tor
     """Mean next-token cross-entropy over positions where loss_mask == 1 (labels[b, s] is the
     target for position s). Differentiable w.r.t. the tensors in `weights`; fp32 scalar."""
     logits = _forward64(weights, cfg, tokens, document_ids)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
-                         reduction="none")
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none")
     mask = loss_mask.reshape(-1).double()
     return ((ce * mask).sum() / mask.sum()).float()

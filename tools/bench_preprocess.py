@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_unix.data.indexed import output_files
+from megatron_unix.data.preprocess import LineFormat, preprocess
+from megatron_unix.data.tokenizer import MultimodalTokenizer, train_bpe_tokenizer
 
-from megatron_unix.data.indexed import output_files  # noqa: E402
-from megatron_unix.data.preprocess import LineFormat, preprocess  # noqa: E402
-from megatron_unix.data.tokenizer import MultimodalTokenizer, train_bpe_tokenizer  # noqa: E402
-
-SYLLABLES = ("the an in on er re st ing ion al ent ous ly ment pro con de com ex un per ter ver for ble tion ic "
-             "ate ist or ar ur ow ay ea ch sh th qu ph br cl gr tr pl sp wh ab ad ac im a e i o u y s t").split()
+SYLLABLES = (
+    "the an in on er re st ing ion al ent ous ly ment pro con de com ex un per ter ver for ble tion ic "
+    "ate ist or ar ur ow ay ea ch sh th qu ph br cl gr tr pl sp wh ab ad ac im a e i o u y s t"
+).split()
 
 
 def vocabulary(rng: np.random.Generator, size: int = 300_000) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +105,7 @@ def megatron_loop(path: Path, prefix: Path, tokenizer_dir: Path, workers: int) -
 
     encoder = MegatronEncoder(tokenizer_dir)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    with open(path, encoding="utf-8") as fin, \
-            multiprocessing.Pool(workers, initializer=encoder.initializer) as pool:
+    with open(path, encoding="utf-8") as fin, multiprocessing.Pool(workers, initializer=encoder.initializer) as pool:
         count = 0
         for ids, lengths, _ in pool.imap(encoder.encode, fin, 32):
             builder.add_document(ids, lengths)
@@ -134,8 +133,10 @@ def timed(repeat: int, run, *args) -> tuple[object, float, float]:
 
 def row(name: str, workers: int, docs: int, seconds: float, cpu: float, nbytes: int) -> str:
     rate = docs / seconds
-    return (f"| {name} | {workers} | {docs:,} | {seconds:.1f} | {rate:,.0f} | {rate / workers:,.0f} "
-            f"| {nbytes / seconds / 1e6:.1f} | {docs / cpu:,.0f} |")
+    return (
+        f"| {name} | {workers} | {docs:,} | {seconds:.1f} | {rate:,.0f} | {rate / workers:,.0f} "
+        f"| {nbytes / seconds / 1e6:.1f} | {docs / cpu:,.0f} |"
+    )
 
 
 def main() -> None:
@@ -155,25 +156,44 @@ def main() -> None:
         corpora = write_corpus(root, args.docs, args.pairs)
         tokenizer_dir = train_tokenizer(corpora[0], root)
         tok = MultimodalTokenizer.from_pretrained(tokenizer_dir)
-        print(f"corpus and tokenizer: {time.perf_counter() - start:.0f} s; "
-              + ", ".join(f"{c.name} {c.stat().st_size / 1e6:.0f} MB" for c in corpora), file=sys.stderr)
-        print("| run | workers | docs | s | docs/s | docs/s per worker | MB/s | docs per CPU-s |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print(
+            f"corpus and tokenizer: {time.perf_counter() - start:.0f} s; "
+            + ", ".join(f"{c.name} {c.stat().st_size / 1e6:.0f} MB" for c in corpora),
+            file=sys.stderr,
+        )
+        print(
+            "| run | workers | docs | s | docs/s | docs/s per worker | MB/s | docs per CPU-s |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
         for corpus in corpora:
             outputs = []
             for workers in args.workers:
                 prefix = root / f"{corpus.stem}-{workers}"
-                summary, seconds, cpu = timed(args.repeat, preprocess, [corpus], prefix, tok, LineFormat(), workers,
-                                              False, 10**9)
+                summary, seconds, cpu = timed(
+                    args.repeat, preprocess, [corpus], prefix, tok, LineFormat(), workers, False, 10**9
+                )
                 outputs.append([path.read_bytes() for path in output_files(prefix)])
-                print(row(f"preprocess_data.py, {corpus.stem}", workers, summary.documents, seconds, cpu,
-                          summary.input_bytes), flush=True)
-            print(f"  {corpus.stem}: {summary.tokens / summary.documents:.0f} tokens/doc, "
-                  f"{summary.input_bytes / summary.tokens:.2f} bytes/token; identical output for workers "
-                  f"{args.workers}: {all(o == outputs[0] for o in outputs)}", file=sys.stderr)
+                print(
+                    row(
+                        f"preprocess_data.py, {corpus.stem}",
+                        workers,
+                        summary.documents,
+                        seconds,
+                        cpu,
+                        summary.input_bytes,
+                    ),
+                    flush=True,
+                )
+            print(
+                f"  {corpus.stem}: {summary.tokens / summary.documents:.0f} tokens/doc, "
+                f"{summary.input_bytes / summary.tokens:.2f} bytes/token; identical output for workers "
+                f"{args.workers}: {all(o == outputs[0] for o in outputs)}",
+                file=sys.stderr,
+            )
         for workers in [] if args.no_megatron else args.workers:
-            docs, seconds, cpu = timed(args.repeat, megatron_loop, corpora[0], root / f"megatron-{workers}",
-                                       tokenizer_dir, workers)
+            docs, seconds, cpu = timed(
+                args.repeat, megatron_loop, corpora[0], root / f"megatron-{workers}", tokenizer_dir, workers
+            )
             print(row("Megatron-LM loop, web", workers, docs, seconds, cpu, corpora[0].stat().st_size), flush=True)
 
 

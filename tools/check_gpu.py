@@ -3,6 +3,9 @@
 forward/backward of the Uni-X 1.5B 9:5 shape with throughput and memory.
 
     python tools/check_gpu.py [--seq-length 8192] [--iters 5]
+
+It imports the installed package: on a machine without the project's install (the lent GPU machine),
+run it as ``PYTHONPATH=. python tools/check_gpu.py`` from the repository, or ``pip install --no-deps -e .``.
 """
 
 from __future__ import annotations
@@ -10,16 +13,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_unix.training import distributed
 
-from megatron_unix.training import distributed  # noqa: E402
-
-UNIX_1_5B = dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, num_query_groups=2,
-                 kv_channels=128, vision_encode_layers=9, vision_decode_layers=5, qk_layernorm=True)
+UNIX_1_5B = dict(
+    num_layers=28,
+    hidden_size=1536,
+    ffn_hidden_size=8960,
+    num_attention_heads=12,
+    num_query_groups=2,
+    kv_channels=128,
+    vision_encode_layers=9,
+    vision_decode_layers=5,
+    qk_layernorm=True,
+)
 VOCAB = 160128
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 dense bf16
 
@@ -53,8 +62,10 @@ def main() -> None:
     a, b = outputs["sdpa"], outputs["varlen"]
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
     same = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    print(f"varlen vs sdpa (bf16, seq {args.seq_length}): max |diff| {(a - b).abs().max().item():.4f}, "
-          f"cosine {cos:.6f}, argmax agreement {same:.4f}")
+    print(
+        f"varlen vs sdpa (bf16, seq {args.seq_length}): max |diff| {(a - b).abs().max().item():.4f}, "
+        f"cosine {cos:.6f}, argmax agreement {same:.4f}"
+    )
 
     # 2. the 1.5B 9:5 shape, forward + backward.
     config = make_config(**UNIX_1_5B, bf16=True)
@@ -73,10 +84,12 @@ def main() -> None:
     # Every token passes one copy of each layer: count the dense model's weights (plus the output head).
     active = params - config.num_separated_layers * sum(p.numel() for p in model.decoder.layers[0].vision.parameters())
     tflops = 6 * active * args.seq_length / seconds / 1e12
-    print(f"Uni-X 1.5B 9:5: {params:,} parameters, loss {loss.item():.3f}, {tokens_per_s:,.0f} tokens/s, "
-          f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / PEAK_BF16_TFLOPS:.1f}% (6*N*T, no attention term), peak memory "
-          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, attention backend "
-          f"{model.decoder.layers[0].self_attention.core_attention.backend_name}")
+    print(
+        f"Uni-X 1.5B 9:5: {params:,} parameters, loss {loss.item():.3f}, {tokens_per_s:,.0f} tokens/s, "
+        f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / PEAK_BF16_TFLOPS:.1f}% (6*N*T, no attention term), peak memory "
+        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, attention backend "
+        f"{model.decoder.layers[0].self_attention.core_attention.backend_name}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,38 @@ import torch
 from tqdm import tqdm
 
 from megatron_unix import platform
-from megatron_unix.conversion.hf_config import (INTERCHANGE, generation_config_json, hf_config_object, layer_style,
-                                                read_interchange, text_fields, unix_config_json, unix_fields)
-from megatron_unix.conversion.hf_io import (ConversionError, HFCheckpoint, LazyTensors, copy_remote_code,
-                                            copy_tokenizer, has_tokenizer, model_class, write_model_card,
-                                            write_safetensors)
+from megatron_unix.conversion.hf_config import (
+    INTERCHANGE,
+    generation_config_json,
+    hf_config_object,
+    layer_style,
+    read_interchange,
+    text_fields,
+    unix_config_json,
+    unix_fields,
+)
+from megatron_unix.conversion.hf_io import (
+    ConversionError,
+    HFCheckpoint,
+    LazyTensors,
+    copy_remote_code,
+    copy_tokenizer,
+    has_tokenizer,
+    model_class,
+    write_model_card,
+    write_safetensors,
+)
 from megatron_unix.conversion.mappings import iter_hf_to_megatron, layer_prefixes, megatron_to_hf
-from megatron_unix.conversion.verify import (BF16, FP32, compare, hf_logits, megatron_logits, report,
-                                             sample_inputs, sample_text_ids)
+from megatron_unix.conversion.verify import (
+    BF16,
+    FP32,
+    compare,
+    hf_logits,
+    megatron_logits,
+    report,
+    sample_inputs,
+    sample_text_ids,
+)
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
 from megatron_unix.model import build_model, make_config, padded_vocab_size
 from megatron_unix.model.config import UniXConfig, architecture, config_from_architecture
@@ -75,6 +99,7 @@ class ImportOptions:
 
 # ----------------------------------------------------------------------------------------- import
 
+
 def _source_tokenizer(source: HFCheckpoint, options: ImportOptions) -> MultimodalTokenizer | None:
     """The tokenizer in the HF directory, with the codebook placed after it; None when there is none."""
     if not has_tokenizer(source.path):
@@ -87,49 +112,71 @@ def _source_tokenizer(source: HFCheckpoint, options: ImportOptions) -> Multimoda
     return MultimodalTokenizer(text, options.codebook, vq_offset=options.vq_offset, separator=options.separator)
 
 
-def _target_config(source: HFCheckpoint, options: ImportOptions,
-                   tokenizer: MultimodalTokenizer | None) -> tuple[UniXConfig, int]:
+def _target_config(
+    source: HFCheckpoint, options: ImportOptions, tokenizer: MultimodalTokenizer | None
+) -> tuple[UniXConfig, int]:
     """The converted model's config and real vocabulary size."""
     hf = source.config
     specials = tokenizer.model_config_fields() if tokenizer else {}
     if source.kind == "unix":
         if options.separator:
-            raise ConversionError("--separator is for text sources: a Uni-X config.json names its separators "
-                                  "(add_sep_for_vis, vis_sep_tokens)")
+            raise ConversionError(
+                "--separator is for text sources: a Uni-X config.json names its separators "
+                "(add_sep_for_vis, vis_sep_tokens)"
+            )
         fields = unix_fields(hf, tokenizer.text if tokenizer else None, source.path)
-        given = dict(vision_encode_layers=options.vision_encode_layers, vq_offset=options.vq_offset,
-                     vision_decode_layers=options.vision_decode_layers, vq_codebook_size=options.vq_codebook_size)
+        given = dict(
+            vision_encode_layers=options.vision_encode_layers,
+            vq_offset=options.vq_offset,
+            vision_decode_layers=options.vision_decode_layers,
+            vq_codebook_size=options.vq_codebook_size,
+        )
         for name, value in given.items():
             if value is not None and value != fields[name]:
-                raise ConversionError(f"--{name.replace('_', '-')} {value} contradicts the Uni-X checkpoint's "
-                                      f"config.json, which has {fields[name]}")
+                raise ConversionError(
+                    f"--{name.replace('_', '-')} {value} contradicts the Uni-X checkpoint's "
+                    f"config.json, which has {fields[name]}"
+                )
         if tokenizer and tokenizer.boi_id != hf.vision_start_id:
-            raise ConversionError(f"config.json vision_start_id={hf.vision_start_id} but the tokenizer's BOI is "
-                                  f"{tokenizer.boi_id}")
+            raise ConversionError(
+                f"config.json vision_start_id={hf.vision_start_id} but the tokenizer's BOI is {tokenizer.boi_id}"
+            )
         fields = {**specials, **fields}
         vocab_size = hf.vocab_size
     else:
         vq_offset = tokenizer.vq_offset if tokenizer else options.vq_offset
         if vq_offset is None:
-            raise ConversionError(f"{source.path} has no tokenizer files: give --vq-offset (the text tokenizer's "
-                                  "length)")
+            raise ConversionError(
+                f"{source.path} has no tokenizer files: give --vq-offset (the text tokenizer's length)"
+            )
         if vq_offset > hf.vocab_size:
-            raise ConversionError(f"--vq-offset {vq_offset} exceeds the source's vocab_size {hf.vocab_size}: the "
-                                  "VQ codes would not fit in the expanded vocabulary")
-        fields = {**text_fields(hf), **specials, "vq_offset": vq_offset, "vq_codebook_size": options.codebook,
-                  "vision_encode_layers": options.vision_encode_layers or 0,
-                  "vision_decode_layers": options.vision_decode_layers or 0}
+            raise ConversionError(
+                f"--vq-offset {vq_offset} exceeds the source's vocab_size {hf.vocab_size}: the "
+                "VQ codes would not fit in the expanded vocabulary"
+            )
+        fields = {
+            **text_fields(hf),
+            **specials,
+            "vq_offset": vq_offset,
+            "vq_codebook_size": options.codebook,
+            "vision_encode_layers": options.vision_encode_layers or 0,
+            "vision_decode_layers": options.vision_decode_layers or 0,
+        }
         vocab_size = hf.vocab_size + options.codebook
     style = options.layer_style or source.style
     if source.style == "qwen3" and style == "qwen2":
-        raise ConversionError("--layer-style qwen2 from a qwen3 source is refused: qwen2 layers have no QK norm, "
-                              "and dropping it changes the model's function")
+        raise ConversionError(
+            "--layer-style qwen2 from a qwen3 source is refused: qwen2 layers have no QK norm, "
+            "and dropping it changes the model's function"
+        )
     fields.update(qk_layernorm=style == "qwen3", add_qkv_bias=style == "qwen2")
     config = make_config(**fields, **IMPL)
     for name in ("boi_id", "eoi_id", "eos_id"):
         if not 0 <= getattr(config, name) < config.vq_offset:
-            raise ConversionError(f"{name} {getattr(config, name)} is not a text id below vq_offset "
-                                  f"{config.vq_offset}: put the tokenizer files in {source.path}")
+            raise ConversionError(
+                f"{name} {getattr(config, name)} is not a text id below vq_offset "
+                f"{config.vq_offset}: put the tokenizer files in {source.path}"
+            )
     return config, vocab_size
 
 
@@ -176,9 +223,12 @@ def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, op
             continue
         twin = text_prefix[meg_prefix[: -len("vision.")]]
         for name in [n for n in thunks if n.startswith(twin)]:
-            target = hf_prefix + name[len(twin):]
-            thunks[target] = thunks[name] if options.vision_init == "copy" else \
-                partial(_random_like, thunks[name], target, options.seed, config.init_method_std)
+            target = hf_prefix + name[len(twin) :]
+            thunks[target] = (
+                thunks[name]
+                if options.vision_init == "copy"
+                else partial(_random_like, thunks[name], target, options.seed, config.init_method_std)
+            )
     return LazyTensors(thunks)
 
 
@@ -187,8 +237,9 @@ def load_weights(model: torch.nn.Module, weights: LazyTensors, config: UniXConfi
     params = dict(model.named_parameters())
     filled = set()
     padded = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
-    for name, tensor in tqdm(iter_hf_to_megatron(weights, config, padded), total=len(params), desc="loading weights",
-                             unit="tensor"):
+    for name, tensor in tqdm(
+        iter_hf_to_megatron(weights, config, padded), total=len(params), desc="loading weights", unit="tensor"
+    ):
         param = params.get(name)
         if param is None:
             raise ConversionError(f"{name} has no parameter in the Megatron model")
@@ -203,30 +254,40 @@ def load_weights(model: torch.nn.Module, weights: LazyTensors, config: UniXConfi
 
 
 def _describe(config: UniXConfig, vocab_size: int) -> str:
-    return (f"{layer_style(config)} layers, L={config.num_layers}, N={config.vision_encode_layers}, "
-            f"M={config.vision_decode_layers}, vocab {vocab_size} (vq_offset {config.vq_offset}, codebook "
-            f"{config.vq_codebook_size}), {'tied' if config.tie_word_embeddings else 'untied'} embeddings")
+    return (
+        f"{layer_style(config)} layers, L={config.num_layers}, N={config.vision_encode_layers}, "
+        f"M={config.vision_decode_layers}, vocab {vocab_size} (vq_offset {config.vq_offset}, codebook "
+        f"{config.vq_codebook_size}), {'tied' if config.tie_word_embeddings else 'untied'} embeddings"
+    )
 
 
-def import_hf(hf_dir: str | Path, save: str | Path, options: ImportOptions = ImportOptions(),
-              verify: bool = False) -> Path:
+def import_hf(
+    hf_dir: str | Path, save: str | Path, options: ImportOptions = ImportOptions(), verify: bool = False
+) -> Path:
     """Convert an HF checkpoint directory into Megatron checkpoint ``save/iter_0000000``."""
     if Path(save).exists() and checkpointing.find_checkpoint(save) is not None:
         raise ConversionError(f"--save {save} already holds a Megatron checkpoint")
     source = HFCheckpoint(hf_dir)
     interchange = read_interchange(source.path)  # before the slow part: a damaged JSON file stops at once
-    log(f"source {source.path}: {'Uni-X reference format' if source.kind == 'unix' else 'text model'}, "
-        f"model_type {source.style}, {len(source.names)} tensors")
+    log(
+        f"source {source.path}: {'Uni-X reference format' if source.kind == 'unix' else 'text model'}, "
+        f"model_type {source.style}, {len(source.names)} tensors"
+    )
     tokenizer = _source_tokenizer(source, options)
     config, vocab_size = _target_config(source, options, tokenizer)
     source.validate()
-    log(f"target: {_describe(config, vocab_size)}"
-        + ("" if source.kind == "unix" else f", vision copies: {options.vision_init}"))
+    log(
+        f"target: {_describe(config, vocab_size)}"
+        + ("" if source.kind == "unix" else f", vision copies: {options.vision_init}")
+    )
     weights = import_weights(source, config, vocab_size, options)
     model = build_model(config, vocab_size, MAX_SEQUENCE_LENGTH)
     load_weights(model, weights, config, vocab_size)
-    run_args: dict[str, Any] = {"tokenizer_model": str(source.path) if tokenizer else None,
-                                "vq_codebook_size": config.vq_codebook_size, "converted_from": str(source.path)}
+    run_args: dict[str, Any] = {
+        "tokenizer_model": str(source.path) if tokenizer else None,
+        "vq_codebook_size": config.vq_codebook_size,
+        "converted_from": str(source.path),
+    }
     model_args = {**architecture(config, vocab_size), INTERCHANGE: interchange}
     path = checkpointing.save(save, 0, model, model_args=model_args, run_args=run_args)
     log(f"saved {path}")
@@ -246,8 +307,14 @@ def _hf_unix_model(config: UniXConfig, vocab_size: int, weights: LazyTensors) ->
     return model
 
 
-def _verify_import(model: torch.nn.Module, config: UniXConfig, vocab_size: int, source: HFCheckpoint,
-                   weights: LazyTensors, text_tokenizer: TextTokenizer | None) -> None:
+def _verify_import(
+    model: torch.nn.Module,
+    config: UniXConfig,
+    vocab_size: int,
+    source: HFCheckpoint,
+    weights: LazyTensors,
+    text_tokenizer: TextTokenizer | None,
+) -> None:
     """Megatron vs the source text model (text, original vocabulary columns) and vs the Uni-X HF
     model built in memory from the converted weights (all samples), everything in fp32."""
     samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
@@ -255,28 +322,41 @@ def _verify_import(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
     if source.kind != "unix" and source.style == layer_style(config):
         original = model_class(source.style, unix=False).from_pretrained(source.path, dtype=torch.float32)
         columns = source.config.vocab_size
-        results.append(compare(f"text vs {type(original).__name__} (source)",
-                               megatron_logits(model, samples["text"], vocab_size)[:, :columns],
-                               hf_logits(original, samples["text"]), FP32))
+        results.append(
+            compare(
+                f"text vs {type(original).__name__} (source)",
+                megatron_logits(model, samples["text"], vocab_size)[:, :columns],
+                hf_logits(original, samples["text"]),
+                FP32,
+            )
+        )
         del original
     elif source.kind != "unix":
         log("the source model differs from the converted one by design (--layer-style): not compared")
     unix = _hf_unix_model(config, vocab_size, weights)
     for name, tokens in samples.items():
-        results.append(compare(f"{name} vs Uni-X HF (converted weights)",
-                               megatron_logits(model, tokens, vocab_size), hf_logits(unix, tokens), FP32))
+        results.append(
+            compare(
+                f"{name} vs Uni-X HF (converted weights)",
+                megatron_logits(model, tokens, vocab_size),
+                hf_logits(unix, tokens),
+                FP32,
+            )
+        )
     report(results, FP32)
 
 
 # ----------------------------------------------------------------------------------------- export
+
 
 def load_megatron(path: str | Path, verify: bool = True) -> tuple[torch.nn.Module, UniXConfig, dict[str, Any]]:
     """A TP1/PP1 model from a Megatron checkpoint (save directory or ``iter_*``), and its common part;
     ``verify`` checks its files against the checksum manifest."""
     checkpoint = checkpointing.find_checkpoint(path) if Path(path).exists() else None
     if checkpoint is None:
-        raise ConversionError(f"--load {path}: no Megatron checkpoint there (no {checkpointing.TRACKER} or "
-                              "metadata.json)")
+        raise ConversionError(
+            f"--load {path}: no Megatron checkpoint there (no {checkpointing.TRACKER} or metadata.json)"
+        )
     common = checkpointing.read_common(checkpoint, verify)
     if "model_args" not in common:
         raise ConversionError(f"{checkpoint} has no model_args: it was not written by this stack")
@@ -293,9 +373,11 @@ def _separator_texts(config: UniXConfig, tokenizer_path: str | None) -> list[str
     if not config.separator_ids:
         return []
     if not tokenizer_path or not Path(tokenizer_path).exists():
-        raise ConversionError(f"the model routes separators {list(config.separator_ids)} as vision; config.json names "
-                              f"them by token text, which needs the tokenizer the checkpoint records "
-                              f"(tokenizer_model={tokenizer_path!r}, not found)")
+        raise ConversionError(
+            f"the model routes separators {list(config.separator_ids)} as vision; config.json names "
+            f"them by token text, which needs the tokenizer the checkpoint records "
+            f"(tokenizer_model={tokenizer_path!r}, not found)"
+        )
     tokenizer = load_text_tokenizer(tokenizer_path)
     return [tokenizer.token_text(index) for index in config.separator_ids]
 
@@ -308,7 +390,7 @@ def _remove_stale_staging(out: Path) -> None:
     """Staging directories of exports that were killed (SIGKILL, out of memory) are full-size copies."""
     prefix = STAGING_PREFIX.format(name=out.name)
     for stale in out.parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix):]
+        pid = stale.name[len(prefix) :]
         if pid.isdigit() and not platform.process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
             log(f"removed {stale}, left by a killed export")
@@ -318,8 +400,13 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shard_size: int | str = "5GB",
-              verify_checkpoint: bool = True) -> Path:
+def export_hf(
+    load: str | Path,
+    save: str | Path,
+    verify: bool = False,
+    max_shard_size: int | str = "5GB",
+    verify_checkpoint: bool = True,
+) -> Path:
     """Write the Megatron checkpoint ``load`` as an HF directory in the reference format (spec §5);
     ``verify`` compares logits afterwards, ``verify_checkpoint`` checks ``load``'s checksums first.
 
@@ -339,8 +426,11 @@ def export_hf(load: str | Path, save: str | Path, verify: bool = False, max_shar
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        write_safetensors(megatron_to_hf({n: p.detach() for n, p in model.named_parameters()}, config, vocab_size),
-                          staging, max_shard_size=max_shard_size)
+        write_safetensors(
+            megatron_to_hf({n: p.detach() for n, p in model.named_parameters()}, config, vocab_size),
+            staging,
+            max_shard_size=max_shard_size,
+        )
         write_json(staging / "config.json", config_json)
         write_json(staging / "generation_config.json", generation_config_json(config_json, interchange))
         copy_remote_code(staging)
@@ -373,8 +463,10 @@ def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
     samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
     reference = {name: megatron_logits(model, tokens, vocab_size) for name, tokens in samples.items()}
     unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
-    results = [compare(f"{name} vs Uni-X HF (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
-               for name, tokens in samples.items()]
+    results = [
+        compare(f"{name} vs Uni-X HF (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
+        for name, tokens in samples.items()
+    ]
     del unix
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its report would list every vision tensor, which it ignores by design
@@ -382,6 +474,9 @@ def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
         plain = model_class(layer_style(config), unix=False).from_pretrained(out, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
-    results.append(compare(f"text vs {type(plain).__name__} (bf16 weights)", reference["text"],
-                           hf_logits(plain, samples["text"]), BF16))
+    results.append(
+        compare(
+            f"text vs {type(plain).__name__} (bf16 weights)", reference["text"], hf_logits(plain, samples["text"]), BF16
+        )
+    )
     report(results, BF16)

@@ -32,8 +32,15 @@ FORMAT_VERSION = "4.53.3"
 """The transformers release whose config.json layout is written (the reference's pin)."""
 BASE_DEFAULTS: dict[str, Any] = {"attention_dropout": 0.0, "max_position_embeddings": 32768, "use_cache": True}
 """Qwen config keys the Megatron model does not determine: Qwen3Config's defaults unless carried."""
-NOT_CARRIED = ("auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "rope_scaling",
-               VIS_SEP_TOKEN_IDS)
+NOT_CARRIED = (
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "rope_scaling",
+    VIS_SEP_TOKEN_IDS,
+)
 """Source keys always recomputed on export."""
 
 
@@ -44,9 +51,11 @@ def layer_style(config: UniXConfig) -> str:
         return "qwen3"
     if config.add_qkv_bias and not config.qk_layernorm:
         return "qwen2"
-    raise ConversionError(f"qk_layernorm={config.qk_layernorm} with add_qkv_bias={config.add_qkv_bias} has no "
-                          "Hugging Face layer class (Qwen3: QK norm without q/k/v bias; Qwen2: q/k/v bias without "
-                          "QK norm)")
+    raise ConversionError(
+        f"qk_layernorm={config.qk_layernorm} with add_qkv_bias={config.add_qkv_bias} has no "
+        "Hugging Face layer class (Qwen3: QK norm without q/k/v bias; Qwen2: q/k/v bias without "
+        "QK norm)"
+    )
 
 
 def _refuse(hf: PretrainedConfig, field: str, bad: bool, why: str) -> None:
@@ -62,11 +71,17 @@ def text_fields(hf: PretrainedConfig) -> dict[str, Any]:
     except ValueError as error:
         raise ConversionError(f"config.json {error}") from None
     return dict(
-        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, ffn_hidden_size=hf.intermediate_size,
-        num_attention_heads=hf.num_attention_heads, num_query_groups=hf.num_key_value_heads,
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads,
         kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        qk_layernorm=hf.model_type == "qwen3", add_qkv_bias=hf.model_type == "qwen2",
-        tie_word_embeddings=hf.tie_word_embeddings, rotary_base=rope_theta(hf), layernorm_epsilon=hf.rms_norm_eps,
+        qk_layernorm=hf.model_type == "qwen3",
+        add_qkv_bias=hf.model_type == "qwen2",
+        tie_word_embeddings=hf.tie_word_embeddings,
+        rotary_base=rope_theta(hf),
+        layernorm_epsilon=hf.rms_norm_eps,
     )
 
 
@@ -83,14 +98,18 @@ def resolve_separators(hf: PretrainedConfig, tokenizer: TextTokenizer | None, wh
     recorded = getattr(hf, VIS_SEP_TOKEN_IDS, None)
     if tokenizer is None:
         if recorded is None:
-            raise ConversionError(f"{where}/config.json: add_sep_for_vis=1 names vis_sep_tokens={texts} by text, "
-                                  f"and {where} has no tokenizer to resolve them")
+            raise ConversionError(
+                f"{where}/config.json: add_sep_for_vis=1 names vis_sep_tokens={texts} by text, "
+                f"and {where} has no tokenizer to resolve them"
+            )
         ids = tuple(int(i) for i in recorded)
     else:
         ids = tuple(_token_id(tokenizer, text, where) for text in texts)
         if recorded is not None and tuple(int(i) for i in recorded) != ids:
-            raise ConversionError(f"{where}/config.json: {VIS_SEP_TOKEN_IDS}={recorded} but the tokenizer gives "
-                                  f"vis_sep_tokens={texts} the ids {list(ids)}")
+            raise ConversionError(
+                f"{where}/config.json: {VIS_SEP_TOKEN_IDS}={recorded} but the tokenizer gives "
+                f"vis_sep_tokens={texts} the ids {list(ids)}"
+            )
     setattr(hf, VIS_SEP_TOKEN_IDS, list(ids))
     return ids
 
@@ -98,8 +117,9 @@ def resolve_separators(hf: PretrainedConfig, tokenizer: TextTokenizer | None, wh
 def _token_id(tokenizer: TextTokenizer, text: str, where: Path) -> int:
     index = tokenizer.token_id(text)
     if index is None:
-        raise ConversionError(f"{where}/config.json: vis_sep_tokens item {text!r} is not a token of the tokenizer "
-                              f"in {where}")
+        raise ConversionError(
+            f"{where}/config.json: vis_sep_tokens item {text!r} is not a token of the tokenizer in {where}"
+        )
     return index
 
 
@@ -107,25 +127,41 @@ def unix_fields(hf: PretrainedConfig, tokenizer: TextTokenizer | None, where: Pa
     """Architecture and vocabulary layout of a reference-format Uni-X config.json: all from the file."""
     fields = text_fields(hf)
     codes_end = hf.real_text_vocab_size + hf.vision_vocab_size
-    _refuse(hf, "vocab_size", hf.vocab_size < codes_end,
-            f"real_text_vocab_size + vision_vocab_size = {codes_end} ids do not fit")
-    _refuse(hf, "vision_start_id", not 0 <= hf.vision_start_id < hf.real_text_vocab_size,
-            f"BOI must be a text id below real_text_vocab_size={hf.real_text_vocab_size}")
-    fields.update(vision_encode_layers=hf.num_vision_encode_layers, vision_decode_layers=hf.num_vision_decode_layers,
-                  vq_offset=hf.real_text_vocab_size, vq_codebook_size=hf.vision_vocab_size,
-                  boi_id=hf.vision_start_id, separator_ids=resolve_separators(hf, tokenizer, where))
+    _refuse(
+        hf,
+        "vocab_size",
+        hf.vocab_size < codes_end,
+        f"real_text_vocab_size + vision_vocab_size = {codes_end} ids do not fit",
+    )
+    _refuse(
+        hf,
+        "vision_start_id",
+        not 0 <= hf.vision_start_id < hf.real_text_vocab_size,
+        f"BOI must be a text id below real_text_vocab_size={hf.real_text_vocab_size}",
+    )
+    fields.update(
+        vision_encode_layers=hf.num_vision_encode_layers,
+        vision_decode_layers=hf.num_vision_decode_layers,
+        vq_offset=hf.real_text_vocab_size,
+        vq_codebook_size=hf.vision_vocab_size,
+        boi_id=hf.vision_start_id,
+        separator_ids=resolve_separators(hf, tokenizer, where),
+    )
     return fields
 
 
 def read_interchange(directory: Path) -> dict[str, Any]:
     """The source's config.json and generation_config.json, as dicts, to carry through the checkpoint."""
     generation = directory / "generation_config.json"
-    return {"config": read_json(directory / "config.json"),
-            "generation_config": read_json(generation) if generation.is_file() else None}
+    return {
+        "config": read_json(directory / "config.json"),
+        "generation_config": read_json(generation) if generation.is_file() else None,
+    }
 
 
-def unix_config_json(config: UniXConfig, vocab_size: int, separator_texts: list[str],
-                     interchange: dict[str, Any] | None = None) -> dict[str, Any]:
+def unix_config_json(
+    config: UniXConfig, vocab_size: int, separator_texts: list[str], interchange: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """config.json of a Uni-X model with ``vocab_size`` rows (TP padding excluded), bf16 weights.
 
     Three layers, later ones winning: defaults (Qwen's and the reference's), the carried source keys,
@@ -134,21 +170,40 @@ def unix_config_json(config: UniXConfig, vocab_size: int, separator_texts: list[
     style = layer_style(config)
     carried = {k: v for k, v in ((interchange or {}).get("config") or {}).items() if k not in NOT_CARRIED}
     separators = list(config.separator_ids)
-    defaults = {**BASE_DEFAULTS, **UNIX_DEFAULTS, "initializer_range": config.init_method_std,
-                "eos_token_id": config.eos_id, "layer_types": ["full_attention"] * config.num_layers}
+    defaults = {
+        **BASE_DEFAULTS,
+        **UNIX_DEFAULTS,
+        "initializer_range": config.init_method_std,
+        "eos_token_id": config.eos_id,
+        "layer_types": ["full_attention"] * config.num_layers,
+    }
     fixed: dict[str, Any] = {
-        "architectures": [CLASSES[style][3].__name__], "model_type": style, "auto_map": auto_map(style),
-        "vocab_size": vocab_size, "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_query_groups or config.num_attention_heads, "head_dim": config.kv_channels,
-        "hidden_act": "silu", "rms_norm_eps": config.layernorm_epsilon, "tie_word_embeddings": config.tie_word_embeddings,
-        "rope_theta": config.rotary_base, "rope_scaling": None,
+        "architectures": [CLASSES[style][3].__name__],
+        "model_type": style,
+        "auto_map": auto_map(style),
+        "vocab_size": vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups or config.num_attention_heads,
+        "head_dim": config.kv_channels,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.layernorm_epsilon,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "rope_theta": config.rotary_base,
+        "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
-        "use_sliding_window": False, "torch_dtype": "bfloat16", "dtype": "bfloat16",
+        "use_sliding_window": False,
+        "torch_dtype": "bfloat16",
+        "dtype": "bfloat16",
         "transformers_version": FORMAT_VERSION,
-        "num_vision_encode_layers": config.vision_encode_layers, "num_vision_decode_layers": config.vision_decode_layers,
-        "vision_vocab_size": config.vq_codebook_size, "real_text_vocab_size": config.vq_offset,
-        "vision_start_id": config.boi_id, "add_sep_for_vis": int(bool(separators)),
+        "num_vision_encode_layers": config.vision_encode_layers,
+        "num_vision_decode_layers": config.vision_decode_layers,
+        "vision_vocab_size": config.vq_codebook_size,
+        "real_text_vocab_size": config.vq_offset,
+        "vision_start_id": config.boi_id,
+        "add_sep_for_vis": int(bool(separators)),
     }
     if style == "qwen3":
         fixed["attention_bias"] = False
@@ -164,8 +219,12 @@ def generation_config_json(config_json: dict[str, Any], interchange: dict[str, A
     carried = (interchange or {}).get("generation_config")
     if carried:
         return carried
-    derived = {"_from_model_config": True, "bos_token_id": config_json.get("bos_token_id"),
-               "eos_token_id": config_json.get("eos_token_id"), "transformers_version": FORMAT_VERSION}
+    derived = {
+        "_from_model_config": True,
+        "bos_token_id": config_json.get("bos_token_id"),
+        "eos_token_id": config_json.get("eos_token_id"),
+        "transformers_version": FORMAT_VERSION,
+    }
     return {k: v for k, v in derived.items() if v is not None}
 
 

@@ -23,13 +23,24 @@ from transformers import PretrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3C
 
 from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
 from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen2Config, UniQwen3Config
-from megatron_unix.conversion.hf_remote.modeling_unix import (TRANSFORMERS_SUPPORTED, UniQwen2ForCausalLM,
-                                                               UniQwen3ForCausalLM)
+from megatron_unix.conversion.hf_remote.modeling_unix import (
+    TRANSFORMERS_SUPPORTED,
+    UniQwen2ForCausalLM,
+    UniQwen3ForCausalLM,
+)
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 UNIX_MARKER = "num_vision_encode_layers"
 """A config.json with this field is a Uni-X checkpoint in the reference format (spec §5)."""
 
@@ -89,8 +100,9 @@ class HFCheckpoint:
         raw = read_json(config_file)
         self.style = raw.get("model_type")
         if self.style not in CLASSES:
-            raise ConversionError(f"{config_file}: model_type={self.style!r} is not supported "
-                                  f"(expected one of {sorted(CLASSES)})")
+            raise ConversionError(
+                f"{config_file}: model_type={self.style!r} is not supported (expected one of {sorted(CLASSES)})"
+            )
         self.kind = "unix" if UNIX_MARKER in raw else self.style
         config_cls = CLASSES[self.style][2 if self.kind == "unix" else 0]
         try:
@@ -113,8 +125,10 @@ class HFCheckpoint:
             return weight_map
         single = self.path / SAFETENSORS_FILE
         if not single.is_file():
-            raise ConversionError(f"{self.path}: neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX} "
-                                  "(only safetensors checkpoints are supported)")
+            raise ConversionError(
+                f"{self.path}: neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX} "
+                "(only safetensors checkpoints are supported)"
+            )
         return {name: SAFETENSORS_FILE for name in _open_safetensors(single).keys()}
 
     def _handle(self, name: str):
@@ -134,7 +148,9 @@ class HFCheckpoint:
         try:
             return self._handle(name).get_tensor(name)
         except SafetensorError as error:
-            raise ConversionError(f"{self.path / self.weight_map[name]}: tensor {name} cannot be read ({error})") from None
+            raise ConversionError(
+                f"{self.path / self.weight_map[name]}: tensor {name} cannot be read ({error})"
+            ) from None
 
     def validate(self) -> None:
         """Every tensor config.json implies is present with its shape, and nothing else is there."""
@@ -144,13 +160,16 @@ class HFCheckpoint:
             if name not in self.weight_map:
                 raise ConversionError(f"{where}: tensor {name} is missing")
             if self.shape(name) != shape:
-                raise ConversionError(f"{where}: tensor {name} has shape {list(self.shape(name))}, "
-                                      f"config.json implies {list(shape)}")
+                raise ConversionError(
+                    f"{where}: tensor {name} has shape {list(self.shape(name))}, config.json implies {list(shape)}"
+                )
         tied_head = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
         unexpected = [n for n in self.weight_map if n not in expected and n not in tied_head]
         if unexpected:
-            raise ConversionError(f"{where}: tensor {unexpected[0]} is not part of the model config.json describes"
-                                  + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+            raise ConversionError(
+                f"{where}: tensor {unexpected[0]} is not part of the model config.json describes"
+                + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            )
 
 
 def _open_safetensors(path: Path):
@@ -177,8 +196,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self.thunks)
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], directory: Path, *, dtype: torch.dtype = torch.bfloat16,
-                      max_shard_size: int | str = "5GB") -> None:
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    directory: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: int | str = "5GB",
+) -> None:
     """Write ``tensors`` as ``dtype`` safetensors with HF's sharding (and index when sharded).
 
     Shards are planned from shapes alone and converted one shard at a time, so only one shard's
@@ -186,7 +210,8 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], directory: Path, *, d
     """
     plan = split_torch_state_dict_into_shards(
         {name: torch.empty(t.shape, dtype=dtype, device="meta") for name, t in tensors.items()},
-        max_shard_size=max_shard_size)
+        max_shard_size=max_shard_size,
+    )
     progress = tqdm(total=len(tensors), desc="writing safetensors", unit="tensor")
     for file, names in plan.filename_to_tensors.items():
         shard = {}

@@ -115,8 +115,9 @@ def megatron_to_hf(state_dict: dict[str, torch.Tensor], config: UniXConfig, voca
     return out
 
 
-def iter_hf_to_megatron(hf: collections.abc.Mapping[str, torch.Tensor], config: UniXConfig,
-                        padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_to_megatron(
+    hf: collections.abc.Mapping[str, torch.Tensor], config: UniXConfig, padded_vocab: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """HF names -> (Megatron name, tensor), one mapping at a time, so that a converter reading a lazy
     ``hf`` (tensors loaded on access) holds one tensor besides the model; vocabulary rows are
     zero-padded to ``padded_vocab``."""

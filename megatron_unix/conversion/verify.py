@@ -33,7 +33,7 @@ class Gate:
 
 
 FP32 = Gate(min_cosine=0.9999, tie=1e-6)
-BF16 = Gate(min_cosine=0.99, tie=2 ** -7)
+BF16 = Gate(min_cosine=0.99, tie=2**-7)
 
 
 class VerificationFailed(RuntimeError):
@@ -60,8 +60,9 @@ def sample_inputs(config: UniXConfig, text_ids: list[int], seed: int = 0) -> dic
     return {name: torch.tensor(ids, dtype=torch.long) for name, ids in rows.items()}
 
 
-def sample_text_ids(config: UniXConfig, tokenizer: TextTokenizer | None = None, length: int = 24,
-                    seed: int = 0) -> list[int]:
+def sample_text_ids(
+    config: UniXConfig, tokenizer: TextTokenizer | None = None, length: int = 24, seed: int = 0
+) -> list[int]:
     """The sample sentence through the text ``tokenizer`` when there is one, else fixed random text ids."""
     if tokenizer is not None:
         return tokenizer.encode(TEXT)
@@ -101,9 +102,14 @@ def report(comparisons: list[Comparison], gate: Gate) -> None:
     """Print the table; raise VerificationFailed when any comparison is beyond ``gate``."""
     print(f"{'sample':<44} {'tokens':>6} {'max|diff|':>10} {'mean|diff|':>10} {'cosine':>10} {'greedy':>8}  result")
     for c in comparisons:
-        print(f"{c.sample:<44} {c.tokens:>6} {c.max_diff:>10.3e} {c.mean_diff:>10.3e} {c.cosine:>10.6f} "
-              f"{100 * c.agreement:>7.1f}%  {'ok' if c.passed else 'FAIL'}", flush=True)
+        print(
+            f"{c.sample:<44} {c.tokens:>6} {c.max_diff:>10.3e} {c.mean_diff:>10.3e} {c.cosine:>10.6f} "
+            f"{100 * c.agreement:>7.1f}%  {'ok' if c.passed else 'FAIL'}",
+            flush=True,
+        )
     failed = [c.sample for c in comparisons if not c.passed]
     if failed:
-        raise VerificationFailed(f"verification failed for {', '.join(failed)} (gate: cosine >= {gate.min_cosine} "
-                                 f"and the same greedy tokens up to ties of {gate.tie:g} x max|logit|)")
+        raise VerificationFailed(
+            f"verification failed for {', '.join(failed)} (gate: cosine >= {gate.min_cosine} "
+            f"and the same greedy tokens up to ties of {gate.tie:g} x max|logit|)"
+        )

@@ -74,8 +74,9 @@ class PackingStats:
     truncated_texts: int
 
 
-def pack_epoch(samples: np.ndarray, lengths: np.ndarray, images: np.ndarray,
-               capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def pack_epoch(
+    samples: np.ndarray, lengths: np.ndarray, images: np.ndarray, capacity: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy packing of samples, in the given order, into rows of ``capacity`` tokens.
 
     Every image sample must fit in a row (drop the others first). Returns ``row_ends`` (row r holds
@@ -111,8 +112,15 @@ def pack_epoch(samples: np.ndarray, lengths: np.ndarray, images: np.ndarray,
 class UniXPackedDataset(MegatronDataset):
     """Rows of packed samples from one split of one prefix; row i is always the same row."""
 
-    def __init__(self, dataset: MultimodalDocuments, dataset_path: str | None, indices: np.ndarray,
-                 num_samples: int | None, index_split: Split, config: UniXDatasetConfig) -> None:
+    def __init__(
+        self,
+        dataset: MultimodalDocuments,
+        dataset_path: str | None,
+        indices: np.ndarray,
+        num_samples: int | None,
+        index_split: Split,
+        config: UniXDatasetConfig,
+    ) -> None:
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         self.row_offsets, self.pieces, self.stats = self._build_or_load()
 
@@ -138,33 +146,38 @@ class UniXPackedDataset(MegatronDataset):
         A target gets loss when it is trained and in the same piece as its input.
         """
         if not 0 <= idx < len(self):
-            raise IndexError(f"row {idx} is out of range: {self.dataset_path} {self.index_split.name} "
-                             f"has {len(self)} rows")
+            raise IndexError(
+                f"row {idx} is out of range: {self.dataset_path} {self.index_split.name} has {len(self)} rows"
+            )
         capacity = self.config.sequence_length + 1
         row = np.full(capacity, self.config.tokenizer.eos_id, dtype=np.int64)
         trained = np.zeros(capacity, dtype=bool)
         documents = np.empty(capacity, dtype=np.int64)
-        pieces = self.pieces[self.row_offsets[idx]:self.row_offsets[idx + 1]]
+        pieces = self.pieces[self.row_offsets[idx] : self.row_offsets[idx + 1]]
         pos = 0
         for document, (sample, start, length) in enumerate(pieces.tolist()):
-            row[pos:pos + length], trained[pos:pos + length] = self.dataset.sample(sample, start, length)
-            documents[pos:pos + length] = document
+            row[pos : pos + length], trained[pos : pos + length] = self.dataset.sample(sample, start, length)
+            documents[pos : pos + length] = document
             pos += length
         documents[pos:] = len(pieces)
         loss_mask = trained[1:] & (documents[1:] == documents[:-1])
         row_t = torch.from_numpy(row)
-        return {"tokens": row_t[:-1], "labels": row_t[1:], "loss_mask": torch.from_numpy(loss_mask).float(),
-                "document_ids": torch.from_numpy(documents[:-1])}
+        return {
+            "tokens": row_t[:-1],
+            "labels": row_t[1:],
+            "loss_mask": torch.from_numpy(loss_mask).float(),
+            "document_ids": torch.from_numpy(documents[:-1]),
+        }
 
     def _cache_paths(self) -> dict[str, str]:
         root = self.config.path_to_cache or os.path.join(
-            os.path.dirname(os.path.abspath(self.dataset_path)), "cache", f"{type(self).__name__}_indices")
+            os.path.dirname(os.path.abspath(self.dataset_path)), "cache", f"{type(self).__name__}_indices"
+        )
         # Megatron's key plus the data's size: re-preprocessing into the same prefix gets a new index.
         key = f"{self.unique_description_hash}-{len(self.dataset)}-{int(self.dataset.lengths.sum(dtype=np.int64))}"
         key = hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
         base = os.path.join(root, f"{key}-{type(self).__name__}-{self.index_split.name}")
-        return {name: f"{base}-{name}" for name in
-                ("row_offsets.npy", "pieces.npy", "stats.json", "description.json")}
+        return {name: f"{base}-{name}" for name in ("row_offsets.npy", "pieces.npy", "stats.json", "description.json")}
 
     def _build_or_load(self) -> tuple[np.ndarray, np.ndarray, PackingStats]:
         """Load the cached packing, or build and cache it.
@@ -186,11 +199,13 @@ class UniXPackedDataset(MegatronDataset):
             self._save(paths, row_offsets, pieces, stats)
             action = f"Built in {time.perf_counter() - t0:.2f} s and cached"
         log_single_rank(
-            logger, logging.INFO,
+            logger,
+            logging.INFO,
             f"{action} {type(self).__name__} {self.index_split.name} of {self.dataset_path}: {stats.rows} rows "
             f"of {self.config.sequence_length} tokens from {stats.samples} samples x {stats.epochs} epoch(s), "
             f"padding {100 * stats.padding_fraction:.2f}%, per epoch {stats.dropped_images} image samples "
-            f"dropped and {stats.truncated_texts} text samples truncated (longer than a row)")
+            f"dropped and {stats.truncated_texts} text samples truncated (longer than a row)",
+        )
         return row_offsets, pieces, stats
 
     def _pack(self) -> tuple[np.ndarray, np.ndarray, PackingStats]:
@@ -209,25 +224,36 @@ class UniXPackedDataset(MegatronDataset):
             order = order[keep[order]]
             row_ends, pieces = pack_epoch(self.indices[order], lengths[order], images[order], capacity)
             if not len(row_ends) and rows < target:
-                raise ValueError(f"{self.dataset_path}: the {self.index_split.name} split has no sample that fits "
-                                 f"in a row of {self.config.sequence_length} tokens, but {target} rows were asked for")
+                raise ValueError(
+                    f"{self.dataset_path}: the {self.index_split.name} split has no sample that fits "
+                    f"in a row of {self.config.sequence_length} tokens, but {target} rows were asked for"
+                )
             ends.append(row_ends + num_pieces)
             chunks.append(pieces)
             rows, num_pieces, epoch = rows + len(row_ends), num_pieces + len(pieces), epoch + 1
         row_offsets = np.concatenate(ends)
         pieces = np.concatenate(chunks)
         padding = rows * capacity - int(pieces[:, 2].sum(dtype=np.int64))
-        stats = PackingStats(rows=rows, epochs=epoch, samples=len(self.indices),
-                             padding_fraction=padding / max(1, rows * capacity),
-                             dropped_images=int(dropped.sum()), truncated_texts=int(truncated.sum()))
+        stats = PackingStats(
+            rows=rows,
+            epochs=epoch,
+            samples=len(self.indices),
+            padding_fraction=padding / max(1, rows * capacity),
+            dropped_images=int(dropped.sum()),
+            truncated_texts=int(truncated.sum()),
+        )
         return row_offsets, pieces, stats
 
     def _save(self, paths: dict[str, str], row_offsets: np.ndarray, pieces: np.ndarray, stats: PackingStats) -> None:
         """Each file goes to a unique temporary name first, so readers never see a partial one (and
         ranks, or builder threads given the same prefix twice, never write into each other's)."""
         os.makedirs(os.path.dirname(paths["pieces.npy"]), exist_ok=True)
-        contents = {"row_offsets.npy": row_offsets, "pieces.npy": pieces,
-                    "stats.json": json.dumps(asdict(stats), indent=4), "description.json": self.unique_description}
+        contents = {
+            "row_offsets.npy": row_offsets,
+            "pieces.npy": pieces,
+            "stats.json": json.dumps(asdict(stats), indent=4),
+            "description.json": self.unique_description,
+        }
         for name, content in contents.items():
             partial = f"{paths[name]}.partial-{os.getpid()}-{threading.get_ident()}"
             with open(partial, "wb") as f:
@@ -238,15 +264,29 @@ class UniXPackedDataset(MegatronDataset):
             os.replace(partial, paths[name])
 
 
-def build_datasets(data_path: list[str], split: str, seq_length: int, seed: int, tokenizer: MultimodalTokenizer,
-                   train_valid_test_num_samples: tuple[int | None, int | None, int | None],
-                   cache_dir: str | None = None, long_text: Literal["truncate", "split"] = "truncate",
-                   is_built_on_rank: Callable[[], bool] = lambda: True,
-                   ) -> list[UniXPackedDataset | BlendedDataset | None]:
+def build_datasets(
+    data_path: list[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    tokenizer: MultimodalTokenizer,
+    train_valid_test_num_samples: tuple[int | None, int | None, int | None],
+    cache_dir: str | None = None,
+    long_text: Literal["truncate", "split"] = "truncate",
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+) -> list[UniXPackedDataset | BlendedDataset | None]:
     """Train, valid and test datasets (or None) for ``--data-path`` (``[w1] p1 [w2] p2 ...``) and ``--split``."""
     if not data_path:
         raise ValueError("--data-path names no dataset")
-    config = UniXDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(data_path),
-                               split=split, path_to_cache=cache_dir, tokenizer=tokenizer, long_text=long_text)
-    return BlendedMegatronDatasetBuilder(UniXPackedDataset, list(train_valid_test_num_samples),
-                                         is_built_on_rank, config).build()
+    config = UniXDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=get_blend_from_list(data_path),
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        long_text=long_text,
+    )
+    return BlendedMegatronDatasetBuilder(
+        UniXPackedDataset, list(train_valid_test_num_samples), is_built_on_rank, config
+    ).build()

@@ -90,24 +90,32 @@ def read_vocabulary(prefix: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_vocabulary(prefix: str | Path, vocabulary: dict[str, Any], tokenizer_name: str,
-                     allow_unrecorded: bool = False) -> None:
+def check_vocabulary(
+    prefix: str | Path, vocabulary: dict[str, Any], tokenizer_name: str, allow_unrecorded: bool = False
+) -> None:
     """Refuse training on samples tokenized with another vocabulary layout than the run's, or with an
     unrecorded one (unless ``allow_unrecorded``): a wrong VQ offset trains silently on wrong ids."""
     stored, expected = read_vocabulary(prefix), _canonical(vocabulary)
     if stored is None and not allow_unrecorded:
-        raise ValueError(f"--data-path {prefix}: {prefix}{VOCABULARY_SUFFIX} is missing, so nothing records which "
-                         f"vocabulary its samples were tokenized with: preprocess it again with "
-                         f"tools/preprocess_data.py, or pass --allow-unrecorded-vocabulary if it was made with "
-                         f"--tokenizer-model {tokenizer_name}")
+        raise ValueError(
+            f"--data-path {prefix}: {prefix}{VOCABULARY_SUFFIX} is missing, so nothing records which "
+            f"vocabulary its samples were tokenized with: preprocess it again with "
+            f"tools/preprocess_data.py, or pass --allow-unrecorded-vocabulary if it was made with "
+            f"--tokenizer-model {tokenizer_name}"
+        )
     if stored is not None and stored != expected:
         keys = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
         differ = ", ".join(f"{k} {stored.get(k)} vs {expected.get(k)}" for k in keys)
-        remedy = ("pass --separator with the token the data routes as vision (earlier versions made "
-                  "<|vision_pad|> one by default)" if keys == ["separator_ids"]
-                  else "use the tokenizer it was made with, or preprocess again")
-        raise ValueError(f"--data-path {prefix} was preprocessed with another vocabulary than --tokenizer-model "
-                         f"{tokenizer_name} gives ({differ}): {remedy}")
+        remedy = (
+            "pass --separator with the token the data routes as vision (earlier versions made "
+            "<|vision_pad|> one by default)"
+            if keys == ["separator_ids"]
+            else "use the tokenizer it was made with, or preprocess again"
+        )
+        raise ValueError(
+            f"--data-path {prefix} was preprocessed with another vocabulary than --tokenizer-model "
+            f"{tokenizer_name} gives ({differ}): {remedy}"
+        )
 
 
 def remove_stale_partials(prefix: str | Path) -> list[Path]:
@@ -117,8 +125,11 @@ def remove_stale_partials(prefix: str | Path) -> list[Path]:
     prefix = Path(prefix)
     suffixes = "|".join(map(re.escape, DATA_SUFFIXES + (VOCABULARY_SUFFIX,)))
     name = re.compile(rf"{re.escape(prefix.name + PARTIAL_INFIX)}(\d+)(?:{suffixes})")
-    stale = sorted(path for path in prefix.parent.glob(glob.escape(prefix.name + PARTIAL_INFIX) + "*")
-                   if (match := name.fullmatch(path.name)) and not platform.process_alive(int(match[1])))
+    stale = sorted(
+        path
+        for path in prefix.parent.glob(glob.escape(prefix.name + PARTIAL_INFIX) + "*")
+        if (match := name.fullmatch(path.name)) and not platform.process_alive(int(match[1]))
+    )
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -141,14 +152,22 @@ class DatasetWriter:
 
     def add(self, tokens: Sequence[int], trained: Sequence[bool], vision_tokens: int) -> None:
         runs = run_lengths(trained)
-        self.add_batch(SampleBatch(np.asarray(tokens, TOKEN_DTYPE), np.array([len(tokens)]),
-                                   np.asarray(runs, TOKEN_DTYPE), np.array([len(runs)]),
-                                   np.array([vision_tokens], TOKEN_DTYPE)))
+        self.add_batch(
+            SampleBatch(
+                np.asarray(tokens, TOKEN_DTYPE),
+                np.array([len(tokens)]),
+                np.asarray(runs, TOKEN_DTYPE),
+                np.array([len(runs)]),
+                np.array([vision_tokens], TOKEN_DTYPE),
+            )
+        )
 
     def add_batch(self, batch: SampleBatch) -> None:
         """Append many samples with one write per file (no per-sample Python work)."""
-        for builder, flat, lengths in ((self.tokens, batch.tokens, batch.lengths),
-                                       (self.masks, batch.runs, batch.run_counts)):
+        for builder, flat, lengths in (
+            (self.tokens, batch.tokens, batch.lengths),
+            (self.masks, batch.runs, batch.run_counts),
+        ):
             builder.data_file.write(np.ascontiguousarray(flat, TOKEN_DTYPE).tobytes())
             start = len(builder.sequence_lengths)
             builder.sequence_lengths.extend(lengths.tolist())
@@ -160,8 +179,10 @@ class DatasetWriter:
         prefix = str(prefix)
         theirs = read_vocabulary(prefix)
         if theirs is not None and self.vocabulary not in (None, theirs):
-            raise ValueError(f"{prefix} was tokenized with {theirs}, the datasets before it with {self.vocabulary}: "
-                             "merge only datasets made with one tokenizer")
+            raise ValueError(
+                f"{prefix} was tokenized with {theirs}, the datasets before it with {self.vocabulary}: "
+                "merge only datasets made with one tokenizer"
+            )
         self.vocabulary = self.vocabulary or theirs
         self.tokens.add_index(prefix)
         self.masks.add_index(prefix + LOSSMASK_SUFFIX)
@@ -203,8 +224,10 @@ class MultimodalDocuments:
         self.masks = IndexedDataset(self.prefix + LOSSMASK_SUFFIX, mmap=mmap)
         self.vision_tokens = np.load(self.prefix + VISION_SUFFIX, mmap_mode="r" if mmap else None)
         if not len(self.tokens) == len(self.masks) == len(self.vision_tokens):
-            raise ValueError(f"dataset {self.prefix}: {len(self.tokens)} token sequences, {len(self.masks)} "
-                             f"loss masks and {len(self.vision_tokens)} vision counts do not match")
+            raise ValueError(
+                f"dataset {self.prefix}: {len(self.tokens)} token sequences, {len(self.masks)} "
+                f"loss masks and {len(self.vision_tokens)} vision counts do not match"
+            )
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -217,8 +240,10 @@ class MultimodalDocuments:
         """Tokens and trained flags of a sample, or of ``length`` tokens from ``offset``."""
         trained = expand_runs(self.masks[index])
         if len(trained) != self.lengths[index]:
-            raise ValueError(f"dataset {self.prefix}: sample {index} has {self.lengths[index]} tokens "
-                             f"but its loss mask covers {len(trained)}")
+            raise ValueError(
+                f"dataset {self.prefix}: sample {index} has {self.lengths[index]} tokens "
+                f"but its loss mask covers {len(trained)}"
+            )
         stop = None if length is None else offset + length
         return self.tokens.get(index, offset, length), trained[offset:stop]
 
@@ -227,8 +252,9 @@ def require_files(prefix: str | Path) -> None:
     """Every file of the dataset exists (the vocabulary record is checked by :func:`check_vocabulary`)."""
     missing = [str(p) for p in output_files(prefix) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"dataset {prefix} is incomplete: missing {', '.join(missing)} "
-                                "(write it with tools/preprocess_data.py)")
+        raise FileNotFoundError(
+            f"dataset {prefix} is incomplete: missing {', '.join(missing)} (write it with tools/preprocess_data.py)"
+        )
 
 
 @dataclass
@@ -248,18 +274,24 @@ def _read_index(prefix: str) -> _Index:
     with open(path, "rb") as f:
         header = f.read(INDEX_HEADER.size)
     if len(header) < INDEX_HEADER.size:
-        raise ValueError(f"{path}: {len(header)} bytes, shorter than the {INDEX_HEADER.size}-byte header of a "
-                         "Megatron index")
+        raise ValueError(
+            f"{path}: {len(header)} bytes, shorter than the {INDEX_HEADER.size}-byte header of a Megatron index"
+        )
     magic, version, code, sequences, documents = INDEX_HEADER.unpack(header)
     token_code = DType.code_from_dtype(TOKEN_DTYPE)
-    for what, value, expected in (("magic", magic, _INDEX_HEADER), ("version", version, 1),
-                                  ("dtype code", code, token_code)):
+    for what, value, expected in (
+        ("magic", magic, _INDEX_HEADER),
+        ("version", version, 1),
+        ("dtype code", code, token_code),
+    ):
         if value != expected:
             raise ValueError(f"{path}: {what} {value!r}, expected {expected!r}")
     size, need = path.stat().st_size, INDEX_HEADER.size + 12 * sequences + 8 * documents
     if size != need:
-        raise ValueError(f"{path}: {size} bytes, but its header's {sequences} sequences and {documents} document "
-                         f"boundaries need {need}")
+        raise ValueError(
+            f"{path}: {size} bytes, but its header's {sequences} sequences and {documents} document "
+            f"boundaries need {need}"
+        )
     buffer = np.memmap(path, np.uint8, "r")
     lengths = np.frombuffer(buffer, np.int32, sequences, INDEX_HEADER.size)
     pointers = np.frombuffer(buffer, np.int64, sequences, INDEX_HEADER.size + lengths.nbytes)
@@ -286,20 +318,25 @@ def _check_index(index: _Index) -> None:
             raise ValueError(f"{index.path}: sample {part.start + bad} has length {lengths[bad]}")
         starts = (total + np.cumsum(lengths) - lengths) * itemsize
         if (bad := _first(index.pointers[part] != starts)) is not None:
-            raise ValueError(f"{index.path}: sample {part.start + bad} starts at byte {index.pointers[part][bad]}, "
-                             f"but the lengths before it end at byte {starts[bad]}")
+            raise ValueError(
+                f"{index.path}: sample {part.start + bad} starts at byte {index.pointers[part][bad]}, "
+                f"but the lengths before it end at byte {starts[bad]}"
+            )
         total += int(lengths.sum())
     size = index.bin_path.stat().st_size
     if size != total * itemsize:
-        raise ValueError(f"{index.bin_path}: {size} bytes, but the lengths in {index.path} add up to {total} "
-                         f"tokens ({total * itemsize} bytes)")
+        raise ValueError(
+            f"{index.bin_path}: {size} bytes, but the lengths in {index.path} add up to {total} "
+            f"tokens ({total * itemsize} bytes)"
+        )
     bounds = index.documents
     ends = (int(bounds[0]), int(bounds[-1])) if len(bounds) else None
     if ends != (0, len(index.lengths)):
-        raise ValueError(f"{index.path}: the document boundaries run over sequences {ends}, "
-                         f"not (0, {len(index.lengths)})")
+        raise ValueError(
+            f"{index.path}: the document boundaries run over sequences {ends}, not (0, {len(index.lengths)})"
+        )
     for part in _chunks(len(bounds) - 1):
-        if (bad := _first(np.diff(bounds[part.start:part.stop + 1]) < 0)) is not None:
+        if (bad := _first(np.diff(bounds[part.start : part.stop + 1]) < 0)) is not None:
             raise ValueError(f"{index.path}: document {part.start + bad + 1} starts before the one before it")
 
 
@@ -315,14 +352,16 @@ def _check_loss_masks(lengths: np.ndarray, masks: _Index) -> None:
     runs, first = _tokens(masks.bin_path), 0
     for part in _chunks(len(lengths)):
         ends = np.cumsum(masks.lengths[part], dtype=np.int64)
-        chunk = runs[first:first + ends[-1]]
+        chunk = runs[first : first + ends[-1]]
         if (bad := _first(chunk < 0)) is not None:
             sample = part.start + int(np.searchsorted(ends, bad, side="right"))
             raise ValueError(f"{masks.bin_path}: sample {sample} has a run of length {chunk[bad]}")
         covered = np.diff(np.concatenate([[0], np.cumsum(chunk, dtype=np.int64)])[np.concatenate([[0], ends])])
         if (bad := _first(covered != lengths[part])) is not None:
-            raise ValueError(f"{masks.bin_path}: the loss mask of sample {part.start + bad} covers {covered[bad]} "
-                             f"tokens, the sample has {lengths[part][bad]}")
+            raise ValueError(
+                f"{masks.bin_path}: the loss mask of sample {part.start + bad} covers {covered[bad]} "
+                f"tokens, the sample has {lengths[part][bad]}"
+            )
         first += int(ends[-1])
 
 
@@ -339,8 +378,9 @@ def _check_vision(path: Path, lengths: np.ndarray) -> None:
     for part in _chunks(len(lengths)):
         vision, length = counts[part], lengths[part]
         if (bad := _first((vision < 0) | (vision > length))) is not None:
-            raise ValueError(f"{path}: sample {part.start + bad} has {vision[bad]} vision tokens but length "
-                             f"{length[bad]}")
+            raise ValueError(
+                f"{path}: sample {part.start + bad} has {vision[bad]} vision tokens but length {length[bad]}"
+            )
 
 
 def check_dataset(prefix: str | Path) -> None:

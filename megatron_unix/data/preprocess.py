@@ -33,8 +33,14 @@ from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
-from megatron_unix.data.indexed import (TOKEN_DTYPE, DatasetWriter, MultimodalDocuments, SampleBatch, check_dataset,
-                                        remove_stale_partials)
+from megatron_unix.data.indexed import (
+    TOKEN_DTYPE,
+    DatasetWriter,
+    MultimodalDocuments,
+    SampleBatch,
+    check_dataset,
+    remove_stale_partials,
+)
 from megatron_unix.data.layouts import Sample, pair_sample, sft_sample, text_sample
 from megatron_unix.data.tokenizer import HuggingFaceText, MultimodalTokenizer, SentencePieceText, TextTokenizer
 
@@ -66,8 +72,9 @@ class LineFormat:
 
     @cached_property
     def known_keys(self) -> frozenset[str]:
-        return frozenset(self.text_keys + self.caption_keys + self.vqcode_keys + self.conversation_keys
-                         + self.metadata_keys)
+        return frozenset(
+            self.text_keys + self.caption_keys + self.vqcode_keys + self.conversation_keys + self.metadata_keys
+        )
 
 
 class BadLine(ValueError):
@@ -99,9 +106,12 @@ def parse_line(line: bytes, tok: MultimodalTokenizer, fmt: LineFormat) -> Sample
         raise BadLine("not_an_object", f"the line is a JSON {type(record).__name__}, not an object")
     hidden_codes = sorted(k for k in record if k not in fmt.known_keys and _looks_like_codes(record[k], fmt))
     if hidden_codes:
-        raise BadLine("unknown_codes_key", f"key {hidden_codes[0]!r} holds what looks like image codes (at least "
-                                           f"{fmt.image_tokens} integers) but is no --vqcode-key: name it with "
-                                           "--vqcode-key, or with --metadata-key to ignore it")
+        raise BadLine(
+            "unknown_codes_key",
+            f"key {hidden_codes[0]!r} holds what looks like image codes (at least "
+            f"{fmt.image_tokens} integers) but is no --vqcode-key: name it with "
+            "--vqcode-key, or with --metadata-key to ignore it",
+        )
     codes_key = _first_key(record, fmt.vqcode_keys)
     codes = None if codes_key is None else _codes(record[codes_key], codes_key, tok.codebook_size, fmt.image_tokens)
     conversation_key = _first_key(record, fmt.conversation_keys)
@@ -122,8 +132,11 @@ def _looks_like_codes(value: object, fmt: LineFormat) -> bool:
             value = json.loads(value)
         except ValueError:
             return False
-    return (isinstance(value, list) and len(value) >= fmt.image_tokens
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    return (
+        isinstance(value, list)
+        and len(value) >= fmt.image_tokens
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _first_key(record: dict, keys: Sequence[str]) -> str | None:
@@ -158,8 +171,10 @@ def _codes(value: Any, key: str, codebook_size: int, count: int) -> np.ndarray:
         raise BadLine("wrong_type", f"{key!r} holds something other than integers")
     bad = np.flatnonzero((codes < 0) | (codes >= codebook_size))
     if bad.size:
-        raise BadLine("code_out_of_range", f"{key!r}[{bad[0]}] = {codes[bad[0]]} is outside the codebook "
-                                           f"0..{codebook_size - 1} (--vq-codebook-size)")
+        raise BadLine(
+            "code_out_of_range",
+            f"{key!r}[{bad[0]}] = {codes[bad[0]]} is outside the codebook 0..{codebook_size - 1} (--vq-codebook-size)",
+        )
     return codes
 
 
@@ -247,8 +262,13 @@ class DeferredTokenizer:
             run_counts.append(len(sample_runs))
         tokens = np.concatenate(flat) if flat else np.zeros(0, TOKEN_DTYPE)
         lengths = np.array(sizes, np.int64)
-        batch = SampleBatch(tokens, lengths, np.array(runs, TOKEN_DTYPE), np.array(run_counts, np.int64),
-                            vision_counts(tokens, lengths, self.tok))
+        batch = SampleBatch(
+            tokens,
+            lengths,
+            np.array(runs, TOKEN_DTYPE),
+            np.array(run_counts, np.int64),
+            vision_counts(tokens, lengths, self.tok),
+        )
         return batch, trained_tokens
 
 
@@ -330,8 +350,10 @@ def read_blocks(paths: Sequence[Path], block_bytes: int) -> Iterator[Block]:
     done = 0
     for path in paths:
         try:
-            with open(path, "rb") as raw, \
-                    gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else nullcontext(raw) as stream:
+            with (
+                open(path, "rb") as raw,
+                gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else nullcontext(raw) as stream,
+            ):
                 number, rest = 1, b""
                 while chunk := stream.read(block_bytes):
                     data = rest + chunk
@@ -372,7 +394,7 @@ class Summary:
 
     def add(self, result: BlockResult) -> list[BadLineReport]:
         """Count a block in; returns its bad lines that are among the first few reported."""
-        new = result.bad_lines[:REPORTED_BAD_LINES - len(self.bad_lines)]
+        new = result.bad_lines[: REPORTED_BAD_LINES - len(self.bad_lines)]
         self.documents += len(result.batch.lengths)
         self.tokens += int(result.batch.lengths.sum())
         self.vision_tokens += int(result.batch.vision_tokens.sum())
@@ -387,11 +409,15 @@ class Summary:
         return f"{self.documents / seconds:,.0f} docs/s, {self.input_bytes / seconds / 1e6:.1f} MB/s"
 
     def report(self) -> str:
-        lines = [f"documents       {self.documents:,} in {self.seconds:.1f} s ({self.rates()})",
-                 (f"tokens          {self.tokens:,}: text {self.tokens - self.vision_tokens:,}, "
-                  f"vision {self.vision_tokens:,}; trained {self.trained_tokens:,}"),
-                 f"skipped lines   {sum(self.skipped.values()):,}"
-                 + "".join(f", {reason} {count:,}" for reason, count in sorted(self.skipped.items()))]
+        lines = [
+            f"documents       {self.documents:,} in {self.seconds:.1f} s ({self.rates()})",
+            (
+                f"tokens          {self.tokens:,}: text {self.tokens - self.vision_tokens:,}, "
+                f"vision {self.vision_tokens:,}; trained {self.trained_tokens:,}"
+            ),
+            f"skipped lines   {sum(self.skipped.values()):,}"
+            + "".join(f", {reason} {count:,}" for reason, count in sorted(self.skipped.items())),
+        ]
         shown = [f"  {report}" for report in self.bad_lines]
         if sum(self.skipped.values()) > len(shown):
             shown.append(f"  (the first {len(shown)} shown)")
@@ -413,8 +439,11 @@ class Progress:
         self.next = self.summary.documents + self.interval
         done = position / max(self.total_bytes, 1)
         eta = self.summary.seconds * (1 - done) / max(done, 1e-9)
-        print(f"{self.summary.documents:,} documents ({self.summary.rates()}), {done:.0%} of the input, "
-              f"ETA {eta:.0f} s", file=self.log, flush=True)
+        print(
+            f"{self.summary.documents:,} documents ({self.summary.rates()}), {done:.0%} of the input, ETA {eta:.0f} s",
+            file=self.log,
+            flush=True,
+        )
 
 
 def _in_order(pool: multiprocessing.pool.Pool, blocks: Iterator[Block], depth: int) -> Iterator[BlockResult]:
@@ -428,9 +457,17 @@ def _in_order(pool: multiprocessing.pool.Pool, blocks: Iterator[Block], depth: i
         yield pending.popleft().get()
 
 
-def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tok: MultimodalTokenizer,
-               fmt: LineFormat = LineFormat(), workers: int = 1, strict: bool = False, log_interval: int = 10000,
-               log: IO[str] = sys.stderr, block_bytes: int = 1 << 20) -> Summary:
+def preprocess(
+    inputs: Sequence[str | Path],
+    output_prefix: str | Path,
+    tok: MultimodalTokenizer,
+    fmt: LineFormat = LineFormat(),
+    workers: int = 1,
+    strict: bool = False,
+    log_interval: int = 10000,
+    log: IO[str] = sys.stderr,
+    block_bytes: int = 1 << 20,
+) -> Summary:
     """Write the samples of every line of ``inputs`` (files or globs) to ``output_prefix``.
 
     Bad lines are reported to ``log`` (the first few), skipped and counted; with ``strict`` the first
@@ -441,8 +478,10 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tok: Mul
     _remove_stale_partials(output_prefix, log)
     summary = Summary()
     progress = Progress(summary, sum(path.stat().st_size for path in paths), log_interval, log)
-    with multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool, \
-            DatasetWriter(output_prefix, vocabulary=tok.model_config_fields()) as writer:
+    with (
+        multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool,
+        DatasetWriter(output_prefix, vocabulary=tok.model_config_fields()) as writer,
+    ):
         for result in _in_order(pool, read_blocks(paths, block_bytes), 2 * workers):
             if strict and result.bad_lines:
                 raise PreprocessError(f"{result.bad_lines[0]} (--strict: nothing written)")
@@ -468,12 +507,12 @@ def _remove_stale_partials(output_prefix: str | Path, log: IO[str]) -> None:
     """Clean what earlier runs for this prefix left when they were killed, saying so."""
     removed = remove_stale_partials(output_prefix)
     if removed:
-        print(f"removed the partial files of earlier runs that did not finish: {', '.join(map(str, removed))}",
-              file=log)
+        print(
+            f"removed the partial files of earlier runs that did not finish: {', '.join(map(str, removed))}", file=log
+        )
 
 
-def merge(prefixes: Sequence[str | Path], output_prefix: str | Path,
-          log: IO[str] = sys.stderr) -> MultimodalDocuments:
+def merge(prefixes: Sequence[str | Path], output_prefix: str | Path, log: IO[str] = sys.stderr) -> MultimodalDocuments:
     """Concatenate complete datasets (e.g. of shards), in order, into ``output_prefix``."""
     for prefix in prefixes:
         check_dataset(prefix)  # complete and undamaged, or an error naming the file

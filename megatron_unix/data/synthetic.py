@@ -33,10 +33,13 @@ KINDS = ("text", "image", "t2i", "i2t", "mid")
 
 
 def document(kind: str, layout: Layout, g: torch.Generator, text_len: int = 7) -> list[int]:
-    text = lambda n: torch.randint(0, layout.text_high, (n,), generator=g).tolist()  # noqa: E731
-    image = lambda: ([layout.boi_id]  # noqa: E731
-                     + (layout.vq_offset + torch.randint(0, layout.vq_codes, (layout.image_codes,), generator=g)).tolist()
-                     + [layout.eoi_id])
+    def text(n: int) -> list[int]:
+        return torch.randint(0, layout.text_high, (n,), generator=g).tolist()
+
+    def image() -> list[int]:
+        codes = layout.vq_offset + torch.randint(0, layout.vq_codes, (layout.image_codes,), generator=g)
+        return [layout.boi_id, *codes.tolist(), layout.eoi_id]
+
     half = max(1, text_len // 2)
     return {
         "text": lambda: text(text_len) + [layout.eos_id],
@@ -47,7 +50,9 @@ def document(kind: str, layout: Layout, g: torch.Generator, text_len: int = 7) -
     }[kind]()
 
 
-def pack_row(kinds: list[str], seq: int, layout: Layout, g: torch.Generator) -> tuple[list[int], list[int], list[float]]:
+def pack_row(
+    kinds: list[str], seq: int, layout: Layout, g: torch.Generator
+) -> tuple[list[int], list[int], list[float]]:
     """Documents packed into ``seq`` tokens (the last one cut), then padding as its own document."""
     tokens: list[int] = []
     docs: list[int] = []

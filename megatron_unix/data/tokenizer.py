@@ -85,16 +85,26 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
 class MultimodalTokenizer:
     """Text ids below ``vq_offset``, VQ codes from ``vq_offset`` on."""
 
-    def __init__(self, text: TextTokenizer, codebook_size: int = 8192, boi: str = "<|vision_start|>",
-                 eoi: str = "<|vision_end|>", eos: str = "<|endoftext|>", separator: str | None = None,
-                 vq_offset: int | None = None) -> None:
+    def __init__(
+        self,
+        text: TextTokenizer,
+        codebook_size: int = 8192,
+        boi: str = "<|vision_start|>",
+        eoi: str = "<|vision_end|>",
+        eos: str = "<|endoftext|>",
+        separator: str | None = None,
+        vq_offset: int | None = None,
+    ) -> None:
         self.text = text
         self.codebook_size = codebook_size
         self.vq_offset = len(text) if vq_offset is None else vq_offset
         if self.vq_offset < len(text):
-            raise ValueError(f"vq_offset {self.vq_offset} overlaps the text vocabulary of {text.path} ({len(text)} tokens)")
-        self.boi_id, self.eoi_id, self.eos_id = (self._require(name, role) for name, role in
-                                                 ((boi, "BOI"), (eoi, "EOI"), (eos, "EOS")))
+            raise ValueError(
+                f"vq_offset {self.vq_offset} overlaps the text vocabulary of {text.path} ({len(text)} tokens)"
+            )
+        self.boi_id, self.eoi_id, self.eos_id = (
+            self._require(name, role) for name, role in ((boi, "BOI"), (eoi, "EOI"), (eos, "EOS"))
+        )
         self.separator_id = self._require(separator, "separator") if separator else None
 
     def _require(self, name: str, role: str) -> int:
@@ -121,8 +131,15 @@ class MultimodalTokenizer:
 
     @property
     def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict(class_name=type(self).__name__, text=self.text.path, vq_offset=self.vq_offset,
-                           codebook_size=self.codebook_size, boi=self.boi_id, eoi=self.eoi_id, eos=self.eos_id)
+        return OrderedDict(
+            class_name=type(self).__name__,
+            text=self.text.path,
+            vq_offset=self.vq_offset,
+            codebook_size=self.codebook_size,
+            boi=self.boi_id,
+            eoi=self.eoi_id,
+            eos=self.eos_id,
+        )
 
     def tokenize(self, text: str) -> list[int]:
         return self.text.encode(text)
@@ -140,16 +157,22 @@ class MultimodalTokenizer:
 
     def model_config_fields(self) -> dict[str, object]:
         """The UniXConfig fields this tokenizer fixes."""
-        return dict(vq_offset=self.vq_offset, vq_codebook_size=self.codebook_size, boi_id=self.boi_id,
-                    eoi_id=self.eoi_id, eos_id=self.eos_id,
-                    separator_ids=(self.separator_id,) if self.separator_id is not None else ())
+        return dict(
+            vq_offset=self.vq_offset,
+            vq_codebook_size=self.codebook_size,
+            boi_id=self.boi_id,
+            eoi_id=self.eoi_id,
+            eos_id=self.eos_id,
+            separator_ids=(self.separator_id,) if self.separator_id is not None else (),
+        )
 
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | Path,
-                        specials: Sequence[str] = QWEN_SPECIALS) -> Path:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, output_dir: str | Path, specials: Sequence[str] = QWEN_SPECIALS
+) -> Path:
     """A byte-level BPE tokenizer (Qwen's kind) trained on ``texts``, saved as a HF tokenizer dir.
 
     For quickstarts, tests and benchmarks, where no pretrained tokenizer can be downloaded."""
@@ -159,8 +182,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str |
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     output_dir = Path(output_dir)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=specials[0]).save_pretrained(output_dir)

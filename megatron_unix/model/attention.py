@@ -38,8 +38,13 @@ def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 def sdpa_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: float) -> torch.Tensor:
     mask = segment_causal_mask(params.segment_ids)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.transpose(0, 1)
 
@@ -48,11 +53,21 @@ def varlen_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: 
     from torch.nn.attention.varlen import varlen_attn
 
     if dropout:
-        raise ValueError("the varlen attention backend has no dropout; use --attention-dropout 0 or --attention-backend sdpa")
+        raise ValueError(
+            "the varlen attention backend has no dropout; use --attention-dropout 0 or --attention-backend sdpa"
+        )
     cu = params.cu_seqlens_q
     return varlen_attn(
-        q, k, v, cu, cu, params.max_segment_len, params.max_segment_len,
-        scale=scale, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        params.max_segment_len,
+        params.max_segment_len,
+        scale=scale,
+        window_size=(-1, 0),
+        enable_gqa=q.shape[1] != k.shape[1],
     )
 
 
@@ -61,8 +76,16 @@ def flash_attn_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropo
 
     cu = params.cu_seqlens_q
     return flash_attn_varlen_func(
-        q, k, v, cu, cu, params.max_segment_len, params.max_segment_len,
-        dropout_p=dropout, softmax_scale=scale, causal=True,
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        params.max_segment_len,
+        params.max_segment_len,
+        dropout_p=dropout,
+        softmax_scale=scale,
+        causal=True,
     )
 
 
@@ -73,15 +96,24 @@ class _TEBackend:
         from transformer_engine.pytorch import DotProductAttention
 
         self.attention = DotProductAttention(
-            heads, head_dim, num_gqa_groups=kv_heads, attention_dropout=config.attention_dropout,
-            qkv_format="thd", attn_mask_type="padding_causal",
+            heads,
+            head_dim,
+            num_gqa_groups=kv_heads,
+            attention_dropout=config.attention_dropout,
+            qkv_format="thd",
+            attn_mask_type="padding_causal",
         )
 
     def __call__(self, q, k, v, params: UniXPackedSeqParams, scale: float, dropout: float) -> torch.Tensor:
         cu = params.cu_seqlens_q
         out = self.attention(
-            q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu,
-            max_seqlen_q=params.max_segment_len, max_seqlen_kv=params.max_segment_len,
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=params.max_segment_len,
+            max_seqlen_kv=params.max_segment_len,
         )
         return out.view(q.shape)
 
@@ -111,8 +143,16 @@ _FUNCTIONS: dict[str, Backend] = {"sdpa": sdpa_backend, "varlen": varlen_backend
 class UniXCoreAttention(MegatronModule):
     """Drop-in for Megatron's ``DotProductAttention`` that honours Uni-X segments."""
 
-    def __init__(self, config: UniXConfig, layer_number: int, attn_mask_type=None, attention_type: str = "self",
-                 attention_dropout: float | None = None, softmax_scale: float | None = None, **_: object) -> None:
+    def __init__(
+        self,
+        config: UniXConfig,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_: object,
+    ) -> None:
         super().__init__(config=config)
         from megatron.core import parallel_state as ps
 
@@ -132,8 +172,16 @@ class UniXCoreAttention(MegatronModule):
             self._te = _TEBackend(self.config, self.heads, self.kv_heads, self.head_dim)
         return self._te
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params: UniXPackedSeqParams | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params: UniXPackedSeqParams | None = None,
+    ) -> torch.Tensor:
         t, b = query.shape[:2]
         if packed_seq_params is None or packed_seq_params.segment_ids is None:
             # No routing given (e.g. a plain causal batch): each row is one segment.
@@ -146,7 +194,9 @@ class UniXCoreAttention(MegatronModule):
         # Heads differ across TP ranks: dropout draws from the model-parallel RNG state.
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()
         with rng:
-            out = self._backend()(query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, self.scale, dropout)
+            out = self._backend()(
+                query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, self.scale, dropout
+            )
         out = out.reshape(t * b, 1, -1)
         if b != 1:
             out = out.view(b, t, -1).transpose(0, 1)

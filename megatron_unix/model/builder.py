@@ -33,9 +33,15 @@ class UniXGPTModel(GPTModel):
         return super().compute_language_model_loss(labels, logits)
 
 
-def build_model(config: UniXConfig, vocab_size: int, max_sequence_length: int, *,
-                pre_process: bool | None = None, post_process: bool | None = None,
-                vp_stage: int | None = None) -> UniXGPTModel:
+def build_model(
+    config: UniXConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+) -> UniXGPTModel:
     """A Megatron GPTModel whose decoder layers follow the Uni-X spec (``vocab_size`` unpadded)."""
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)

@@ -49,12 +49,18 @@ class UniXConfig(TransformerConfig):
                 "inside a row, and the context-parallel split of segments is a later issue"
             )
         if self.transformer_impl not in platform.TRANSFORMER_IMPLS:
-            raise ValueError(f"--transformer-impl must be one of {platform.TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+            raise ValueError(
+                f"--transformer-impl must be one of {platform.TRANSFORMER_IMPLS}, got {self.transformer_impl!r}"
+            )
         if self.transformer_impl == "transformer_engine" and not platform.detect_accelerators().transformer_engine:
-            raise ValueError("--transformer-impl transformer_engine: Transformer Engine is not installed here "
-                             "(use --transformer-impl local)")
+            raise ValueError(
+                "--transformer-impl transformer_engine: Transformer Engine is not installed here "
+                "(use --transformer-impl local)"
+            )
         if self.core_attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.core_attention_backend!r}")
+            raise ValueError(
+                f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.core_attention_backend!r}"
+            )
 
     def is_separated(self, layer_index: int) -> bool:
         """Whether global layer ``layer_index`` (0-based) holds a vision copy."""
@@ -87,8 +93,13 @@ QWEN_DEFAULTS: dict[str, Any] = dict(
 def make_config(**fields: Any) -> UniXConfig:
     """A UniXConfig with Qwen's layer choices and this machine's safe defaults under ``fields``."""
     # cuda_graph_scope=[]: the whole layer, as megatron-core's default "full", which it deprecates with a warning
-    merged = {**QWEN_DEFAULTS, "cuda_graph_scope": [], "transformer_impl": platform.default_transformer_impl(),
-              **platform.config_defaults(), **fields}
+    merged = {
+        **QWEN_DEFAULTS,
+        "cuda_graph_scope": [],
+        "transformer_impl": platform.default_transformer_impl(),
+        **platform.config_defaults(),
+        **fields,
+    }
     if merged["params_dtype"] is None:
         import torch
 
@@ -97,9 +108,24 @@ def make_config(**fields: Any) -> UniXConfig:
 
 
 ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "vision_encode_layers", "vision_decode_layers", "qk_layernorm", "add_qkv_bias", "tie_word_embeddings",
-    "rotary_base", "layernorm_epsilon", "vq_offset", "vq_codebook_size", "boi_id", "eoi_id", "eos_id",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vision_encode_layers",
+    "vision_decode_layers",
+    "qk_layernorm",
+    "add_qkv_bias",
+    "tie_word_embeddings",
+    "rotary_base",
+    "layernorm_epsilon",
+    "vq_offset",
+    "vq_codebook_size",
+    "boi_id",
+    "eoi_id",
+    "eos_id",
     "separator_ids",
 )
 """The UniXConfig fields that define the weights (with ``vocab_size``: the architecture)."""

@@ -34,7 +34,10 @@ class SeparatedTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, **kwargs: Any) -> None:
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         self.vision = build_module(
-            ModuleSpec(module=TransformerLayer, submodules=submodules), config=config, layer_number=layer_number, **kwargs
+            ModuleSpec(module=TransformerLayer, submodules=submodules),
+            config=config,
+            layer_number=layer_number,
+            **kwargs,
         )
         self.separated_index = config.separated_index(self.layer_number - 1)
 
@@ -45,7 +48,11 @@ class SeparatedTransformerLayer(TransformerLayer):
         if args:
             raise TypeError("SeparatedTransformerLayer takes keyword arguments after hidden_states")
         sp = self.config.sequence_parallel
-        full = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False) if sp else hidden_states
+        full = (
+            gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+            if sp
+            else hidden_states
+        )
         output = torch.zeros_like(full)
         rotary = kwargs.get("rotary_pos_emb")
         for run, route in ((super().forward, params.routes[0]), (self.vision.forward, params.routes[1])):
@@ -71,8 +78,11 @@ class SeparatedTransformerLayer(TransformerLayer):
         """Text weights on the plain GPT keys (stacked over all layers); vision weights stacked
         over the separated layers only, as ``<layers>.vision.*`` with a leading dim of N+M."""
         vision_prefix = f"{prefix}vision."
-        text = {k: v for k, v in super().sharded_state_dict(prefix, sharded_offsets, metadata).items()
-                if not k.startswith(vision_prefix)}
+        text = {
+            k: v
+            for k, v in super().sharded_state_dict(prefix, sharded_offsets, metadata).items()
+            if not k.startswith(vision_prefix)
+        }
         vision_offsets = ((0, self.separated_index, self.config.num_separated_layers),)
         vision = self.vision.sharded_state_dict(vision_prefix, vision_offsets, metadata)
         return {**text, **vision}

@@ -40,7 +40,9 @@ def base_layer_spec(config: UniXConfig) -> ModuleSpec:
         spec = _with_submodules(spec, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
         if config.qk_layernorm:
             attn = spec.submodules.self_attention
-            spec = _with_submodules(spec, self_attention=_with_submodules(attn, q_layernorm=RMSNorm, k_layernorm=RMSNorm))
+            spec = _with_submodules(
+                spec, self_attention=_with_submodules(attn, q_layernorm=RMSNorm, k_layernorm=RMSNorm)
+            )
     attn = spec.submodules.self_attention
     return _with_submodules(spec, self_attention=_with_submodules(attn, core_attention=UniXCoreAttention))
 
@@ -63,9 +65,11 @@ def layer_specs(config: UniXConfig) -> list[ModuleSpec]:
     return [separated if config.is_separated(i) else base for i in range(config.num_layers)]
 
 
-def block_spec(config: UniXConfig, vp_stage: int | None = None, pp_rank: int | None = None) -> TransformerBlockSubmodules:
+def block_spec(
+    config: UniXConfig, vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
     """The specs of the layers this pipeline stage builds, for ``TransformerBlock``."""
     specs = layer_specs(config)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=specs[offset: offset + count], layer_norm=final_norm(config))
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + count], layer_norm=final_norm(config))

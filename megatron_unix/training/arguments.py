@@ -17,18 +17,36 @@ import os
 import warnings
 from typing import Any, Sequence
 
-MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "kv_channels")
+MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
 """The architecture flags a fresh run must give (or --model-preset tiny)."""
 
-ARCHITECTURE_DEFAULTS = dict(vision_encode_layers=0, vision_decode_layers=0, qk_layernorm=False, add_qkv_bias=False,
-                             tie_word_embeddings=True, rotary_base=1e6, layernorm_epsilon=1e-6)
+ARCHITECTURE_DEFAULTS = dict(
+    vision_encode_layers=0,
+    vision_decode_layers=0,
+    qk_layernorm=False,
+    add_qkv_bias=False,
+    tie_word_embeddings=True,
+    rotary_base=1e6,
+    layernorm_epsilon=1e-6,
+)
 """What a fresh run uses for the architecture flags it leaves unset (Qwen's choices; N = M = 0 is the
 shared baseline)."""
 
-TINY_PRESET = dict(num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, num_query_groups=2,
-                   kv_channels=32, vision_encode_layers=1, vision_decode_layers=1, qk_layernorm=True,
-                   add_qkv_bias=False, tie_word_embeddings=True, rotary_base=1e6, layernorm_epsilon=1e-6)
+TINY_PRESET = dict(
+    num_layers=4,
+    hidden_size=128,
+    ffn_hidden_size=384,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=32,
+    vision_encode_layers=1,
+    vision_decode_layers=1,
+    qk_layernorm=True,
+    add_qkv_bias=False,
+    tie_word_embeddings=True,
+    rotary_base=1e6,
+    layernorm_epsilon=1e-6,
+)
 
 
 def _flag(name: str) -> str:
@@ -48,42 +66,91 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of pretrain_unix.py; building it imports nothing heavy, so ``--help`` is instant."""
-    p = argparse.ArgumentParser(description="Pretrain or fine-tune a Uni-X model with Megatron-Core.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Pretrain or fine-tune a Uni-X model with Megatron-Core.", formatter_class=HelpFormatter
+    )
     g = p.add_argument_group("model (unset flags come from the checkpoint, else Qwen's choices)")
-    for name, what in (("num_layers", "transformer layers L"), ("hidden_size", "hidden size"),
-                       ("ffn_hidden_size", "MLP intermediate size"), ("num_attention_heads", "attention heads"),
-                       ("num_query_groups", "key/value heads (grouped-query attention)"),
-                       ("kv_channels", "head dimension"),
-                       ("vision_encode_layers", "N: the first N layers get a vision copy (default 0)"),
-                       ("vision_decode_layers", "M: the last M layers get a vision copy (default 0)")):
+    for name, what in (
+        ("num_layers", "transformer layers L"),
+        ("hidden_size", "hidden size"),
+        ("ffn_hidden_size", "MLP intermediate size"),
+        ("num_attention_heads", "attention heads"),
+        ("num_query_groups", "key/value heads (grouped-query attention)"),
+        ("kv_channels", "head dimension"),
+        ("vision_encode_layers", "N: the first N layers get a vision copy (default 0)"),
+        ("vision_decode_layers", "M: the last M layers get a vision copy (default 0)"),
+    ):
         g.add_argument(_flag(name), type=int, default=None, help=what)
-    g.add_argument("--group-query-attention", action="store_true",
-                   help="accepted for Megatron-LM compatibility; --num-query-groups decides")
+    g.add_argument(
+        "--group-query-attention",
+        action="store_true",
+        help="accepted for Megatron-LM compatibility; --num-query-groups decides",
+    )
     g.add_argument("--qk-layernorm", action="store_true", default=None, help="per-head RMSNorm on q and k (Qwen3)")
     g.add_argument("--add-qkv-bias", action="store_true", default=None, help="bias on q, k and v (Qwen2)")
-    g.add_argument("--untie-embeddings-and-output-weights", dest="tie_word_embeddings", action="store_false",
-                   default=None, help="a separate output head (default: tied to the embedding)")
-    g.add_argument("--rotary-base", type=float, default=None,
-                   help=f"rotary embedding base (default {ARCHITECTURE_DEFAULTS['rotary_base']:g})")
-    g.add_argument("--norm-epsilon", dest="layernorm_epsilon", type=float, default=None,
-                   help=f"RMSNorm epsilon (default {ARCHITECTURE_DEFAULTS['layernorm_epsilon']:g})")
-    g.add_argument("--model-preset", choices=["tiny"], default=None,
-                   help="fill unset architecture flags with a tiny CPU-sized model")
-    g.add_argument("--no-document-isolation", dest="document_isolation", action="store_false",
-                   help="attend across packed documents, as the reference actually trained (default: documents "
-                        "never see each other)")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "varlen", "flash_attn", "te"],
-                   help="core attention kernel; auto picks the fastest this machine has")
-    g.add_argument("--transformer-impl", default=None,
-                   help="local or transformer_engine: the layer modules (default: transformer_engine on a GPU "
-                        "machine with TE installed, else local); checkpoints load under either")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
-                   help="activation recompute (default: none)")
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
-                   help="with --recompute-granularity full: how layers are grouped")
-    g.add_argument("--recompute-num-layers", type=int, default=1,
-                   help="with --recompute-granularity full: layers per recompute group")
+    g.add_argument(
+        "--untie-embeddings-and-output-weights",
+        dest="tie_word_embeddings",
+        action="store_false",
+        default=None,
+        help="a separate output head (default: tied to the embedding)",
+    )
+    g.add_argument(
+        "--rotary-base",
+        type=float,
+        default=None,
+        help=f"rotary embedding base (default {ARCHITECTURE_DEFAULTS['rotary_base']:g})",
+    )
+    g.add_argument(
+        "--norm-epsilon",
+        dest="layernorm_epsilon",
+        type=float,
+        default=None,
+        help=f"RMSNorm epsilon (default {ARCHITECTURE_DEFAULTS['layernorm_epsilon']:g})",
+    )
+    g.add_argument(
+        "--model-preset",
+        choices=["tiny"],
+        default=None,
+        help="fill unset architecture flags with a tiny CPU-sized model",
+    )
+    g.add_argument(
+        "--no-document-isolation",
+        dest="document_isolation",
+        action="store_false",
+        help="attend across packed documents, as the reference actually trained (default: documents "
+        "never see each other)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "sdpa", "varlen", "flash_attn", "te"],
+        help="core attention kernel; auto picks the fastest this machine has",
+    )
+    g.add_argument(
+        "--transformer-impl",
+        default=None,
+        help="local or transformer_engine: the layer modules (default: transformer_engine on a GPU "
+        "machine with TE installed, else local); checkpoints load under either",
+    )
+    g.add_argument(
+        "--recompute-granularity",
+        choices=["full", "selective"],
+        default=None,
+        help="activation recompute (default: none)",
+    )
+    g.add_argument(
+        "--recompute-method",
+        choices=["uniform", "block"],
+        default="uniform",
+        help="with --recompute-granularity full: how layers are grouped",
+    )
+    g.add_argument(
+        "--recompute-num-layers",
+        type=int,
+        default=1,
+        help="with --recompute-granularity full: layers per recompute group",
+    )
     g.add_argument("--init-method-std", type=float, default=0.02, help="std of fresh weights")
 
     g = p.add_argument_group("tokenizer and data")
@@ -92,33 +159,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--boi", default="<|vision_start|>", help="begin-of-image token (routed as vision)")
     g.add_argument("--eoi", default="<|vision_end|>", help="end-of-image token (text)")
     g.add_argument("--eos", default="<|endoftext|>", help="end-of-sequence token")
-    g.add_argument("--separator", default=None,
-                   help="token routed as vision besides BOI and codes, e.g. '<|vision_pad|>' (default: none)")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="dataset prefixes from tools/preprocess_data.py, optionally weighted: 0.7 a 0.3 b")
+    g.add_argument(
+        "--separator",
+        default=None,
+        help="token routed as vision besides BOI and codes, e.g. '<|vision_pad|>' (default: none)",
+    )
+    g.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="dataset prefixes from tools/preprocess_data.py, optionally weighted: 0.7 a 0.3 b",
+    )
     g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
-    g.add_argument("--data-cache-path", default=None, help="where packing indices are cached (default: beside the data)")
-    g.add_argument("--allow-unrecorded-vocabulary", action="store_true",
-                   help="train on a --data-path prefix without PREFIX_vocab.json (made before it was recorded)")
-    g.add_argument("--long-text", choices=["truncate", "split"], default="truncate",
-                   help="a text sample longer than a row: cut it, or continue it over rows")
+    g.add_argument(
+        "--data-cache-path", default=None, help="where packing indices are cached (default: beside the data)"
+    )
+    g.add_argument(
+        "--allow-unrecorded-vocabulary",
+        action="store_true",
+        help="train on a --data-path prefix without PREFIX_vocab.json (made before it was recorded)",
+    )
+    g.add_argument(
+        "--long-text",
+        choices=["truncate", "split"],
+        default="truncate",
+        help="a text sample longer than a row: cut it, or continue it over rows",
+    )
     g.add_argument("--seq-length", type=int, default=None, help="tokens per packed row (required)")
-    g.add_argument("--num-workers", type=int, default=0,
-                   help="data loader worker processes (0: read in the training process; rows are mmap reads)")
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="data loader worker processes (0: read in the training process; rows are mmap reads)",
+    )
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: ranks that split each layer")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP: stages the layers are cut into")
     g.add_argument("--sequence-parallel", action="store_true", help="split norms and dropout along the sequence (TP>1)")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard optimizer state over data-parallel ranks (GPU)")
+    g.add_argument(
+        "--use-distributed-optimizer", action="store_true", help="shard optimizer state over data-parallel ranks (GPU)"
+    )
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap the gradient all-reduce with backward")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="collective timeout")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1, help="rows per forward pass per rank")
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="rows per optimizer step over all ranks (default: micro batch x data-parallel size)")
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="rows per optimizer step over all ranks (default: micro batch x data-parallel size)",
+    )
     g.add_argument("--train-iters", type=int, required=True, help="optimizer steps of the whole run")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
@@ -132,44 +224,72 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping; 0 disables it")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     g.add_argument("--seed", type=int, default=1234, help="weights, data order and dropout")
-    g.add_argument("--skip-nonfinite-steps", action="store_true",
-                   help="skip an iteration whose loss or grad norm is NaN/inf instead of stopping")
+    g.add_argument(
+        "--skip-nonfinite-steps",
+        action="store_true",
+        help="skip an iteration whose loss or grad norm is NaN/inf instead of stopping",
+    )
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory to write (and metrics.jsonl)")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from (all state)")
-    g.add_argument("--pretrained-checkpoint", default=None,
-                   help="start from these weights with fresh optimizer state (used when --load has none)")
+    g.add_argument(
+        "--pretrained-checkpoint",
+        default=None,
+        help="start from these weights with fresh optimizer state (used when --load has none)",
+    )
     g.add_argument("--save-interval", type=int, default=None, help="save every this many iterations")
-    g.add_argument("--keep-last-checkpoints", type=int, default=None,
-                   help="delete older iter_* directories (default: keep all)")
+    g.add_argument(
+        "--keep-last-checkpoints", type=int, default=None, help="delete older iter_* directories (default: keep all)"
+    )
     g.add_argument("--no-load-optim", action="store_true", help="resume without the optimizer state")
     g.add_argument("--no-load-rng", action="store_true", help="resume without the random-number states")
-    g.add_argument("--no-verify-checkpoint", action="store_false", dest="verify_checkpoint",
-                   help="load without checking the checkpoint's files against its checksums.json")
+    g.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="load without checking the checkpoint's files against its checksums.json",
+    )
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and data")
-    g.add_argument("--override-opt-param-scheduler", action="store_true",
-                   help="on resume, use this run's LR/WD schedule flags instead of the checkpoint's")
-    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
-                   help="on resume, take the LR/WD schedule from the checkpoint (without either flag, a changed "
-                        "schedule is an error)")
+    g.add_argument(
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="on resume, use this run's LR/WD schedule flags instead of the checkpoint's",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt-param-scheduler",
+        action="store_true",
+        help="on resume, take the LR/WD schedule from the checkpoint (without either flag, a changed "
+        "schedule is an error)",
+    )
     g.add_argument("--exit-interval", type=int, default=None, help="save and stop at a multiple of this iteration")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="save and stop after this many minutes of wall time")
-    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
-                   help="do not save and exit on SIGTERM (slurm preemption)")
+    g.add_argument(
+        "--exit-duration-in-mins", type=float, default=None, help="save and stop after this many minutes of wall time"
+    )
+    g.add_argument(
+        "--no-exit-signal-handler",
+        dest="exit_signal_handler",
+        action="store_false",
+        help="do not save and exit on SIGTERM (slurm preemption)",
+    )
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines (iteration 1 too)")
     g.add_argument("--eval-interval", type=int, default=None, help="iterations between validations (default: none)")
     g.add_argument("--eval-iters", type=int, default=10, help="batches per validation")
-    g.add_argument("--metrics-file", default=None, help="JSON lines of every logged iteration (default: SAVE/metrics.jsonl)")
+    g.add_argument(
+        "--metrics-file", default=None, help="JSON lines of every logged iteration (default: SAVE/metrics.jsonl)"
+    )
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events there")
     g.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project")
     g.add_argument("--wandb-exp-name", default=None, help="Weights & Biases run name")
     g.add_argument("--wandb-save-dir", default=None, help="Weights & Biases local directory")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak for MFU (default: known GPUs' bf16 peak; none on CPU)")
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="per-device peak for MFU (default: known GPUs' bf16 peak; none on CPU)",
+    )
     return p
 
 
@@ -224,37 +344,50 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if not (args.load or args.pretrained_checkpoint):
         missing = [n for n in MODEL_FLAGS if getattr(args, n) is None]
         if missing:
-            raise ValueError(f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load "
-                             "a checkpoint)")
+            raise ValueError(
+                f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load a checkpoint)"
+            )
     if args.num_attention_heads is not None and args.num_attention_heads % tp:
-        raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads "
-                         f"({args.num_attention_heads})")
+        raise ValueError(
+            f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({args.num_attention_heads})"
+        )
     if args.num_query_groups is not None and args.num_query_groups % tp:
-        raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups "
-                         f"({args.num_query_groups})")
+        raise ValueError(
+            f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups ({args.num_query_groups})"
+        )
     if args.num_layers is not None and (args.num_layers < pp or args.num_layers % pp):
-        raise ValueError(f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({args.num_layers}) "
-                         "so that every stage has layers")
+        raise ValueError(
+            f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({args.num_layers}) "
+            "so that every stage has layers"
+        )
     if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-                         f"--pipeline-model-parallel-size ({pp})")
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp})"
+        )
     dp = world_size // (tp * pp)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
-                         f"({args.micro_batch_size}) x data-parallel size ({dp})")
+        raise ValueError(
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
+            f"({args.micro_batch_size}) x data-parallel size ({dp})"
+        )
     decay_iters = args.lr_decay_iters or args.train_iters
     if args.train_iters and args.lr_warmup_iters >= decay_iters:
-        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --lr-decay-iters "
-                         f"(or --train-iters): {decay_iters}")
+        raise ValueError(
+            f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --lr-decay-iters "
+            f"(or --train-iters): {decay_iters}"
+        )
     if args.sequence_parallel and tp == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.seq_length is None:
         raise ValueError("--seq-length must be given")
     if args.sequence_parallel and (args.seq_length * args.micro_batch_size) % tp:
-        raise ValueError(f"--sequence-parallel needs --seq-length x --micro-batch-size "
-                         f"({args.seq_length * args.micro_batch_size}) divisible by --tensor-model-parallel-size ({tp})")
+        raise ValueError(
+            f"--sequence-parallel needs --seq-length x --micro-batch-size "
+            f"({args.seq_length * args.micro_batch_size}) divisible by --tensor-model-parallel-size ({tp})"
+        )
     if not args.data_path:
         raise ValueError("--data-path must name at least one dataset prefix (see tools/preprocess_data.py)")
     from megatron_unix.data.indexed import require_files
@@ -276,8 +409,18 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     """Numbers whose wrong value would otherwise surface as a traceback far from their flag."""
-    for name in ("seq_length", "micro_batch_size", "global_batch_size", "lr_decay_iters", "log_interval",
-                 "eval_interval", "save_interval", "exit_interval", "exit_duration_in_mins", "keep_last_checkpoints"):
+    for name in (
+        "seq_length",
+        "micro_batch_size",
+        "global_batch_size",
+        "lr_decay_iters",
+        "log_interval",
+        "eval_interval",
+        "save_interval",
+        "exit_interval",
+        "exit_duration_in_mins",
+        "keep_last_checkpoints",
+    ):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"{_flag(name)} must be positive, got {value}")
@@ -295,8 +438,10 @@ def _check_ranges(args: argparse.Namespace) -> None:
     except AssertionError:  # more than three weights
         weights = [math.nan]
     if not all(0 <= w <= 1 for w in weights):  # NaN fails too
-        raise ValueError(f"--split {args.split!r} must be up to three non-negative weights with a positive sum "
-                         "(train,valid,test), e.g. 969,30,1")
+        raise ValueError(
+            f"--split {args.split!r} must be up to three non-negative weights with a positive sum "
+            "(train,valid,test), e.g. 969,30,1"
+        )
 
 
 def data_prefixes(data_path: list[str]) -> list[str]:

@@ -145,7 +145,9 @@ def _one_line(error: BaseException) -> str:
 
 def _rng_state() -> dict[str, Any]:
     return {
-        "random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
@@ -161,18 +163,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _parallel_sizes() -> dict[str, int]:
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
 
 
 def _rng_sharded_object() -> ShardedObject:
     """Every data-parallel rank's RNG state, stored once per (PP, TP) rank as Megatron-LM does."""
     states: list[Any] = [None] * ps.get_data_parallel_world_size()
     dist.all_gather_object(states, _rng_state(), group=ps.get_data_parallel_group())
-    return ShardedObject("rng_state", states,
-                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-                         replica_id=ps.get_data_parallel_rank())
+    return ShardedObject(
+        "rng_state",
+        states,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
 
 
 def _state_dict(model: torch.nn.Module, optimizer, scheduler, with_rng: bool) -> dict[str, Any]:
@@ -186,19 +194,35 @@ def _state_dict(model: torch.nn.Module, optimizer, scheduler, with_rng: bool) ->
     return state
 
 
-def save(root: str | Path, iteration: int, model: torch.nn.Module, *, optimizer=None, scheduler=None,
-         model_args: dict[str, Any], run_args: dict[str, Any] | None = None,
-         consumed_train_samples: int = 0, consumed_valid_samples: int = 0, keep_last: int | None = None) -> Path:
+def save(
+    root: str | Path,
+    iteration: int,
+    model: torch.nn.Module,
+    *,
+    optimizer=None,
+    scheduler=None,
+    model_args: dict[str, Any],
+    run_args: dict[str, Any] | None = None,
+    consumed_train_samples: int = 0,
+    consumed_valid_samples: int = 0,
+    keep_last: int | None = None,
+) -> Path:
     """Write checkpoint ``iteration`` under ``root`` on all ranks; returns its final directory."""
     root = Path(root)
     final, partial = iteration_dir(root, iteration), root / f"iter_{iteration:07d}.partial"
     failure = f"could not save checkpoint {final} (written in {partial}; {root / TRACKER} names only complete ones)"
     _on_rank0(lambda: _prepare(root, partial), failure)
     state = _state_dict(model, optimizer, scheduler, with_rng=True)
-    state.update(iteration=iteration, checkpoint_version=CHECKPOINT_VERSION, model_args=model_args,
-                 args=run_args or {}, consumed_train_samples=consumed_train_samples,
-                 consumed_valid_samples=consumed_valid_samples, parallel=_parallel_sizes(),
-                 has_optimizer=optimizer is not None)
+    state.update(
+        iteration=iteration,
+        checkpoint_version=CHECKPOINT_VERSION,
+        model_args=model_args,
+        args=run_args or {},
+        consumed_train_samples=consumed_train_samples,
+        consumed_valid_samples=consumed_valid_samples,
+        parallel=_parallel_sizes(),
+        has_optimizer=optimizer is not None,
+    )
     try:  # DCP raises a failed shard write on every rank; common.pt (rank 0) fails alone, ending the job
         dist_checkpointing.save(state, str(partial))
     except (OSError, RuntimeError, CheckpointException) as error:
@@ -220,8 +244,9 @@ def _prepare(root: Path, partial: Path) -> None:
     partial.mkdir()
 
 
-def _finish(root: Path, partial: Path, final: Path, iteration: int, entries: dict[str, Any],
-            keep_last: int | None) -> None:
+def _finish(
+    root: Path, partial: Path, final: Path, iteration: int, entries: dict[str, Any], keep_last: int | None
+) -> None:
     """Rank 0, after every rank has written and hashed its share: manifest, commit, prune."""
     checksums.write_manifest(partial, entries)
     _commit(root, partial, final, iteration)
@@ -246,7 +271,9 @@ def _commit(root: Path, partial: Path, final: Path, iteration: int) -> None:
 def _prune(root: Path, keep_last: int, iteration: int) -> None:
     """Delete the oldest checkpoints before ``iteration`` (never the one just saved, which the
     tracker names), keeping ``keep_last`` in all."""
-    older = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < iteration)
+    older = sorted(
+        p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < iteration
+    )
     for old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old)
 
@@ -270,6 +297,7 @@ def _give_fresh_adam_a_step(optimizer) -> None:
 def verify_checkpoint(checkpoint: Path) -> None:
     """Check every file the manifest lists, each rank its share, before any other collective of the
     load; a bad file stops every rank. A checkpoint without a manifest gets one notice line."""
+
     def check_share() -> bool:
         entries = checksums.read_manifest(checkpoint)
         if entries is not None:
@@ -277,12 +305,22 @@ def verify_checkpoint(checkpoint: Path) -> None:
         return entries is not None
 
     if not all(_gathered(check_share, f"could not verify checkpoint {checkpoint}")) and dist.get_rank() == 0:
-        print(f" checkpoint {checkpoint} has no {checksums.MANIFEST} (written before checksums were recorded): "
-              "its files cannot be verified", flush=True)
+        print(
+            f" checkpoint {checkpoint} has no {checksums.MANIFEST} (written before checksums were recorded): "
+            "its files cannot be verified",
+            flush=True,
+        )
 
 
-def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, scheduler=None,
-         load_rng: bool = True, verify: bool = True) -> dict[str, Any]:
+def load(
+    checkpoint: str | Path,
+    model: torch.nn.Module,
+    *,
+    optimizer=None,
+    scheduler=None,
+    load_rng: bool = True,
+    verify: bool = True,
+) -> dict[str, Any]:
     """Load ``checkpoint`` (an ``iter_*`` directory) into the model and, when given and stored, the
     optimizer, scheduler and RNG states; returns the common part. Works at any TP/PP; RNG states
     are restored only at the TP/PP they were saved with; ``verify`` checks the files against the manifest."""
@@ -292,8 +330,9 @@ def load(checkpoint: str | Path, model: torch.nn.Module, *, optimizer=None, sche
         verify_checkpoint(checkpoint)
     common = read_common(checkpoint, verify=False)
     optimizer = optimizer if common.get("has_optimizer") else None
-    same_layout = {k: common["parallel"][k] for k in ("tp", "pp")} == \
-        {k: v for k, v in _parallel_sizes().items() if k in ("tp", "pp")}
+    same_layout = {k: common["parallel"][k] for k in ("tp", "pp")} == {
+        k: v for k, v in _parallel_sizes().items() if k in ("tp", "pp")
+    }
     with_rng = load_rng and same_layout and common["parallel"]["dp"] == ps.get_data_parallel_world_size()
     model = unwrap(model)
     request = {"model": model.sharded_state_dict()}

@@ -44,8 +44,9 @@ def crc32(path: Path) -> str:
 
 def files(directory: Path) -> list[str]:
     """Every file under ``directory`` but the manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST)
+    return sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
 
 
 def describe(directory: Path, names: Iterable[str]) -> dict[str, dict[str, int | str]]:
@@ -76,7 +77,8 @@ def read_manifest(directory: Path) -> dict[str, dict[str, int | str]] | None:
         raise CheckpointError(f"{path} uses checksum {algorithm!r}; this version checks {ALGORITHM!r}")
     well_formed = isinstance(entries, dict) and all(
         isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get(ALGORITHM), str)
-        for e in entries.values())
+        for e in entries.values()
+    )
     if not well_formed:
         raise CheckpointError(f"{path} is malformed (each file needs a size and a {ALGORITHM}); {SKIP_HINT}")
     return entries
@@ -91,9 +93,12 @@ def verify(directory: Path, names: Iterable[str], entries: dict[str, dict[str, i
             raise CheckpointError(f"{path} is missing ({MANIFEST} lists it)")
         size = path.stat().st_size
         if size != expected["size"]:
-            raise CheckpointError(f"{path} has {size} bytes but {MANIFEST} records {expected['size']}: truncated or "
-                                  f"overwritten; {SKIP_HINT}")
+            raise CheckpointError(
+                f"{path} has {size} bytes but {MANIFEST} records {expected['size']}: truncated or "
+                f"overwritten; {SKIP_HINT}"
+            )
         actual = crc32(path)
         if actual != expected[ALGORITHM]:
-            raise CheckpointError(f"{path} is damaged: its CRC-32 is {actual} but {MANIFEST} records "
-                                  f"{expected[ALGORITHM]}; {SKIP_HINT}")
+            raise CheckpointError(
+                f"{path} is damaged: its CRC-32 is {actual} but {MANIFEST} records {expected[ALGORITHM]}; {SKIP_HINT}"
+            )

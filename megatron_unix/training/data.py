@@ -20,8 +20,14 @@ from megatron_unix.training.step import Batch
 class PretrainingSampler:
     """Index lists of this rank's micro-batches, from ``consumed_samples`` on."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int) -> None:
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ) -> None:
         self.total, self.consumed = total_samples, consumed_samples
         self.micro, self.rank, self.size = micro_batch_size, data_parallel_rank, data_parallel_size
 
@@ -42,11 +48,24 @@ def _ignore_termination(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def micro_batches(dataset: Dataset, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
-                  data_parallel_size: int, num_workers: int = 0) -> Iterator[Batch]:
+def micro_batches(
+    dataset: Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int = 0,
+) -> Iterator[Batch]:
     """An endless-enough iterator over this rank's micro-batches (``tokens``, ``labels``, ...)."""
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
-                                 data_parallel_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=num_workers > 0, worker_init_fn=_ignore_termination)
+    sampler = PretrainingSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_termination,
+    )
     return iter(loader)

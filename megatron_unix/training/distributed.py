@@ -42,8 +42,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-               context_parallel: int = 1, timeout_minutes: int = 10) -> None:
+def initialize(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    context_parallel: int = 1,
+    timeout_minutes: int = 10,
+) -> None:
     """Initialise the process group (single process when no launcher variables are set)."""
     platform.setup()
     if context_parallel > 1:
@@ -66,5 +71,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+    )
     platform.seed_model_parallel(seed)

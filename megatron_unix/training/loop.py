@@ -31,8 +31,13 @@ from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.model.builder import padded_vocab_size
 from megatron_unix.model.config import ARCHITECTURE_FIELDS, UniXConfig, architecture
 from megatron_unix.training import checkpointing, distributed, metrics, setup
-from megatron_unix.training.arguments import (data_prefixes, fill_architecture_defaults, merge_model_args, validate,
-                                               world_size_from_env)
+from megatron_unix.training.arguments import (
+    data_prefixes,
+    fill_architecture_defaults,
+    merge_model_args,
+    validate,
+    world_size_from_env,
+)
 from megatron_unix.training.data import micro_batches
 from megatron_unix.training.step import forward_step
 
@@ -55,8 +60,19 @@ class StepStats:
     """Global sums of one iteration (or one evaluation), identical on every rank after reduction."""
 
     values: torch.Tensor = field(default_factory=lambda: torch.zeros(11, dtype=torch.float64))
-    FIELDS = ("loss_sum", "micro_batches", "text_sum", "text_n", "vision_sum", "vision_n", "tokens",
-              "shared_pairs", "separated_pairs", "stop_signal", "stop_duration")
+    FIELDS = (
+        "loss_sum",
+        "micro_batches",
+        "text_sum",
+        "text_n",
+        "vision_sum",
+        "vision_n",
+        "tokens",
+        "shared_pairs",
+        "separated_pairs",
+        "stop_signal",
+        "stop_duration",
+    )
 
     def __getitem__(self, name: str) -> float:
         return float(self.values[self.FIELDS.index(name)])
@@ -121,19 +137,25 @@ def _architecture(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> d
     arch = {name: getattr(args, name, None) for name in ARCHITECTURE_FIELDS}
     for name in ("vq_offset", "vq_codebook_size", "boi_id", "eoi_id", "eos_id"):
         if arch[name] is not None and arch[name] != layout[name]:
-            raise ValueError(f"--tokenizer-model {args.tokenizer_model} gives {name}={layout[name]} but the "
-                             f"checkpoint {_starting_checkpoint(args)} was trained with {name}={arch[name]}: use the "
-                             "tokenizer of the checkpoint")
+            raise ValueError(
+                f"--tokenizer-model {args.tokenizer_model} gives {name}={layout[name]} but the "
+                f"checkpoint {_starting_checkpoint(args)} was trained with {name}={arch[name]}: use the "
+                "tokenizer of the checkpoint"
+            )
         arch[name] = layout[name]
     if arch["separator_ids"] is None:
         arch["separator_ids"] = list(layout["separator_ids"])
     elif args.separator and list(arch["separator_ids"]) != list(layout["separator_ids"]):
-        raise ValueError(f"--separator {args.separator} is id {list(layout['separator_ids'])} but the checkpoint "
-                         f"{_starting_checkpoint(args)} routes separators {list(arch['separator_ids'])} as vision")
+        raise ValueError(
+            f"--separator {args.separator} is id {list(layout['separator_ids'])} but the checkpoint "
+            f"{_starting_checkpoint(args)} routes separators {list(arch['separator_ids'])} as vision"
+        )
     stored_vocab = getattr(args, "vocab_size", None)
     if stored_vocab is not None and stored_vocab < tokenizer.vocab_size:
-        raise ValueError(f"--tokenizer-model {args.tokenizer_model} needs {tokenizer.vocab_size} ids but the "
-                         f"checkpoint's vocabulary has {stored_vocab}")
+        raise ValueError(
+            f"--tokenizer-model {args.tokenizer_model} needs {tokenizer.vocab_size} ids but the "
+            f"checkpoint's vocabulary has {stored_vocab}"
+        )
     arch["vocab_size"] = stored_vocab or tokenizer.vocab_size
     return arch
 
@@ -146,8 +168,12 @@ def _check_data(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> Non
     if dist.get_rank() == 0:
         try:
             for prefix in data_prefixes(args.data_path):
-                check_vocabulary(prefix, tokenizer.model_config_fields(), args.tokenizer_model,
-                                 allow_unrecorded=args.allow_unrecorded_vocabulary)
+                check_vocabulary(
+                    prefix,
+                    tokenizer.model_config_fields(),
+                    args.tokenizer_model,
+                    allow_unrecorded=args.allow_unrecorded_vocabulary,
+                )
                 check_dataset(prefix)
         except (ValueError, OSError) as error:
             outcome[0] = str(error)
@@ -162,15 +188,26 @@ def _restore(args: argparse.Namespace, ddp, optimizer, scheduler) -> TrainState:
     if resume is not None and not args.finetune:
         stored = checkpointing.read_common(resume, verify=args.verify_checkpoint)
         setup.check_schedule(args, scheduler, stored)
-        common = checkpointing.load(resume, ddp, optimizer=None if args.no_load_optim else optimizer,
-                                    scheduler=scheduler, load_rng=not args.no_load_rng, verify=args.verify_checkpoint)
+        common = checkpointing.load(
+            resume,
+            ddp,
+            optimizer=None if args.no_load_optim else optimizer,
+            scheduler=scheduler,
+            load_rng=not args.no_load_rng,
+            verify=args.verify_checkpoint,
+        )
         if args.no_load_optim or not common.get("has_optimizer"):
             optimizer.reload_model_params()
         log(f" loaded checkpoint {resume} at iteration {common['iteration']}")
-        return TrainState(iteration=common["iteration"], consumed_train_samples=common["consumed_train_samples"],
-                          consumed_valid_samples=common["consumed_valid_samples"], saved_iteration=common["iteration"])
-    source = resume or (checkpointing.find_checkpoint(args.pretrained_checkpoint) if args.pretrained_checkpoint
-                        else None)
+        return TrainState(
+            iteration=common["iteration"],
+            consumed_train_samples=common["consumed_train_samples"],
+            consumed_valid_samples=common["consumed_valid_samples"],
+            saved_iteration=common["iteration"],
+        )
+    source = resume or (
+        checkpointing.find_checkpoint(args.pretrained_checkpoint) if args.pretrained_checkpoint else None
+    )
     if source is not None:
         checkpointing.load(source, ddp, load_rng=False, verify=args.verify_checkpoint)
         optimizer.reload_model_params()
@@ -183,16 +220,24 @@ def _save(args, state: TrainState, ddp, optimizer, scheduler, arch: dict[str, An
         return
     start = time.perf_counter()
     path = checkpointing.save(
-        args.save, state.iteration, ddp, optimizer=optimizer, scheduler=scheduler, model_args=arch,
-        run_args=vars(args), consumed_train_samples=state.consumed_train_samples,
-        consumed_valid_samples=state.consumed_valid_samples, keep_last=args.keep_last_checkpoints,
+        args.save,
+        state.iteration,
+        ddp,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        model_args=arch,
+        run_args=vars(args),
+        consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=state.consumed_valid_samples,
+        keep_last=args.keep_last_checkpoints,
     )
     state.saved_iteration = state.iteration
     log(f" saved checkpoint {path} at iteration {state.iteration} in {time.perf_counter() - start:.1f} s")
 
 
-def _run_batches(ddp, data: Iterator, num_micro: int, seq_length: int, micro_batch_size: int, config: UniXConfig,
-                 forward_only: bool) -> StepStats:
+def _run_batches(
+    ddp, data: Iterator, num_micro: int, seq_length: int, micro_batch_size: int, config: UniXConfig, forward_only: bool
+) -> StepStats:
     """Forward(-backward) over ``num_micro`` micro-batches; local contributions to the stats."""
     batches = [next(data) for _ in range(num_micro)]
     stats = StepStats()
@@ -203,8 +248,14 @@ def _run_batches(ddp, data: Iterator, num_micro: int, seq_length: int, micro_bat
             stats.add("shared_pairs", shared)
             stats.add("separated_pairs", separated)
     results = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp], num_microbatches=num_micro,
-        seq_length=seq_length * micro_batch_size, micro_batch_size=1, forward_only=forward_only)
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[ddp],
+        num_microbatches=num_micro,
+        seq_length=seq_length * micro_batch_size,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
     if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage():
         for result in results:
             stats.add("loss_sum", float(result["lm loss"]))
@@ -216,7 +267,9 @@ def _run_batches(ddp, data: Iterator, num_micro: int, seq_length: int, micro_bat
 
 def _grads_finite(ddp) -> bool:
     """Whether every rank's gradients are finite (checked before the optimizer touches the weights)."""
-    bad = any(not torch.isfinite(p.main_grad).all() for p in ddp.parameters() if getattr(p, "main_grad", None) is not None)
+    bad = any(
+        not torch.isfinite(p.main_grad).all() for p in ddp.parameters() if getattr(p, "main_grad", None) is not None
+    )
     flag = torch.tensor([float(bad)], device=platform.device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return not flag.item()
@@ -241,15 +294,25 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         merge_model_args(args, stored)
     fill_architecture_defaults(args)
     validate(args, world_size_from_env())
-    distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
-                           timeout_minutes=args.distributed_timeout_minutes)
+    distributed.initialize(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
     exit_signal = ExitSignal(args.exit_signal_handler)  # before any data-loader worker exists
     absent = platform.detect_accelerators().absent()
     log(f"> accelerators absent: {', '.join(absent) or 'none'}" + (" (torch fallbacks in use)" if absent else ""))
     _progress(start_time, f"loading the tokenizer {args.tokenizer_model}")
     tokenizer = MultimodalTokenizer.from_pretrained(
-        args.tokenizer_model, codebook_size=args.vq_codebook_size or 8192, boi=args.boi, eoi=args.eoi,
-        eos=args.eos, separator=args.separator or None, vq_offset=getattr(args, "vq_offset", None))
+        args.tokenizer_model,
+        codebook_size=args.vq_codebook_size or 8192,
+        boi=args.boi,
+        eoi=args.eoi,
+        eos=args.eos,
+        separator=args.separator or None,
+        vq_offset=getattr(args, "vq_offset", None),
+    )
     requested = _architecture(args, tokenizer)  # checkpoint vs tokenizer first: then data vs tokenizer
     _progress(start_time, f"checking {len(data_prefixes(args.data_path))} dataset(s)")
     _check_data(args, tokenizer)
@@ -264,20 +327,30 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     gbs, mbs = args.global_batch_size, args.micro_batch_size
     num_micro = gbs // (mbs * dp)
-    log(f"> Uni-X {arch['num_layers']} layers ({arch['vision_encode_layers']}:{arch['vision_decode_layers']} "
+    log(
+        f"> Uni-X {arch['num_layers']} layers ({arch['vision_encode_layers']}:{arch['vision_decode_layers']} "
         f"separated), {sum(p.numel() for p in ddp.parameters()):,} parameters on rank 0, "
         f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} DP={dp}, {num_micro} "
-        f"micro-batches of {mbs} x {args.seq_length}")
+        f"micro-batches of {mbs} x {args.seq_length}"
+    )
     evaluations = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
     _progress(start_time, "building the packed datasets (the packing is cached beside the data)")
     train_ds, valid_ds, _ = build_datasets(
-        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
+        args.data_path,
+        args.split,
+        args.seq_length,
+        args.seed,
+        tokenizer,
         (args.train_iters * gbs, evaluations * args.eval_iters * gbs, 0),
         cache_dir=args.data_cache_path or str(Path(data_prefixes(args.data_path)[0]).parent / "cache"),
-        long_text=args.long_text)
+        long_text=args.long_text,
+    )
     train_data = micro_batches(train_ds, state.consumed_train_samples, mbs, dp_rank, dp, args.num_workers)
-    valid_data = (micro_batches(valid_ds, state.consumed_valid_samples, mbs, dp_rank, dp)
-                  if valid_ds is not None and evaluations else None)
+    valid_data = (
+        micro_batches(valid_ds, state.consumed_valid_samples, mbs, dp_rank, dp)
+        if valid_ds is not None and evaluations
+        else None
+    )
 
     world = dist.get_world_size()
     padded_vocab = padded_vocab_size(arch["vocab_size"], args.tensor_model_parallel_size)
@@ -285,8 +358,15 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     sinks = None
     if dist.get_rank() == 0:
         metrics_file = args.metrics_file or (f"{args.save}/metrics.jsonl" if args.save else None)
-        sinks = metrics.MetricsSinks(metrics_file, args.tensorboard_dir, args.wandb_project, args.wandb_exp_name,
-                                     args.wandb_save_dir, vars(args), state.iteration)
+        sinks = metrics.MetricsSinks(
+            metrics_file,
+            args.tensorboard_dir,
+            args.wandb_project,
+            args.wandb_exp_name,
+            args.wandb_save_dir,
+            vars(args),
+            state.iteration,
+        )
     if state.iteration < args.train_iters:
         _progress(start_time, f"training iterations {state.iteration + 1} to {args.train_iters}")
     ddp.train()
@@ -304,8 +384,13 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         stats = _all_reduce(stats)
         iteration = state.iteration + 1
         grad_norm = None
-        problem = (f"lm loss is {stats.loss}" if not math.isfinite(stats.loss) else
-                   "a gradient is not finite" if args.skip_nonfinite_steps and not _grads_finite(ddp) else None)
+        problem = (
+            f"lm loss is {stats.loss}"
+            if not math.isfinite(stats.loss)
+            else "a gradient is not finite"
+            if args.skip_nonfinite_steps and not _grads_finite(ddp)
+            else None
+        )
         if problem is None:
             updated, grad_norm, _ = optimizer.step()
             if updated:
@@ -318,8 +403,9 @@ def pretrain(args: argparse.Namespace) -> TrainState:
             state.skipped_iterations += 1
             log(f" iteration {iteration}: {problem}; skipping the step (--skip-nonfinite-steps)")
         else:
-            raise NonFiniteLoss(f"iteration {iteration}: {problem}; stopping (use --skip-nonfinite-steps to skip "
-                                "such steps)")
+            raise NonFiniteLoss(
+                f"iteration {iteration}: {problem}; stopping (use --skip-nonfinite-steps to skip such steps)"
+            )
         state.iteration = iteration
         state.consumed_train_samples += gbs
         step_end = time.perf_counter()
@@ -328,26 +414,36 @@ def pretrain(args: argparse.Namespace) -> TrainState:
 
         if iteration % args.log_interval == 0 or iteration in (train_start_iteration + 1, args.train_iters):
             elapsed = time.perf_counter() - window_start
-            flops = metrics.training_flops(config, padded_vocab, int(window["tokens"]), int(window["shared_pairs"]),
-                                           int(window["separated_pairs"]))
+            flops = metrics.training_flops(
+                config, padded_vocab, int(window["tokens"]), int(window["shared_pairs"]), int(window["separated_pairs"])
+            )
             tflops = flops / elapsed / world / 1e12
             record = {
-                "iteration": iteration, "consumed_samples": state.consumed_train_samples, "loss": window.loss,
-                "text_loss": window.text_loss, "vision_loss": window.vision_loss, "lr": scheduler.get_lr(
-                    optimizer.param_groups[0]), "grad_norm": grad_norm,
-                "tokens_per_sec": window["tokens"] / elapsed, "tflops": tflops,
-                "mfu": tflops / peak if peak else None, "mem_gib": metrics.memory_gib(),
-                "iteration_ms": 1000 * elapsed / window_iters, "skipped_iterations": state.skipped_iterations,
+                "iteration": iteration,
+                "consumed_samples": state.consumed_train_samples,
+                "loss": window.loss,
+                "text_loss": window.text_loss,
+                "vision_loss": window.vision_loss,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "grad_norm": grad_norm,
+                "tokens_per_sec": window["tokens"] / elapsed,
+                "tflops": tflops,
+                "mfu": tflops / peak if peak else None,
+                "mem_gib": metrics.memory_gib(),
+                "iteration_ms": 1000 * elapsed / window_iters,
+                "skipped_iterations": state.skipped_iterations,
             }
             eta = datetime.timedelta(seconds=round(elapsed / window_iters * (args.train_iters - iteration)))
-            log(f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{args.train_iters:8d} | "
+            log(
+                f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{args.train_iters:8d} | "
                 f"consumed samples: {state.consumed_train_samples:12d} | elapsed time per iteration (ms): "
                 f"{record['iteration_ms']:.1f} | tokens/s: {record['tokens_per_sec']:,.0f} | "
                 f"TFLOP/s/device: {tflops:.3f} | MFU: {_format(record['mfu'], '.1%')} | "
                 f"learning rate: {record['lr']:.6E} | global batch size: {gbs:5d} | lm loss: {window.loss:.6E} | "
                 f"text loss: {_format(window.text_loss, '.6E')} | vision loss: {_format(window.vision_loss, '.6E')} | "
                 f"grad norm: {_format(grad_norm, '.3f')} | mem (GiB): {record['mem_gib']:.2f} | "
-                f"skipped iterations: {state.skipped_iterations:3d} | ETA: {eta}")
+                f"skipped iterations: {state.skipped_iterations:3d} | ETA: {eta}"
+            )
             if sinks:
                 sinks.write(record)
             window, window_start, window_iters = StepStats(), step_end, 0
@@ -357,36 +453,56 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         if args.save_interval and iteration % args.save_interval == 0:
             _save(args, state, ddp, optimizer, scheduler, arch)
         window_start += time.perf_counter() - step_end  # evaluation and saving are not training time
-        reason = ("received SIGTERM" if stats["stop_signal"] else
-                  f"--exit-duration-in-mins {args.exit_duration_in_mins} reached" if stats["stop_duration"] else
-                  f"--exit-interval {args.exit_interval} reached" if args.exit_interval and
-                  iteration % args.exit_interval == 0 else None)
+        reason = (
+            "received SIGTERM"
+            if stats["stop_signal"]
+            else f"--exit-duration-in-mins {args.exit_duration_in_mins} reached"
+            if stats["stop_duration"]
+            else f"--exit-interval {args.exit_interval} reached"
+            if args.exit_interval and iteration % args.exit_interval == 0
+            else None
+        )
         if reason:
             _save(args, state, ddp, optimizer, scheduler, arch)
             log(f" exiting at iteration {iteration}: {reason}")
             break
     else:
         _save(args, state, ddp, optimizer, scheduler, arch)
-        log(f" training done: {state.iteration - train_start_iteration} iterations in "
-            f"{time.time() - start_time:.1f} s")
+        log(f" training done: {state.iteration - train_start_iteration} iterations in {time.time() - start_time:.1f} s")
     if sinks:
         sinks.close()
     return state
 
 
-def _evaluate(args, ddp, valid_data: Iterator, num_micro: int, config: UniXConfig, state: TrainState,
-              sinks: metrics.MetricsSinks | None) -> None:
+def _evaluate(
+    args,
+    ddp,
+    valid_data: Iterator,
+    num_micro: int,
+    config: UniXConfig,
+    state: TrainState,
+    sinks: metrics.MetricsSinks | None,
+) -> None:
     ddp.eval()
     total = StepStats()
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            total.values += _run_batches(ddp, valid_data, num_micro, args.seq_length, args.micro_batch_size, config,
-                                         forward_only=True).values
+            total.values += _run_batches(
+                ddp, valid_data, num_micro, args.seq_length, args.micro_batch_size, config, forward_only=True
+            ).values
             state.consumed_valid_samples += args.global_batch_size
     total = _all_reduce(total)
     ddp.train()
-    log(f" validation loss at iteration {state.iteration} | lm loss: {total.loss:.6E} | "
-        f"text loss: {_format(total.text_loss, '.6E')} | vision loss: {_format(total.vision_loss, '.6E')}")
+    log(
+        f" validation loss at iteration {state.iteration} | lm loss: {total.loss:.6E} | "
+        f"text loss: {_format(total.text_loss, '.6E')} | vision loss: {_format(total.vision_loss, '.6E')}"
+    )
     if sinks:
-        sinks.write({"iteration": state.iteration, "valid_loss": total.loss, "valid_text_loss": total.text_loss,
-                     "valid_vision_loss": total.vision_loss})
+        sinks.write(
+            {
+                "iteration": state.iteration,
+                "valid_loss": total.loss,
+                "valid_text_loss": total.text_loss,
+                "valid_vision_loss": total.vision_loss,
+            }
+        )

@@ -17,8 +17,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-SERIES = {"text_loss": "train text", "vision_loss": "train vision",
-          "valid_text_loss": "validation text", "valid_vision_loss": "validation vision"}
+SERIES = {
+    "text_loss": "train text",
+    "vision_loss": "train vision",
+    "valid_text_loss": "validation text",
+    "valid_vision_loss": "validation vision",
+}
 """metrics.jsonl key -> label, in the order of the summary and the legend."""
 
 COLOURS = {"text": (31, 119, 180), "vision": (230, 110, 0)}
@@ -84,12 +88,15 @@ class _Axes:
     y_high: float
 
     def xy(self, iteration: float, value: float) -> tuple[float, float]:
-        return (self.left + iteration / self.x_high * (self.right - self.left),
-                self.bottom - value / self.y_high * (self.bottom - self.top))
+        return (
+            self.left + iteration / self.x_high * (self.right - self.left),
+            self.bottom - value / self.y_high * (self.bottom - self.top),
+        )
 
 
-def render_png(series: Series, output: str | Path, title: str, codebook_size: int | None = None,
-               size: tuple[int, int] = (900, 540)) -> None:
+def render_png(
+    series: Series, output: str | Path, title: str, codebook_size: int | None = None, size: tuple[int, int] = (900, 540)
+) -> None:
     """Loss against iteration: training as lines, validation as dashed lines with markers; text blue,
     vision orange; with ``codebook_size``, a dotted line at the uniform vision loss ln(codebook)."""
     if not any(series.values()):
@@ -97,9 +104,14 @@ def render_png(series: Series, output: str | Path, title: str, codebook_size: in
     uniform = [math.log(codebook_size)] if codebook_size else []
     image = Image.new("RGB", (size[0] * SCALE, size[1] * SCALE), "white")
     draw = ImageDraw.Draw(image)
-    axes = _Axes(80 * SCALE, image.width - 20 * SCALE, 45 * SCALE, image.height - 60 * SCALE,
-                 x_high=max(1, *(it for points in series.values() for it, _ in points)),
-                 y_high=1.08 * max(1e-3, *(v for points in series.values() for _, v in points), *uniform))
+    axes = _Axes(
+        80 * SCALE,
+        image.width - 20 * SCALE,
+        45 * SCALE,
+        image.height - 60 * SCALE,
+        x_high=max(1, *(it for points in series.values() for it, _ in points)),
+        y_high=1.08 * max(1e-3, *(v for points in series.values() for _, v in points), *uniform),
+    )
     _frame(image, draw, axes, title)
     legend: list[tuple[str, tuple[int, int, int], str]] = []
     for key, points in series.items():
@@ -130,8 +142,9 @@ def _frame(image: Image.Image, draw: ImageDraw.ImageDraw, axes: _Axes, title: st
     draw.text((middle, image.height - 12 * SCALE), "iteration", fill="black", font=font, anchor="md")
     draw.text((middle, axes.top / 2), title, fill="black", font=font, anchor="mm")
     y_label = Image.new("RGB", (axes.bottom - axes.top, 24 * SCALE), "white")
-    ImageDraw.Draw(y_label).text((y_label.width / 2, y_label.height / 2), "loss (nats per token)", fill="black",
-                                 font=font, anchor="mm")
+    ImageDraw.Draw(y_label).text(
+        (y_label.width / 2, y_label.height / 2), "loss (nats per token)", fill="black", font=font, anchor="mm"
+    )
     image.paste(y_label.rotate(90, expand=True), (8 * SCALE, axes.top))
 
 
@@ -146,21 +159,29 @@ def _line(draw: ImageDraw.ImageDraw, xy: list[tuple[float, float]], colour: tupl
             length = math.hypot(x1 - x0, y1 - y0) or 1.0
             for start in range(0, int(length), dash + gap):
                 a, b = start / length, min(start + dash, length) / length
-                draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
-                          fill=colour, width=width)
+                draw.line(
+                    [(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                    fill=colour,
+                    width=width,
+                )
     if style == "dashed" or len(xy) == 1:
         radius = 3.5 * SCALE
         for px, py in xy:
             draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=colour)
 
 
-def _legend(draw: ImageDraw.ImageDraw, entries: list[tuple[str, tuple[int, int, int], str]], right: float,
-            top: float) -> None:
+def _legend(
+    draw: ImageDraw.ImageDraw, entries: list[tuple[str, tuple[int, int, int], str]], right: float, top: float
+) -> None:
     """The entries in a framed box whose top-right corner is (right, top)."""
     font, line_height, sample = _font(13), 20 * SCALE, 36 * SCALE
     box_left = right - max(draw.textlength(label, font=font) for label, _, _ in entries) - sample - 24 * SCALE
-    draw.rectangle([box_left, top, right, top + line_height * len(entries) + 10 * SCALE], fill="white",
-                   outline=(160, 160, 160), width=SCALE)
+    draw.rectangle(
+        [box_left, top, right, top + line_height * len(entries) + 10 * SCALE],
+        fill="white",
+        outline=(160, 160, 160),
+        width=SCALE,
+    )
     for i, (label, colour, style) in enumerate(entries):
         middle, start = top + 5 * SCALE + line_height * (i + 0.5), box_left + 8 * SCALE
         _line(draw, [(start, middle), (start + sample, middle)], colour, style)

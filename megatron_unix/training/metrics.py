@@ -19,8 +19,16 @@ import torch
 from megatron_unix.model.config import UniXConfig
 from megatron_unix.model.routing import vision_token_mask
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "B200": 2250.0, "GH200": 989.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+    "GH200": 989.0,
+}
 """Dense bf16 peak per device by name fragment (vendor data sheets)."""
 
 
@@ -42,8 +50,9 @@ def attention_pairs(batch: dict[str, torch.Tensor], config: UniXConfig) -> tuple
     return _causal_pairs(segment.flatten()), _causal_pairs((segment * 2 + vision).flatten())
 
 
-def training_flops(config: UniXConfig, padded_vocab: int, tokens: int, shared_pairs: int,
-                   separated_pairs: int) -> float:
+def training_flops(
+    config: UniXConfig, padded_vocab: int, tokens: int, shared_pairs: int, separated_pairs: int
+) -> float:
     """fwd+bwd FLOPs of ``tokens`` tokens whose attention covers the given pair counts per layer."""
     h, d = config.hidden_size, config.kv_channels
     q_width, kv_width = config.num_attention_heads * d, (config.num_query_groups or config.num_attention_heads) * d
@@ -51,8 +60,9 @@ def training_flops(config: UniXConfig, padded_vocab: int, tokens: int, shared_pa
     per_pair = 4 * q_width  # QK^T and AV
     separated = config.num_separated_layers
     shared = config.num_layers - separated
-    forward = (tokens * (config.num_layers * linear + 2 * h * padded_vocab)
-               + per_pair * (shared * shared_pairs + separated * separated_pairs))
+    forward = tokens * (config.num_layers * linear + 2 * h * padded_vocab) + per_pair * (
+        shared * shared_pairs + separated * separated_pairs
+    )
     return 3.0 * forward
 
 
@@ -76,8 +86,16 @@ def memory_gib() -> float:
 class MetricsSinks:
     """metrics.jsonl, TensorBoard and wandb; only constructed on the logging rank."""
 
-    def __init__(self, metrics_file: str | None, tensorboard_dir: str | None, wandb_project: str | None,
-                 wandb_name: str | None, wandb_dir: str | None, config: dict[str, Any], resume_iteration: int) -> None:
+    def __init__(
+        self,
+        metrics_file: str | None,
+        tensorboard_dir: str | None,
+        wandb_project: str | None,
+        wandb_name: str | None,
+        wandb_dir: str | None,
+        config: dict[str, Any],
+        resume_iteration: int,
+    ) -> None:
         self.metrics_file = Path(metrics_file) if metrics_file else None
         if self.metrics_file:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +109,9 @@ class MetricsSinks:
         if wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, name=wandb_name, dir=wandb_dir or None, config=config,
-                                    resume="allow")
+            self.wandb = wandb.init(
+                project=wandb_project, name=wandb_name, dir=wandb_dir or None, config=config, resume="allow"
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["iteration"]

@@ -35,9 +35,14 @@ def loss_func(loss_mask: torch.Tensor, vision_targets: torch.Tensor, output_tens
     vision = vision_targets.reshape(-1) & (mask > 0)
     text = ~vision & (mask > 0)
     loss = torch.sum(losses * mask) / mask.sum().clamp(min=1)
-    report = torch.stack([
-        (losses * text).sum(), text.sum().float(), (losses * vision).sum(), vision.sum().float(),
-    ]).detach()
+    report = torch.stack(
+        [
+            (losses * text).sum(),
+            text.sum().float(),
+            (losses * vision).sum(),
+            vision.sum().float(),
+        ]
+    ).detach()
     # The schedule divides the returned loss in place: report a clone.
     return loss, {"lm loss": loss.detach().clone(), "modality_sums": report}
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_unix.training import distributed  # noqa: E402
+from megatron_unix.training import distributed
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
 

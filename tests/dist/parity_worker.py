@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unix.training import distributed  # noqa: E402
+from megatron_unix.training import distributed
 
 
 def main() -> None:

@@ -34,8 +34,11 @@ TRANSFORMERS_SUPPORTED = (Version("4.53.3"), Version("6.0"))
 """[lowest, first unsupported): the range this file is written for; CI tests both ends' releases."""
 
 if not TRANSFORMERS_SUPPORTED[0] <= Version(transformers.__version__) < TRANSFORMERS_SUPPORTED[1]:
-    warnings.warn(f"Uni-X remote code supports transformers >={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}; "
-                  f"this is {transformers.__version__}", stacklevel=2)
+    warnings.warn(
+        f"Uni-X remote code supports transformers >={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}; "
+        f"this is {transformers.__version__}",
+        stacklevel=2,
+    )
 
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """The output field generate() reads the cache from: ``past_key_values`` in 4.x, renamed ``cache`` in 5.2x."""
@@ -47,19 +50,27 @@ UNSUPPORTED_VARIANTS = {"skip_connection_loc": -1, "add_share_ffn": 0, "all_moda
 def check_supported(config) -> None:
     """Refuse, naming the field, what this code would compute differently from the checkpoint's model
     (megatron-unix's converter applies the same refusals to what it imports)."""
+
     def rope_type(field: str) -> str:
         return (getattr(config, field, None) or {}).get("rope_type", "default")
 
     plain_rope = "only plain rotary embeddings (rope_type 'default') are implemented"
-    problems = {field: (unix_field(config, field) != off, "a reference variant this code does not implement")
-                for field, off in UNSUPPORTED_VARIANTS.items()}
+    problems = {
+        field: (unix_field(config, field) != off, "a reference variant this code does not implement")
+        for field, off in UNSUPPORTED_VARIANTS.items()
+    }
     problems.update(
         hidden_act=(getattr(config, "hidden_act", "silu") != "silu", "the layers use SwiGLU (silu)"),
         rope_parameters=(rope_type("rope_parameters") != "default", plain_rope),  # transformers 5.x
-        rope_scaling=(rope_type("rope_scaling") != "default", plain_rope),        # transformers 4.x
-        use_sliding_window=(bool(getattr(config, "use_sliding_window", False)), "Uni-X attends over the whole sequence"),
-        attention_bias=(bool(getattr(config, "attention_bias", False)),
-                        "a Qwen3 attention bias includes o_proj.bias, which these layers do not have"),
+        rope_scaling=(rope_type("rope_scaling") != "default", plain_rope),  # transformers 4.x
+        use_sliding_window=(
+            bool(getattr(config, "use_sliding_window", False)),
+            "Uni-X attends over the whole sequence",
+        ),
+        attention_bias=(
+            bool(getattr(config, "attention_bias", False)),
+            "a Qwen3 attention bias includes o_proj.bias, which these layers do not have",
+        ),
     )
     for field, (bad, why) in problems.items():
         if bad:
@@ -74,9 +85,11 @@ def separator_ids(config) -> list[int]:
         return []
     ids = getattr(config, VIS_SEP_TOKEN_IDS, None)
     if ids is None:
-        raise ValueError(f"add_sep_for_vis=1 with vis_sep_tokens={unix_field(config, 'vis_sep_tokens')!r} (token "
-                         f"texts) but no {VIS_SEP_TOKEN_IDS}: export the checkpoint with megatron-unix's "
-                         "convert_checkpoint.py, which resolves them through the tokenizer")
+        raise ValueError(
+            f"add_sep_for_vis=1 with vis_sep_tokens={unix_field(config, 'vis_sep_tokens')!r} (token "
+            f"texts) but no {VIS_SEP_TOKEN_IDS}: export the checkpoint with megatron-unix's "
+            "convert_checkpoint.py, which resolves them through the tokenizer"
+        )
     return [int(i) for i in ids]
 
 
@@ -159,10 +172,12 @@ class Rotary(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponents)
-        freqs = positions[..., None].float() * inv_freq                       # [b, s, d/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]                   # [b, 1, s, d]
+        exponents = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
+        )
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = positions[..., None].float() * inv_freq  # [b, s, d/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, s, d]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -189,8 +204,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                cache: UniXCache | None, slot: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: UniXCache | None,
+        slot: int,
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
@@ -246,8 +267,9 @@ class UniXModel(nn.Module):
         L = config.num_hidden_layers
         N, M = unix_field(config, "num_vision_encode_layers"), unix_field(config, "num_vision_decode_layers")
         if N < 0 or M < 0 or N + M > L:
-            raise ValueError(f"num_vision_encode_layers={N} + num_vision_decode_layers={M} must be within "
-                             f"num_hidden_layers={L}")
+            raise ValueError(
+                f"num_vision_encode_layers={N} + num_vision_decode_layers={M} must be within num_hidden_layers={L}"
+            )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(L))
         self.vision_encode_layers = nn.ModuleList(DecoderLayer(config, L + i) for i in range(N))
@@ -272,8 +294,13 @@ class UniXModel(nn.Module):
             return self.vision_decode_layers[i - (L - M)]
         return None
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.LongTensor | None, cache: UniXCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: UniXCache | None,
+    ) -> torch.Tensor:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("Uni-X builds its own attention masks: pass a 2-D padding mask [batch, past + new]")
         h = self.embed_tokens(input_ids)
@@ -282,17 +309,20 @@ class UniXModel(nn.Module):
         vision = self.is_vision(input_ids)
         key_vision = cache.append_modality(vision) if cache is not None else vision
         if position_ids is None:  # as generate(): positions count from the first real (non-padding) token
-            position_ids = (torch.arange(past, past + q_len, device=h.device)[None] if attention_mask is None
-                            else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:])
+            position_ids = (
+                torch.arange(past, past + q_len, device=h.device)[None]
+                if attention_mask is None
+                else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            )
 
         q_index = torch.arange(past, past + q_len, device=h.device)[:, None]
         k_index = torch.arange(key_vision.shape[1], device=h.device)[None]
-        visible = (k_index <= q_index)[None]                                     # [1, q, kv] causal
+        visible = (k_index <= q_index)[None]  # [1, q, kv] causal
         if attention_mask is not None:
-            visible = visible & attention_mask.bool()[:, None, :]               # drop padding keys
+            visible = visible & attention_mask.bool()[:, None, :]  # drop padding keys
         itself = (k_index == q_index)[None]  # keeps every softmax row non-empty (padding queries included)
-        same_modality = key_vision[:, None, :] == vision[:, :, None]            # [b, q, kv]
-        shared_mask = (visible | itself)[:, None]                                # [b, 1, q, kv]
+        same_modality = key_vision[:, None, :] == vision[:, :, None]  # [b, q, kv]
+        shared_mask = (visible | itself)[:, None]  # [b, 1, q, kv]
         separated_mask = (visible & same_modality | itself)[:, None]
 
         rotary = self.rotary(position_ids, h.dtype)
@@ -301,8 +331,9 @@ class UniXModel(nn.Module):
             if copy is None:
                 h = layer(h, rotary, shared_mask, cache)
             else:
-                h = torch.where(vision[..., None], copy(h, rotary, separated_mask, cache),
-                                layer(h, rotary, separated_mask, cache))
+                h = torch.where(
+                    vision[..., None], copy(h, rotary, separated_mask, cache), layer(h, rotary, separated_mask, cache)
+                )
         return self.norm(h)
 
 
@@ -363,8 +394,9 @@ class UniXForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:  # next-token cross-entropy over positions whose label is not -100
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
