@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import TINY_HF
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "tools" / "convert_checkpoint.py"
 WORKER = Path(__file__).parent / "dist" / "convert_worker.py"
-LAYERS, CODES = 4, 48
+LAYERS, CODES = TINY_HF["num_hidden_layers"], 48
 
 
 def free_port() -> int:
@@ -44,18 +45,7 @@ def make_source(
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if style == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        initializer_range=0.1,
-    )
+    config = config_cls(vocab_size=vocab, tie_word_embeddings=tie, initializer_range=0.1, **TINY_HF)
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import BOI, EOI, EOS, SEP, TEXT_VOCAB, TINY_VOCAB
+from tiny import BOI, EOI, EOS, SEP, TEXT_VOCAB, TINY_HF, TINY_VOCAB
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from unix_reference import unix_reference_forward
 
@@ -23,7 +23,7 @@ STYLES = {
     "qwen3": (UniQwen3Config, UniQwen3ForCausalLM, Qwen3ForCausalLM),
     "qwen2": (UniQwen2Config, UniQwen2ForCausalLM, Qwen2ForCausalLM),
 }
-LAYERS = 4
+LAYERS = TINY_HF["num_hidden_layers"]
 
 
 def export(
@@ -40,15 +40,9 @@ def export(
     extra = dict(add_sep_for_vis=1, vis_sep_token_ids=list(separators)) if separators else {}
     config = config_cls(
         vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         tie_word_embeddings=tie,
+        **TINY_HF,
         initializer_range=0.1,
         num_vision_encode_layers=n,
         num_vision_decode_layers=m,
@@ -275,16 +269,7 @@ def test_directory_loads_as_plain_text_lm(tmp_path, style):
 
 @pytest.mark.parametrize("field, value", [("skip_connection_loc", 2), ("add_share_ffn", 1), ("all_modal_visible", 1)])
 def test_unsupported_reference_variants_are_refused(field, value):
-    config = UniQwen3Config(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        **{field: value},
-    )
+    config = UniQwen3Config(vocab_size=TINY_VOCAB, **TINY_HF, **{field: value})
     with pytest.raises(ValueError, match=field):
         UniQwen3ForCausalLM(config)
 

@@ -11,6 +11,17 @@ TINY_VOCAB = TEXT_VOCAB + VQ_CODES
 BOI, EOI, EOS, SEP = 90, 91, 92, 93
 LAYOUT = Layout(vq_offset=TEXT_VOCAB, vq_codes=VQ_CODES, boi_id=BOI, eoi_id=EOI, eos_id=EOS, image_codes=6, text_ids=89)
 
+TINY_HF = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+)
+"""The tiny shape as Hugging Face config fields (TINY_MODEL's dimensions), for models built with transformers."""
+
 TINY_MODEL = dict(
     num_layers=4,
     hidden_size=64,
