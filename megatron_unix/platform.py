@@ -9,9 +9,13 @@ It also reports which optional accelerators (Transformer Engine, flash-attn, ape
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +74,17 @@ def process_alive(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):
         return False
     return True
+
+
+def leftovers_of_dead_processes(parent: Path, prefix: str, suffixes: Sequence[str] = ("",)) -> list[Path]:
+    """The paths ``parent/<prefix><PID><suffix>`` whose PID runs no more: what killed writers left, as
+    writers here name what they have not committed yet. PIDs are this machine's."""
+    name = re.compile(re.escape(prefix) + r"(\d+)(?:" + "|".join(map(re.escape, suffixes)) + ")")
+    return sorted(
+        path
+        for path in parent.glob(glob.escape(prefix) + "*")
+        if (match := name.fullmatch(path.name)) and not process_alive(int(match[1]))
+    )
 
 
 def device() -> torch.device:

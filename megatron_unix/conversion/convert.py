@@ -11,7 +11,6 @@ way the process holds one copy of the weights (the Megatron model, fp32) plus on
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -268,7 +267,7 @@ def import_hf(
     if Path(save).exists() and checkpointing.find_checkpoint(save) is not None:
         raise ConversionError(f"--save {save} already holds a Megatron checkpoint")
     source = HFCheckpoint(hf_dir)
-    interchange = read_interchange(source.path)  # before the slow part: a damaged JSON file stops at once
+    interchange = read_interchange(source)  # before the slow part: a damaged JSON file stops at once
     log(
         f"source {source.path}: {'Uni-X reference format' if source.kind == 'unix' else 'text model'}, "
         f"model_type {source.style}, {len(source.names)} tensors"
@@ -388,12 +387,9 @@ STAGING_PREFIX = ".{name}.partial-"
 
 def _remove_stale_staging(out: Path) -> None:
     """Staging directories of exports that were killed (SIGKILL, out of memory) are full-size copies."""
-    prefix = STAGING_PREFIX.format(name=out.name)
-    for stale in out.parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix) :]
-        if pid.isdigit() and not platform.process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-            log(f"removed {stale}, left by a killed export")
+    for stale in platform.leftovers_of_dead_processes(out.parent, STAGING_PREFIX.format(name=out.name)):
+        shutil.rmtree(stale, ignore_errors=True)
+        log(f"removed {stale}, left by a killed export")
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:

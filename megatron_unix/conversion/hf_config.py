@@ -19,9 +19,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from megatron_unix.conversion.hf_io import CLASSES, ConversionError, read_json
+from megatron_unix.conversion.hf_io import CLASSES, ConversionError, HFCheckpoint, read_json
 from megatron_unix.conversion.hf_remote import auto_map
-from megatron_unix.conversion.hf_remote.configuration_unix import UNIX_DEFAULTS, VIS_SEP_TOKEN_IDS, rope_theta
+from megatron_unix.conversion.hf_remote.configuration_unix import UNIX_DEFAULTS, VIS_SEP_TOKEN_IDS, head_dim, rope_theta
 from megatron_unix.conversion.hf_remote.modeling_unix import check_supported
 from megatron_unix.data.tokenizer import TextTokenizer
 from megatron_unix.model.config import UniXConfig
@@ -76,7 +76,7 @@ def text_fields(hf: PretrainedConfig) -> dict[str, Any]:
         ffn_hidden_size=hf.intermediate_size,
         num_attention_heads=hf.num_attention_heads,
         num_query_groups=hf.num_key_value_heads,
-        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        kv_channels=head_dim(hf),
         qk_layernorm=hf.model_type == "qwen3",
         add_qkv_bias=hf.model_type == "qwen2",
         tie_word_embeddings=hf.tie_word_embeddings,
@@ -150,13 +150,10 @@ def unix_fields(hf: PretrainedConfig, tokenizer: TextTokenizer | None, where: Pa
     return fields
 
 
-def read_interchange(directory: Path) -> dict[str, Any]:
+def read_interchange(source: HFCheckpoint) -> dict[str, Any]:
     """The source's config.json and generation_config.json, as dicts, to carry through the checkpoint."""
-    generation = directory / "generation_config.json"
-    return {
-        "config": read_json(directory / "config.json"),
-        "generation_config": read_json(generation) if generation.is_file() else None,
-    }
+    generation = source.path / "generation_config.json"
+    return {"config": source.raw, "generation_config": read_json(generation) if generation.is_file() else None}
 
 
 def unix_config_json(

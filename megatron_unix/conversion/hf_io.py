@@ -9,6 +9,7 @@ transformers' (or the Uni-X remote code's).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -98,6 +99,8 @@ class HFCheckpoint:
         if not config_file.is_file():
             raise ConversionError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
         raw = read_json(config_file)
+        self.raw: dict = raw
+        """config.json as written (transformers' config object below may normalise or rename keys)."""
         self.style = raw.get("model_type")
         if self.style not in CLASSES:
             raise ConversionError(
@@ -106,7 +109,7 @@ class HFCheckpoint:
         self.kind = "unix" if UNIX_MARKER in raw else self.style
         config_cls = CLASSES[self.style][2 if self.kind == "unix" else 0]
         try:
-            self.config: PretrainedConfig = config_cls.from_dict(raw)
+            self.config: PretrainedConfig = config_cls.from_dict(copy.deepcopy(raw))
         except Exception as error:  # transformers' validation errors are of types that differ between versions
             reason = " ".join(str(error).split())  # one line
             raise ConversionError(f"{config_file}: transformers refuses this config ({reason})") from None

@@ -17,10 +17,8 @@ whole dataset is complete, so a failure leaves nothing behind (a killed writer's
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +121,8 @@ def remove_stale_partials(prefix: str | Path) -> list[Path]:
     a live process's are kept, it may still be writing them. PIDs are this machine's: never write one
     prefix from several machines at once. Returns the removed files."""
     prefix = Path(prefix)
-    suffixes = "|".join(map(re.escape, DATA_SUFFIXES + (VOCABULARY_SUFFIX,)))
-    name = re.compile(rf"{re.escape(prefix.name + PARTIAL_INFIX)}(\d+)(?:{suffixes})")
-    stale = sorted(
-        path
-        for path in prefix.parent.glob(glob.escape(prefix.name + PARTIAL_INFIX) + "*")
-        if (match := name.fullmatch(path.name)) and not platform.process_alive(int(match[1]))
+    stale = platform.leftovers_of_dead_processes(
+        prefix.parent, prefix.name + PARTIAL_INFIX, DATA_SUFFIXES + (VOCABULARY_SUFFIX,)
     )
     for path in stale:
         path.unlink(missing_ok=True)

@@ -125,10 +125,11 @@ def _starting_checkpoint(args: argparse.Namespace) -> Path | None:
     return source
 
 
-def _stored_architecture(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The architecture of the checkpoint this run starts from, read before any process group."""
+def _starting_common(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The common part (architecture, args, LR schedule) of the checkpoint this run starts from, read
+    once, before any process group."""
     source = _starting_checkpoint(args)
-    return checkpointing.read_common(source, verify=args.verify_checkpoint)["model_args"] if source else None
+    return checkpointing.read_common(source, verify=args.verify_checkpoint) if source else None
 
 
 def _architecture(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> dict[str, Any]:
@@ -182,12 +183,12 @@ def _check_data(args: argparse.Namespace, tokenizer: MultimodalTokenizer) -> Non
         raise ValueError(outcome[0])
 
 
-def _restore(args: argparse.Namespace, ddp, optimizer, scheduler) -> TrainState:
-    """Resume from ``--load`` (everything), or start from ``--pretrained-checkpoint`` (weights only)."""
+def _restore(args: argparse.Namespace, ddp, optimizer, scheduler, starting: dict[str, Any] | None) -> TrainState:
+    """Resume from ``--load`` (everything), or start from ``--pretrained-checkpoint`` (weights only);
+    ``starting`` is the common part of that checkpoint (``_starting_common``: ``--load``'s when it has one)."""
     resume = checkpointing.find_checkpoint(args.load) if args.load else None
     if resume is not None and not args.finetune:
-        stored = checkpointing.read_common(resume, verify=args.verify_checkpoint)
-        setup.check_schedule(args, scheduler, stored)
+        setup.check_schedule(args, scheduler, starting)
         common = checkpointing.load(
             resume,
             ddp,
@@ -289,7 +290,8 @@ def _format(value: float | None, spec: str) -> str:
 def pretrain(args: argparse.Namespace) -> TrainState:
     """Train as the arguments say; returns the final state (for tests and tools)."""
     start_time = time.time()
-    stored = _stored_architecture(args)
+    starting = _starting_common(args)
+    stored = starting["model_args"] if starting else None
     if stored:
         merge_model_args(args, stored)
     fill_architecture_defaults(args)
@@ -322,7 +324,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     _progress(start_time, "building the model and optimizer")
     ddp = setup.build(args, config, arch["vocab_size"])
     optimizer, scheduler = setup.build_optimizer(args, ddp)
-    state = _restore(args, ddp, optimizer, scheduler)
+    state = _restore(args, ddp, optimizer, scheduler, starting)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     gbs, mbs = args.global_batch_size, args.micro_batch_size

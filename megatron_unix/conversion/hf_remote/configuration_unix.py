@@ -45,6 +45,11 @@ def rope_theta(config) -> float:
     return float(parameters.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
 
 
+def head_dim(config) -> int:
+    """``head_dim``, which Qwen2 configs may leave out (then hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class UniQwen3Config(Qwen3Config):
     """Uni-X with Qwen3-style layers (QK norm, no q/k/v bias): the reference checkpoints."""
 

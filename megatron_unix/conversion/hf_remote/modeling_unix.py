@@ -28,7 +28,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_unix import VIS_SEP_TOKEN_IDS, UniQwen2Config, UniQwen3Config, rope_theta, unix_field
+from .configuration_unix import VIS_SEP_TOKEN_IDS, UniQwen2Config, UniQwen3Config, head_dim, rope_theta, unix_field
 
 TRANSFORMERS_SUPPORTED = (Version("4.53.3"), Version("6.0"))
 """[lowest, first unsupported): the range this file is written for; CI tests both ends' releases."""
@@ -193,7 +193,7 @@ class Attention(nn.Module):
     def __init__(self, config, qk_norm: bool, qkv_bias: bool) -> None:
         super().__init__()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = head_dim(config)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
@@ -275,8 +275,7 @@ class UniXModel(nn.Module):
         self.vision_encode_layers = nn.ModuleList(DecoderLayer(config, L + i) for i in range(N))
         self.vision_decode_layers = nn.ModuleList(DecoderLayer(config, L + N + j) for j in range(M))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.rotary = Rotary(head_dim, rope_theta(config))
+        self.rotary = Rotary(head_dim(config), rope_theta(config))
         self.text_vocab = unix_field(config, "real_text_vocab_size")
         self.vision_ids = [unix_field(config, "vision_start_id"), *separator_ids(config)]
 
