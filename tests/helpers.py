@@ -53,7 +53,7 @@ def hf_weights(model, config) -> dict[str, torch.Tensor]:
 
 def logits(model, config, batch) -> torch.Tensor:
     """Production logits [b, s, vocab] (padding columns dropped)."""
-    from megatron_unix.training.step import stream_forward
+    from megatron_unix.model.forward import stream_forward
 
     out = stream_forward(model, batch)
     return out[..., :TINY_VOCAB].reshape(*batch["tokens"].shape, TINY_VOCAB)

@@ -483,7 +483,7 @@ def test_converted_checkpoint_loads_at_tp2_and_pp2(megatron_single, untied_sourc
     from dist.convert_worker import sample_batch
 
     from megatron_unix.conversion.convert import import_hf, load_megatron
-    from megatron_unix.training.step import stream_forward
+    from megatron_unix.model.forward import stream_forward
 
     checkpoint = import_hf(untied_source, tmp_path / "m", options())
     model, config, common = load_megatron(checkpoint)

@@ -184,7 +184,7 @@ def test_routing_segments_and_sequence_parallel_padding():
 def test_image_only_micro_batch_trains_both_copies(megatron_single):
     """No text token at all: the text copies of separated layers still get (zero) gradients,
     so DDP's hooks fire, and the shared layers train."""
-    from megatron_unix.training.step import stream_forward
+    from megatron_unix.model.forward import stream_forward
 
     model, config = build_tiny(seed=5)
     tokens = TEXT_VOCAB + torch.arange(2 * 16).reshape(2, 16) % VQ_CODES
@@ -198,7 +198,7 @@ def test_image_only_micro_batch_trains_both_copies(megatron_single):
 
 
 def test_activation_recompute_gives_the_same_gradients(megatron_single):
-    from megatron_unix.training.step import stream_forward
+    from megatron_unix.model.forward import stream_forward
 
     batch = make_batch(ROWS, seq=48, seed=6)
     grads = []

@@ -37,7 +37,7 @@ def test_logits_and_gradients_match_reference(megatron_single, name):
     expected = unix_reference_forward(weights, cfg, batch["tokens"], batch["document_ids"])
     assert _relative_error(got.detach(), expected) < 1e-5
 
-    from megatron_unix.training.step import stream_forward
+    from megatron_unix.model.forward import stream_forward
 
     per_token = stream_forward(model, batch, batch["labels"])
     mask = batch["loss_mask"].reshape(1, -1)

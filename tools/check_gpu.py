@@ -30,7 +30,6 @@ UNIX_1_5B = dict(
     qk_layernorm=True,
 )
 VOCAB = 160128
-PEAK_BF16_TFLOPS = 989.0  # H100/H200 dense bf16
 
 
 def main() -> None:
@@ -43,9 +42,12 @@ def main() -> None:
     distributed.initialize(1, 1, seed=1)
     from megatron_unix.data.synthetic import Layout, make_batch, random_rows
     from megatron_unix.model import build_model, make_config
-    from megatron_unix.training.step import stream_forward
+    from megatron_unix.model.forward import stream_forward
+    from megatron_unix.training import metrics
 
-    layout = Layout(vq_offset=151665, vq_codes=8192, boi_id=151652, eoi_id=151653, eos_id=151643)
+    base = make_config(**UNIX_1_5B)  # the Qwen2.5 vocabulary layout is UniXConfig's default
+    layout = Layout(base.vq_offset, base.vq_codebook_size, base.boi_id, base.eoi_id, base.eos_id)
+    peak = metrics.peak_tflops(None)
     g = torch.Generator().manual_seed(0)
     batch = {k: v.cuda() for k, v in make_batch(random_rows(1, 12, g), args.seq_length, layout, 0).items()}
 
@@ -84,9 +86,10 @@ def main() -> None:
     # Every token passes one copy of each layer: count the dense model's weights (plus the output head).
     active = params - config.num_separated_layers * sum(p.numel() for p in model.decoder.layers[0].vision.parameters())
     tflops = 6 * active * args.seq_length / seconds / 1e12
+    mfu = f"{tflops / peak:.1%}" if peak else "n/a (unknown GPU)"
     print(
         f"Uni-X 1.5B 9:5: {params:,} parameters, loss {loss.item():.3f}, {tokens_per_s:,.0f} tokens/s, "
-        f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / PEAK_BF16_TFLOPS:.1f}% (6*N*T, no attention term), peak memory "
+        f"{tflops:.0f} TFLOP/s, MFU {mfu} (6*N*T, no attention term), peak memory "
         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, attention backend "
         f"{model.decoder.layers[0].self_attention.core_attention.backend_name}"
     )

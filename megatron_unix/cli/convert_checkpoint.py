@@ -16,6 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from megatron_unix.data.vocabulary import CODEBOOK_SIZE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help="vision copy of layer i = text layer i, or fresh (norms 1, N(0, 0.02))",
     )
-    imp.add_argument("--vq-codebook-size", type=int, default=None, help="text sources; default 8192")
+    imp.add_argument("--vq-codebook-size", type=int, default=None, help=f"text sources; default {CODEBOOK_SIZE}")
     imp.add_argument("--vq-offset", type=int, default=None, help="default: length of the tokenizer in --hf-dir")
     imp.add_argument(
         "--layer-style",

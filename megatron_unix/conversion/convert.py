@@ -46,7 +46,7 @@ from megatron_unix.conversion.hf_io import (
     write_model_card,
     write_safetensors,
 )
-from megatron_unix.conversion.mappings import iter_hf_to_megatron, layer_prefixes, megatron_to_hf
+from megatron_unix.conversion.mappings import HF_VOCAB_TENSORS, iter_hf_to_megatron, layer_prefixes, megatron_to_hf
 from megatron_unix.conversion.verify import (
     BF16,
     FP32,
@@ -58,6 +58,7 @@ from megatron_unix.conversion.verify import (
     sample_text_ids,
 )
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
+from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 from megatron_unix.model import build_model, make_config, padded_vocab_size
 from megatron_unix.model.config import UniXConfig, architecture, config_from_architecture
 from megatron_unix.training import checkpointing
@@ -68,8 +69,6 @@ IMPL = dict(transformer_impl="local", perform_initialization=False)
 """Conversion builds Megatron's local modules even where Transformer Engine is installed: the mapping
 table names local parameters, and the checkpoint's keys are the same under either implementation."""
 QKV_BIAS = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-DEFAULT_CODEBOOK = 8192
 
 
 def log(message: str) -> None:
@@ -93,7 +92,7 @@ class ImportOptions:
     @property
     def codebook(self) -> int:
         """Codebook size for a text source."""
-        return self.vq_codebook_size or DEFAULT_CODEBOOK
+        return self.vq_codebook_size or CODEBOOK_SIZE
 
 
 # ----------------------------------------------------------------------------------------- import
@@ -212,7 +211,7 @@ def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, op
                     thunks[f"{prefix}self_attn.{norm}.weight"] = partial(torch.ones, config.kv_channels)
     if source.kind == "unix":
         return LazyTensors(thunks)
-    for name in VOCAB_TENSORS:
+    for name in HF_VOCAB_TENSORS:
         if name in thunks:
             thunks[name] = partial(_with_mean_rows, thunks[name], vocab_size)
     text_prefix: dict[str, str] = {}

@@ -21,6 +21,8 @@ class Mapping:
     megatron: str
     hf: tuple[str, ...]
     kind: str = "direct"  # "direct" | "qkv" | "gate_up"
+    vocab: bool = False
+    """Rows are vocabulary entries: padded for TP in Megatron, stripped on export, extended on import."""
 
     def to_megatron(self, tensors: list[torch.Tensor], config: UniXConfig) -> torch.Tensor:
         if self.kind == "direct":
@@ -73,12 +75,12 @@ LAYER_MAPPINGS: tuple[Mapping, ...] = (
 )
 
 GLOBAL_MAPPINGS: tuple[Mapping, ...] = (
-    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab=True),
     Mapping("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Mapping("output_layer.weight", ("lm_head.weight",)),
+    Mapping("output_layer.weight", ("lm_head.weight",), vocab=True),
 )
 
-VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+HF_VOCAB_TENSORS = tuple(name for m in GLOBAL_MAPPINGS if m.vocab for name in m.hf)
 
 
 def layer_prefixes(config: UniXConfig) -> list[tuple[str, str]]:
@@ -109,7 +111,7 @@ def megatron_to_hf(state_dict: dict[str, torch.Tensor], config: UniXConfig, voca
         tensor = state_dict.get(mapping.megatron)
         if tensor is None:
             continue
-        if mapping.megatron in VOCAB_TENSORS:
+        if mapping.vocab:
             tensor = tensor[:vocab_size]
         out.update(zip(mapping.hf, mapping.to_hf(tensor, config)))
     return out
@@ -129,6 +131,6 @@ def iter_hf_to_megatron(
             missing = [n for n, p in zip(mapping.hf, present) if not p]
             raise KeyError(f"{mapping.megatron} needs {list(mapping.hf)} but {missing} are missing")
         tensor = mapping.to_megatron([hf[name] for name in mapping.hf], config)
-        if mapping.megatron in VOCAB_TENSORS and tensor.shape[0] < padded_vocab:
+        if mapping.vocab and tensor.shape[0] < padded_vocab:
             tensor = torch.cat([tensor, tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])])
         yield mapping.megatron, tensor

@@ -19,7 +19,7 @@ import torch
 
 from megatron_unix.data.tokenizer import TextTokenizer
 from megatron_unix.model.config import UniXConfig
-from megatron_unix.training.step import stream_forward
+from megatron_unix.model.forward import stream_forward
 
 TEXT = "The caption of this image is: a red bicycle leaning on a wall, next to a blue door."
 IMAGE_CODES = 64

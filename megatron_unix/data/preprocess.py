@@ -43,6 +43,7 @@ from megatron_unix.data.indexed import (
 )
 from megatron_unix.data.layouts import Sample, pair_sample, sft_sample, text_sample
 from megatron_unix.data.tokenizer import HuggingFaceText, MultimodalTokenizer, SentencePieceText, TextTokenizer
+from megatron_unix.data.vocabulary import vision_mask
 
 ASSISTANT_ROLES = {"human": False, "user": False, "system": False, "gpt": True, "assistant": True}
 """Conversation roles (LLaVA's ``from`` and chat ``role`` names): is the turn trained?"""
@@ -273,11 +274,8 @@ class DeferredTokenizer:
 
 
 def vision_counts(tokens: np.ndarray, lengths: np.ndarray, tok: MultimodalTokenizer) -> np.ndarray:
-    """Vision tokens per sample: the routing rule of spec §1 (``model.routing.vision_token_mask``) in
-    numpy, which is ~100x faster than torch's ``isin`` here."""
-    mask = (tokens >= tok.vq_offset) | (tokens == tok.boi_id)
-    if tok.separator_id is not None:
-        mask |= tokens == tok.separator_id
+    """Vision tokens per sample (the routing rule of spec §1)."""
+    mask = vision_mask(tokens, tok.vq_offset, tok.boi_id, tok.separator_ids)
     cumulative = np.concatenate([[0], np.cumsum(mask)])
     return np.diff(cumulative[np.concatenate([[0], np.cumsum(lengths)])]).astype(TOKEN_DTYPE)
 

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
+from megatron_unix.data.vocabulary import CODEBOOK_SIZE
+
 
 class TextTokenizer(Protocol):
     path: str
@@ -88,7 +90,7 @@ class MultimodalTokenizer:
     def __init__(
         self,
         text: TextTokenizer,
-        codebook_size: int = 8192,
+        codebook_size: int = CODEBOOK_SIZE,
         boi: str = "<|vision_start|>",
         eoi: str = "<|vision_end|>",
         eos: str = "<|endoftext|>",
@@ -116,6 +118,10 @@ class MultimodalTokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "MultimodalTokenizer":
         return cls(load_text_tokenizer(path), **kwargs)
+
+    @property
+    def separator_ids(self) -> tuple[int, ...]:
+        return (self.separator_id,) if self.separator_id is not None else ()
 
     @property
     def vocab_size(self) -> int:
@@ -163,7 +169,7 @@ class MultimodalTokenizer:
             boi_id=self.boi_id,
             eoi_id=self.eoi_id,
             eos_id=self.eos_id,
-            separator_ids=(self.separator_id,) if self.separator_id is not None else (),
+            separator_ids=self.separator_ids,
         )
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from megatron_unix import platform
+from megatron_unix.data.vocabulary import CODEBOOK_SIZE, QWEN25_BOI, QWEN25_EOI, QWEN25_EOS, QWEN25_VQ_OFFSET
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "te")
 
@@ -21,12 +22,12 @@ class UniXConfig(TransformerConfig):
     """N: the first N layers hold a text and a vision copy."""
     vision_decode_layers: int = 0
     """M: the last M layers hold a text and a vision copy."""
-    vq_offset: int = 151665
+    vq_offset: int = QWEN25_VQ_OFFSET
     """Id of VQ code 0 (= text tokenizer length)."""
-    vq_codebook_size: int = 8192
-    boi_id: int = 151652
-    eoi_id: int = 151653
-    eos_id: int = 151643
+    vq_codebook_size: int = CODEBOOK_SIZE
+    boi_id: int = QWEN25_BOI
+    eoi_id: int = QWEN25_EOI
+    eos_id: int = QWEN25_EOS
     separator_ids: tuple[int, ...] = ()
     """Tokens routed to vision besides BOI and the codes (e.g. <|vision_pad|>)."""
     document_isolation: bool = True

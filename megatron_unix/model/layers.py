@@ -55,7 +55,7 @@ class SeparatedTransformerLayer(TransformerLayer):
         )
         output = torch.zeros_like(full)
         rotary = kwargs.get("rotary_pos_emb")
-        for run, route in ((super().forward, params.routes[0]), (self.vision.forward, params.routes[1])):
+        for run, route in ((super().forward, params.routes.text), (self.vision.forward, params.routes.vision)):
             output = output.index_copy(0, route.index, self._run_copy(run, full, route, rotary, kwargs))
         return (scatter_to_sequence_parallel_region(output) if sp else output), kwargs.get("context")
 

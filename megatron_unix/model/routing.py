@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_unix.data.vocabulary import vision_mask
 from megatron_unix.model.config import UniXConfig
 
 
@@ -30,7 +31,7 @@ class UniXPackedSeqParams(PackedSeqParams):
 
     segment_ids: torch.Tensor | None = None
     max_segment_len: int = 0
-    routes: tuple["ModalityRoute", "ModalityRoute"] | None = None
+    routes: "Routes | None" = None
 
 
 @dataclass
@@ -52,12 +53,20 @@ class ModalityRoute:
         return int(self.index.numel())
 
 
+@dataclass
+class Routes:
+    """The two modality streams of a separated layer."""
+
+    text: ModalityRoute
+    vision: ModalityRoute
+
+    def __iter__(self):  # text, vision: unpacks as a pair
+        return iter((self.text, self.vision))
+
+
 def vision_token_mask(tokens: torch.Tensor, config: UniXConfig) -> torch.Tensor:
-    """Spec §1: vision = VQ code, BOI or a separator; everything else (EOI, EOS) is text."""
-    mask = (tokens >= config.vq_offset) | (tokens == config.boi_id)
-    if config.separator_ids:
-        mask |= torch.isin(tokens, torch.tensor(config.separator_ids, device=tokens.device))
-    return mask
+    """Spec §1 routing of this model's vocabulary (``data.vocabulary.vision_mask``)."""
+    return vision_mask(tokens, config.vq_offset, config.boi_id, config.separator_ids)
 
 
 def segment_params(segment_ids: torch.Tensor, stream_len: int, pad: int = 0) -> UniXPackedSeqParams:
@@ -120,14 +129,15 @@ def build_routing(
         return stream
     tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
     is_vision = vision_token_mask(tokens, config).reshape(-1)
-    routes = []
-    for selected in (~is_vision, is_vision):
+
+    def route(selected: torch.Tensor) -> ModalityRoute:
         index = torch.nonzero(selected).flatten()
         # Never an empty stream: Megatron's layers cannot run on zero tokens, and DDP needs every
         # copy to produce (here exactly zero) gradients, so an absent modality runs on padding only.
         padded = max(_round_up(index.numel(), tp), tp)
         pad = padded - index.numel()
         positions = torch.cat([index, torch.zeros(pad, dtype=index.dtype, device=index.device)])
-        routes.append(ModalityRoute(index, padded, positions, segment_params(key[index], padded, pad)))
-    stream.routes = (routes[0], routes[1])
+        return ModalityRoute(index, padded, positions, segment_params(key[index], padded, pad))
+
+    stream.routes = Routes(text=route(~is_vision), vision=route(is_vision))
     return stream

@@ -17,6 +17,8 @@ import os
 import warnings
 from typing import Any, Sequence
 
+from megatron_unix.data.vocabulary import CODEBOOK_SIZE
+
 MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
 """The architecture flags a fresh run must give (or --model-preset tiny)."""
 
@@ -155,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("tokenizer and data")
     g.add_argument("--tokenizer-model", help="HF tokenizer directory or SentencePiece .model the data was made with")
-    g.add_argument("--vq-codebook-size", type=int, default=None, help="VQ codes (default: the checkpoint's, else 8192)")
+    g.add_argument(
+        "--vq-codebook-size", type=int, default=None, help=f"VQ codes (default: the checkpoint's, else {CODEBOOK_SIZE})"
+    )
     g.add_argument("--boi", default="<|vision_start|>", help="begin-of-image token (routed as vision)")
     g.add_argument("--eoi", default="<|vision_end|>", help="end-of-image token (text)")
     g.add_argument("--eos", default="<|endoftext|>", help="end-of-sequence token")

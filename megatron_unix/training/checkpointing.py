@@ -37,9 +37,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint import CheckpointException
 
+from megatron_unix.model.forward import unwrap
 from megatron_unix.training import checksums
 from megatron_unix.training.checksums import CheckpointError
-from megatron_unix.training.step import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0

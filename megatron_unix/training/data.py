@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megatron_unix.training.step import Batch
+from megatron_unix.model.forward import Batch
 
 
 class PretrainingSampler:

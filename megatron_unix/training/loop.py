@@ -28,6 +28,7 @@ from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
 from megatron_unix.data.indexed import check_dataset, check_vocabulary
 from megatron_unix.data.tokenizer import MultimodalTokenizer
+from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 from megatron_unix.model.builder import padded_vocab_size
 from megatron_unix.model.config import ARCHITECTURE_FIELDS, UniXConfig, architecture
 from megatron_unix.training import checkpointing, distributed, metrics, setup
@@ -308,7 +309,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     _progress(start_time, f"loading the tokenizer {args.tokenizer_model}")
     tokenizer = MultimodalTokenizer.from_pretrained(
         args.tokenizer_model,
-        codebook_size=args.vq_codebook_size or 8192,
+        codebook_size=args.vq_codebook_size or CODEBOOK_SIZE,
         boi=args.boi,
         eoi=args.eoi,
         eos=args.eos,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from megatron_unix.model.config import UniXConfig
-from megatron_unix.model.routing import vision_token_mask
+from megatron_unix.model.routing import UniXPackedSeqParams, build_routing
 
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
@@ -32,22 +32,22 @@ PEAK_BF16_TFLOPS = {
 """Dense bf16 peak per device by name fragment (vendor data sheets)."""
 
 
-def _causal_pairs(keys: torch.Tensor) -> int:
-    """Sum of n(n+1)/2 over the groups of equal ``keys`` (the causal pairs within each group)."""
-    counts = torch.unique(keys, return_counts=True)[1].to(torch.float64)
-    return int((counts * (counts + 1) / 2).sum())
+def _causal_pairs(params: UniXPackedSeqParams, pad: int = 0) -> int:
+    """Sum of n(n+1)/2 over the segments of a stream (the causal pairs within each); a modality
+    stream's trailing ``pad`` segment is dropped (its outputs are discarded)."""
+    lengths = (params.cu_seqlens_q[1:] - params.cu_seqlens_q[:-1]).to(torch.float64)
+    if pad:
+        lengths = lengths[:-1]
+    return int((lengths * (lengths + 1) / 2).sum())
 
 
 def attention_pairs(batch: dict[str, torch.Tensor], config: UniXConfig) -> tuple[int, int]:
-    """(pairs of a shared layer, pairs of a separated layer) for a ``[b, s]`` micro-batch."""
-    tokens = batch["tokens"]
-    rows = torch.arange(tokens.shape[0]).unsqueeze(1).expand_as(tokens).to(torch.int64)
-    if config.document_isolation and "document_ids" in batch:
-        segment = rows * (tokens.shape[1] + 1) + batch["document_ids"].to(torch.int64)
-    else:
-        segment = rows
-    vision = vision_token_mask(tokens, config).to(torch.int64)
-    return _causal_pairs(segment.flatten()), _causal_pairs((segment * 2 + vision).flatten())
+    """(pairs of a shared layer, pairs of a separated layer) for a ``[b, s]`` micro-batch: the
+    segments the model's own routing attends within."""
+    routing = build_routing(batch["tokens"], batch.get("document_ids"), config)
+    if routing.routes is None:
+        return _causal_pairs(routing), 0
+    return _causal_pairs(routing), sum(_causal_pairs(r.params, r.padded_len - r.length) for r in routing.routes)
 
 
 def training_flops(

@@ -9,11 +9,9 @@ with the single-process TP=1 logits.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
 
 from megatron_unix.training import distributed
 
@@ -35,9 +33,9 @@ def logits_at(checkpoint: Path, tp: int, pp: int) -> torch.Tensor | None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_unix.conversion.convert import MAX_SEQUENCE_LENGTH
+    from megatron_unix.model.forward import stream_forward
     from megatron_unix.training import checkpointing, setup
     from megatron_unix.training.arguments import merge_model_args, parse_args
-    from megatron_unix.training.step import stream_forward
 
     distributed.initialize(tp, pp, seed=1)
     # pretrain_unix.py's own path: its arguments, the checkpoint's architecture, its model setup.

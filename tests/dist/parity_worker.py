@@ -9,13 +9,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-
 from megatron_unix.training import distributed
+
+
+def grad_norm(model_chunks: list[torch.nn.Module]) -> float:
+    """L2 norm of all gradients, each parameter counted once across TP, PP and tied copies: an
+    independent check of the norm Megatron's optimizer computes."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.transformer.module import param_is_not_shared
+
+    grads = []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is None or not param_is_not_shared(param):
+                continue
+            if tensor_parallel.param_is_not_tensor_parallel_duplicate(param):
+                grads.append(grad.float())
+    return get_grad_norm_fp32(grads, grad_stats_parallel_group=ps.get_model_parallel_group())
 
 
 def main() -> None:
@@ -36,11 +55,12 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from tiny import TINY_MODEL, TINY_VOCAB, make_batches
 
     from megatron_unix.model import build_model, make_config
+    from megatron_unix.model.forward import stream_forward
     from megatron_unix.training.setup import wrap_model
-    from megatron_unix.training.step import forward_step, grad_norm, stream_forward
-    from tiny import TINY_MODEL, TINY_VOCAB, make_batches
+    from megatron_unix.training.step import forward_step
 
     config = make_config(**TINY_MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                          sequence_parallel=args.sp, pipeline_dtype=torch.float32)
