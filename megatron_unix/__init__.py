@@ -1,4 +1,7 @@
-"""megatron-unix: Uni-X unified multimodal pretraining on Megatron-Core."""
+"""megatron-unix: Uni-X unified multimodal pretraining on Megatron-Core.
+
+"spec §N" in docstrings refers to section N of docs/spec.md.
+"""
 
 from megatron_unix.known_warnings import silence_known_warnings
 

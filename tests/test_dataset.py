@@ -318,7 +318,8 @@ def _one_row(tmp_path: Path, tok: MultimodalTokenizer, name: str, line: dict, **
     import json
 
     from megatron_unix.data.dataset import build_datasets
-    from megatron_unix.data.preprocess import LineFormat, preprocess
+    from megatron_unix.data.jsonl_schema import LineFormat
+    from megatron_unix.data.preprocess import preprocess
 
     (tmp_path / f"{name}.jsonl").write_text(json.dumps(line) + "\n")
     preprocess(

@@ -21,8 +21,10 @@ import pytest
 from conftest import CORPUS
 
 from megatron_unix.data.indexed import MultimodalDocuments, output_files
+from megatron_unix.data.jsonl_schema import BadLine, LineFormat, parse_line
 from megatron_unix.data.layouts import I2T_PROMPTS, T2I_PROMPTS, UNCONDITIONAL
-from megatron_unix.data.preprocess import BadLine, LineFormat, PreprocessError, Summary, merge, parse_line, preprocess
+from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
+from megatron_unix.data.preprocess_report import Summary
 from megatron_unix.data.tokenizer import MultimodalTokenizer, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Independent plain-PyTorch reference forward of Uni-X (the test oracle).
 
-Written only from docs/unix-spec.md (sections 1, 2, 4, 5); it imports nothing from
+Written only from docs/spec.md (sections 1, 2, 4, 5); it imports nothing from
 `megatron_unix` or `megatron`. Deliberately slow and explicit: every layer is evaluated
 per row, per document and (in separated layers) per modality, each group run through its
 own copy of the layer over just its tokens, causally, at their ORIGINAL row positions.

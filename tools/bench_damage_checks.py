@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_unix.data.indexed import DatasetWriter, check_dataset
-from megatron_unix.data.preprocess import SampleBatch
+from megatron_unix.data.indexed import DatasetWriter, SampleBatch, check_dataset
 from megatron_unix.training.checksums import crc32
 
 

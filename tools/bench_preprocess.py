@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from megatron_unix.data.indexed import output_files
-from megatron_unix.data.preprocess import LineFormat, preprocess
+from megatron_unix.data.jsonl_schema import LineFormat
+from megatron_unix.data.preprocess import preprocess
 from megatron_unix.data.tokenizer import MultimodalTokenizer, train_bpe_tokenizer
 
 SYLLABLES = (

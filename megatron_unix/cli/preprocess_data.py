@@ -21,7 +21,8 @@ import argparse
 import inspect
 import sys
 
-from megatron_unix.data.preprocess import LineFormat, PreprocessError, merge, preprocess
+from megatron_unix.data.jsonl_schema import LineFormat
+from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 
 TOKENIZER_DEFAULTS = {name: p.default for name, p in inspect.signature(MultimodalTokenizer).parameters.items()}

@@ -46,8 +46,9 @@ class UniXConfig(TransformerConfig):
             )
         if self.context_parallel_size > 1:
             raise ValueError(
-                "--context-parallel-size > 1 is not supported yet: Uni-X routes tokens by modality "
-                "inside a row, and the context-parallel split of segments is a later issue"
+                "--context-parallel-size > 1 is not supported: Uni-X routes tokens by modality inside a "
+                "row, and splitting its segments over context-parallel ranks is not implemented; use "
+                "tensor/sequence parallelism for long rows"
             )
         if self.transformer_impl not in platform.TRANSFORMER_IMPLS:
             raise ValueError(

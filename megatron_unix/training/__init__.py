@@ -1,1 +1,2 @@
-"""Training components: distributed start-up, the per-micro-batch step, loss and grad norm."""
+"""Training: arguments, distributed start-up, model/optimizer set-up, the schedule step and its loss, the
+loop, checkpoints with checksums, metrics and loss plots."""
