@@ -63,12 +63,12 @@ def saved(megatron_single, tmp_path_factory) -> tuple[Path, dict[str, torch.Tens
     from helpers import build_tiny
     from tiny import TINY_VOCAB
 
-    from megatron_unix.model.config import architecture
+    from megatron_unix.model.config import ModelArguments
     from megatron_unix.training import checkpointing
 
     model, config = build_tiny()
     root = tmp_path_factory.mktemp("saved")
-    checkpointing.save(root, 1, model, model_args=architecture(config, TINY_VOCAB))
+    checkpointing.save(root, 1, model, model_args=ModelArguments.of(config, TINY_VOCAB).to_dict())
     return root, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 

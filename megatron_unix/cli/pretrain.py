@@ -17,7 +17,7 @@ from megatron_unix.training.arguments import parse_args
 
 def main() -> int:
     args = parse_args()  # before the heavy imports: --help and flag errors answer at once
-    from megatron_unix.training.loop import NonFiniteLoss, pretrain
+    from megatron_unix.training.trainer import NonFiniteLoss, pretrain
 
     try:
         pretrain(args)

@@ -60,7 +60,7 @@ from megatron_unix.conversion.verify import (
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 from megatron_unix.model import build_model, make_config, padded_vocab_size
-from megatron_unix.model.config import UniXConfig, architecture, config_from_architecture
+from megatron_unix.model.config import ModelArguments, UniXConfig
 from megatron_unix.training import checkpointing
 
 MAX_SEQUENCE_LENGTH = 4096
@@ -286,7 +286,7 @@ def import_hf(
         "vq_codebook_size": config.vq_codebook_size,
         "converted_from": str(source.path),
     }
-    model_args = {**architecture(config, vocab_size), INTERCHANGE: interchange}
+    model_args = {**ModelArguments.of(config, vocab_size).to_dict(), INTERCHANGE: interchange}
     path = checkpointing.save(save, 0, model, model_args=model_args, run_args=run_args)
     log(f"saved {path}")
     if verify:
@@ -359,7 +359,7 @@ def load_megatron(path: str | Path, verify: bool = True) -> tuple[torch.nn.Modul
     if "model_args" not in common:
         raise ConversionError(f"{checkpoint} has no model_args: it was not written by this stack")
     arch = common["model_args"]
-    config = config_from_architecture(arch, **IMPL)
+    config = ModelArguments.from_dict(arch).config(**IMPL)
     model = build_model(config, arch["vocab_size"], MAX_SEQUENCE_LENGTH)
     checkpointing.load(checkpoint, model, load_rng=False, verify=verify)
     log(f"loaded {checkpoint}: {_describe(config, arch['vocab_size'])}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch.nn.functional as F
@@ -109,40 +109,53 @@ def make_config(**fields: Any) -> UniXConfig:
     return UniXConfig(**merged)
 
 
-ARCHITECTURE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vision_encode_layers",
-    "vision_decode_layers",
-    "qk_layernorm",
-    "add_qkv_bias",
-    "tie_word_embeddings",
-    "rotary_base",
-    "layernorm_epsilon",
-    "vq_offset",
-    "vq_codebook_size",
-    "boi_id",
-    "eoi_id",
-    "eos_id",
-    "separator_ids",
-)
-"""The UniXConfig fields that define the weights (with ``vocab_size``: the architecture)."""
+@dataclass(frozen=True)
+class ModelArguments:
+    """The architecture: the UniXConfig fields that define the weights, plus the vocabulary size.
+
+    A checkpoint stores it (``model_args``, :meth:`to_dict`) so that the model can be rebuilt at any
+    parallel layout; :meth:`config` adds a run's settings (parallel sizes, precision, recompute...).
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vision_encode_layers: int
+    vision_decode_layers: int
+    qk_layernorm: bool
+    add_qkv_bias: bool
+    tie_word_embeddings: bool
+    rotary_base: float
+    layernorm_epsilon: float
+    vq_offset: int
+    vq_codebook_size: int
+    boi_id: int
+    eoi_id: int
+    eos_id: int
+    separator_ids: tuple[int, ...]
+    vocab_size: int
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> ModelArguments:
+        """From a checkpoint's ``model_args`` (keys of other owners, such as conversion's, are left out)."""
+        values = {f.name: stored[f.name] for f in fields(cls)}
+        return cls(**{**values, "separator_ids": tuple(values["separator_ids"])})
+
+    @classmethod
+    def of(cls, config: UniXConfig, vocab_size: int) -> ModelArguments:
+        return cls(**{name: getattr(config, name) for name in ARCHITECTURE_FIELDS}, vocab_size=vocab_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (separators as a list), as checkpoints store it."""
+        return {**asdict(self), "separator_ids": list(self.separator_ids)}
+
+    def config(self, **run_fields: Any) -> UniXConfig:
+        """A config for this architecture with a run's ``run_fields``."""
+        return make_config(**{name: getattr(self, name) for name in ARCHITECTURE_FIELDS}, **run_fields)
 
 
-def architecture(config: UniXConfig, vocab_size: int) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild this model at any parallel layout (JSON-friendly)."""
-    arch: dict[str, Any] = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
-    arch["separator_ids"] = list(arch["separator_ids"])
-    arch["vocab_size"] = vocab_size
-    return arch
-
-
-def config_from_architecture(arch: dict[str, Any], **fields: Any) -> UniXConfig:
-    """A config for ``arch`` with run-time ``fields`` (parallel sizes, precision, recompute...)."""
-    stored = {name: arch[name] for name in ARCHITECTURE_FIELDS}
-    stored["separator_ids"] = tuple(stored["separator_ids"])
-    return make_config(**stored, **fields)
+ARCHITECTURE_FIELDS = tuple(f.name for f in fields(ModelArguments) if f.name != "vocab_size")
+"""The UniXConfig fields that define the weights."""

@@ -4,7 +4,7 @@ This module imports nothing heavy at the top (megatron-core, torch and the model
 they are used), so ``pretrain_unix.py --help`` answers at once.
 
 Architecture flags default to ``None``: a run that loads a checkpoint takes them from the
-checkpoint (see :func:`merge_model_args`), a fresh run needs them (or the tiny defaults of
+checkpoint (see :func:`architecture_flags`), a fresh run needs them (or the tiny defaults of
 ``--model-preset tiny``). :func:`validate` runs before any process group or model exists, so a bad
 setting fails in seconds with the flag named.
 """
@@ -12,6 +12,7 @@ setting fails in seconds with the flag named.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import warnings
@@ -312,25 +313,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fill_architecture_defaults(args: argparse.Namespace) -> None:
-    """After any checkpoint's values are merged: defaults for what is still unset."""
-    for name, value in ARCHITECTURE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+def architecture_flags(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """The architecture's values from the flags, else the starting checkpoint's ``model_args``
+    (``stored``), else Qwen's defaults; a flag that contradicts the checkpoint is an error. Fields only
+    a checkpoint or the tokenizer sets (the vocabulary layout) are None for a fresh run."""
+    from megatron_unix.model.config import ModelArguments
 
-
-def merge_model_args(args: argparse.Namespace, stored: dict[str, Any]) -> None:
-    """Fill unset architecture flags from a checkpoint; a flag set to another value is an error."""
-    from megatron_unix.model.config import ARCHITECTURE_FIELDS
-
-    for name in (*ARCHITECTURE_FIELDS, "vocab_size"):
-        if name not in stored:
-            continue
+    stored = stored or {}
+    shape = {}
+    for field in dataclasses.fields(ModelArguments):
+        name = field.name
         given = getattr(args, name, None)
-        if given is None:
-            setattr(args, name, stored[name])
-        elif _normalise(given) != _normalise(stored[name]):
+        if given is not None and name in stored and _normalise(given) != _normalise(stored[name]):
             raise ValueError(f"{_flag(name)} {given} contradicts the checkpoint, which has {stored[name]}")
+        shape[name] = next(
+            (v for v in (given, stored.get(name), ARCHITECTURE_DEFAULTS.get(name)) if v is not None), None
+        )
+    return shape
 
 
 def _normalise(value: Any) -> Any:
@@ -341,9 +340,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
-def validate(args: argparse.Namespace, world_size: int) -> None:
-    """Every setting that can be checked before start-up; errors name the flag."""
+def validate(args: argparse.Namespace, world_size: int, stored: dict[str, Any] | None = None) -> None:
+    """Every setting that can be checked before start-up, the architecture as merged with the starting
+    checkpoint's ``stored`` ``model_args``; errors name the flag. Reads, never writes, ``args``."""
     _check_ranges(args)
+    shape = architecture_flags(args, stored)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if not (args.load or args.pretrained_checkpoint):
         missing = [n for n in MODEL_FLAGS if getattr(args, n) is None]
@@ -351,18 +352,14 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             raise ValueError(
                 f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load a checkpoint)"
             )
-    if args.num_attention_heads is not None and args.num_attention_heads % tp:
+    heads, groups, layers = shape["num_attention_heads"], shape["num_query_groups"], shape["num_layers"]
+    if heads is not None and heads % tp:
+        raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({heads})")
+    if groups is not None and groups % tp:
+        raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups ({groups})")
+    if layers is not None and (layers < pp or layers % pp):
         raise ValueError(
-            f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({args.num_attention_heads})"
-        )
-    if args.num_query_groups is not None and args.num_query_groups % tp:
-        raise ValueError(
-            f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups ({args.num_query_groups})"
-        )
-    if args.num_layers is not None and (args.num_layers < pp or args.num_layers % pp):
-        raise ValueError(
-            f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({args.num_layers}) "
-            "so that every stage has layers"
+            f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({layers}) so that every stage has layers"
         )
     if world_size % (tp * pp):
         raise ValueError(
@@ -370,9 +367,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             f"--pipeline-model-parallel-size ({pp})"
         )
     dp = world_size // (tp * pp)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
+    if args.global_batch_size is not None and args.global_batch_size % (args.micro_batch_size * dp):
         raise ValueError(
             f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size "
             f"({args.micro_batch_size}) x data-parallel size ({dp})"

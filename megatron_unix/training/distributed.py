@@ -52,7 +52,9 @@ def initialize(
     """Initialise the process group (single process when no launcher variables are set)."""
     platform.setup()
     if context_parallel > 1:
-        raise ValueError("--context-parallel-size > 1 is not supported (Uni-X's per-modality segments are not split over CP ranks)")
+        raise ValueError(
+            "--context-parallel-size > 1 is not supported (Uni-X's per-modality segments are not split over CP ranks)"
+        )
     _env_from_slurm()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")

@@ -1,4 +1,5 @@
-"""Model FLOPs (Megatron's formula, attention counted per actual segment), MFU, and the log sinks.
+"""An iteration's reduced sums, model FLOPs (Megatron's formula, attention counted per actual
+segment), MFU, the log lines and the log sinks.
 
 Training FLOPs are 3x the forward (backward = 2x forward), as in Megatron-LM; activation recompute
 is not counted (model FLOPs, not hardware FLOPs). The attention term counts the causal (query, key)
@@ -8,14 +9,18 @@ separated layers (padding is its own document, and it is computed, so it counts)
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import resource
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from megatron_unix import platform
 from megatron_unix.model.config import UniXConfig
 from megatron_unix.model.routing import UniXPackedSeqParams, build_routing
 
@@ -30,6 +35,50 @@ PEAK_BF16_TFLOPS = {
     "GH200": 989.0,
 }
 """Dense bf16 peak per device by name fragment (vendor data sheets)."""
+
+
+@dataclass
+class StepStats:
+    """Global sums of one iteration (or one evaluation), identical on every rank after reduction."""
+
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(11, dtype=torch.float64))
+    FIELDS = (
+        "loss_sum",
+        "micro_batches",
+        "text_sum",
+        "text_n",
+        "vision_sum",
+        "vision_n",
+        "tokens",
+        "shared_pairs",
+        "separated_pairs",
+        "stop_signal",
+        "stop_duration",
+    )
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.values[self.FIELDS.index(name)])
+
+    def add(self, name: str, value: float) -> None:
+        self.values[self.FIELDS.index(name)] += value
+
+    def all_reduce(self) -> StepStats:
+        """Summed over the world (one collective for everything an iteration reports)."""
+        values = self.values.to(platform.device())
+        dist.all_reduce(values)
+        return StepStats(values.cpu())
+
+    @property
+    def loss(self) -> float:
+        return self["loss_sum"] / max(self["micro_batches"], 1)
+
+    @property
+    def text_loss(self) -> float | None:
+        return self["text_sum"] / self["text_n"] if self["text_n"] else None
+
+    @property
+    def vision_loss(self) -> float | None:
+        return self["vision_sum"] / self["vision_n"] if self["vision_n"] else None
 
 
 def _causal_pairs(params: UniXPackedSeqParams, pad: int = 0) -> int:
@@ -74,6 +123,32 @@ def peak_tflops(override: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def _format(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def iteration_line(record: dict[str, Any], train_iters: int, global_batch_size: int, eta_seconds: float) -> str:
+    """Megatron-LM's iteration log line for a metrics ``record``, with per-modality losses and the ETA."""
+    return (
+        f" [{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] iteration {record['iteration']:8d}/{train_iters:8d} | "
+        f"consumed samples: {record['consumed_samples']:12d} | elapsed time per iteration (ms): "
+        f"{record['iteration_ms']:.1f} | tokens/s: {record['tokens_per_sec']:,.0f} | "
+        f"TFLOP/s/device: {record['tflops']:.3f} | MFU: {_format(record['mfu'], '.1%')} | "
+        f"learning rate: {record['lr']:.6E} | global batch size: {global_batch_size:5d} | "
+        f"lm loss: {record['loss']:.6E} | text loss: {_format(record['text_loss'], '.6E')} | "
+        f"vision loss: {_format(record['vision_loss'], '.6E')} | grad norm: {_format(record['grad_norm'], '.3f')} | "
+        f"mem (GiB): {record['mem_gib']:.2f} | skipped iterations: {record['skipped_iterations']:3d} | "
+        f"ETA: {datetime.timedelta(seconds=round(eta_seconds))}"
+    )
+
+
+def validation_line(total: StepStats, iteration: int) -> str:
+    return (
+        f" validation loss at iteration {iteration} | lm loss: {total.loss:.6E} | "
+        f"text loss: {_format(total.text_loss, '.6E')} | vision loss: {_format(total.vision_loss, '.6E')}"
+    )
 
 
 def memory_gib() -> float:

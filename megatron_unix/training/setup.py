@@ -1,9 +1,8 @@
-"""Model, DDP wrapper, optimizer and LR schedule of a training run, from its arguments."""
+"""Model, DDP wrapper, optimizer and LR schedule of a training run, from its settings."""
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -11,10 +10,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_unix.model import build_model
-from megatron_unix.model.config import UniXConfig, config_from_architecture
+from megatron_unix.model.config import ModelArguments, UniXConfig
+
+if TYPE_CHECKING:
+    from megatron_unix.training.run_config import RunSettings
 
 
-def model_config(args: argparse.Namespace, arch: dict[str, Any]) -> UniXConfig:
+def model_config(args: RunSettings, model_args: ModelArguments) -> UniXConfig:
     """The architecture plus this run's parallelism, precision and recompute settings."""
     recompute = {}
     if args.recompute_granularity == "full":
@@ -26,8 +28,7 @@ def model_config(args: argparse.Namespace, arch: dict[str, Any]) -> UniXConfig:
     elif args.recompute_granularity == "selective":
         recompute = dict(recompute_granularity="selective")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    return config_from_architecture(
-        arch,
+    return model_args.config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
@@ -63,7 +64,7 @@ def wrap_model(
     return ddp
 
 
-def build(args: argparse.Namespace, config: UniXConfig, vocab_size: int) -> DistributedDataParallel:
+def build(args: RunSettings, config: UniXConfig, vocab_size: int) -> DistributedDataParallel:
     model = build_model(config, vocab_size, args.seq_length)
     return wrap_model(
         config,
@@ -73,7 +74,7 @@ def build(args: argparse.Namespace, config: UniXConfig, vocab_size: int) -> Dist
     )
 
 
-def build_optimizer(args: argparse.Namespace, ddp: DistributedDataParallel):
+def build_optimizer(args: RunSettings, ddp: DistributedDataParallel):
     """Megatron's optimizer (Adam; bf16 and distributed on GPU, fp32 wrapping torch AdamW on CPU)
     and Megatron's LR/WD schedule, stepped in samples like Megatron-LM."""
     optimizer = get_megatron_optimizer(
@@ -125,7 +126,7 @@ SCHEDULE_FLAGS = {
 """Megatron scheduler state -> the flag that sets it."""
 
 
-def check_schedule(args: argparse.Namespace, scheduler: OptimizerParamScheduler, common: dict[str, Any]) -> None:
+def check_schedule(args: RunSettings, scheduler: OptimizerParamScheduler, common: dict[str, Any]) -> None:
     """Before resuming: Megatron's scheduler would assert on a changed schedule with values in samples
     and no flag named; say which flags differ, in iterations, and which flags accept the change.
     Steps are samples, so where a changed --global-batch-size changed them, it is named first."""

@@ -33,19 +33,32 @@ def logits_at(checkpoint: Path, tp: int, pp: int) -> torch.Tensor | None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_unix.conversion.convert import MAX_SEQUENCE_LENGTH
+    from megatron_unix.model.config import ModelArguments
     from megatron_unix.model.forward import stream_forward
     from megatron_unix.training import checkpointing, setup
-    from megatron_unix.training.arguments import merge_model_args, parse_args
+    from megatron_unix.training.arguments import architecture_flags, parse_args
+    from megatron_unix.training.run_config import RunSettings
 
     distributed.initialize(tp, pp, seed=1)
     # pretrain_unix.py's own path: its arguments, the checkpoint's architecture, its model setup.
-    args = parse_args(["--pretrained-checkpoint", str(checkpoint), "--train-iters", "0", "--seq-length",
-                       str(MAX_SEQUENCE_LENGTH), "--tensor-model-parallel-size", str(tp),
-                       "--pipeline-model-parallel-size", str(pp)])
-    arch = checkpointing.read_common(checkpoint)["model_args"]
-    merge_model_args(args, arch)
-    config = setup.model_config(args, arch)
-    model = setup.build(args, config, arch["vocab_size"])
+    args = parse_args(
+        [
+            "--pretrained-checkpoint",
+            str(checkpoint),
+            "--train-iters",
+            "0",
+            "--seq-length",
+            str(MAX_SEQUENCE_LENGTH),
+            "--tensor-model-parallel-size",
+            str(tp),
+            "--pipeline-model-parallel-size",
+            str(pp),
+        ]
+    )
+    arch = ModelArguments.from_dict(architecture_flags(args, checkpointing.read_common(checkpoint)["model_args"]))
+    run = RunSettings.from_flags(args, tp * pp)
+    config = setup.model_config(run, arch)
+    model = setup.build(run, config, arch.vocab_size)
     checkpointing.load(checkpoint, model, load_rng=False)
     model.eval()
     batch = {"tokens": sample_batch(config)}
@@ -55,10 +68,17 @@ def logits_at(checkpoint: Path, tp: int, pp: int) -> torch.Tensor | None:
         return out, lambda o, non_loss_data=True: gather_from_tensor_model_parallel_region(o)
 
     out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
-        seq_length=batch["tokens"].numel(), micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+        forward_step_func=step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=batch["tokens"].numel(),
+        micro_batch_size=1,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        return out[0][..., :arch["vocab_size"]].clone()
+        return out[0][..., : arch.vocab_size].clone()
     return None
 
 

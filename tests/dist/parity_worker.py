@@ -62,8 +62,13 @@ def main() -> None:
     from megatron_unix.training.setup import wrap_model
     from megatron_unix.training.step import forward_step
 
-    config = make_config(**TINY_MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                         sequence_parallel=args.sp, pipeline_dtype=torch.float32)
+    config = make_config(
+        **TINY_MODEL,
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        sequence_parallel=args.sp,
+        pipeline_dtype=torch.float32,
+    )
     model = build_model(config, TINY_VOCAB, 64)
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
@@ -77,8 +82,14 @@ def main() -> None:
     seq = batches[0]["tokens"].numel()
     run = get_forward_backward_func()
     ddp.zero_grad_buffer()
-    results = run(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
-                  num_microbatches=len(batches), seq_length=seq, micro_batch_size=1)
+    results = run(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[ddp],
+        num_microbatches=len(batches),
+        seq_length=seq,
+        micro_batch_size=1,
+    )
     norm = grad_norm([ddp])
 
     def logits_step(data_iterator, chunk):
@@ -86,8 +97,16 @@ def main() -> None:
         return out, lambda o, non_loss_data=True: gather_from_tensor_model_parallel_region(o)
 
     ddp.eval()
-    logits = run(forward_step_func=logits_step, data_iterator=iter(batches[:1]), model=[ddp], num_microbatches=1,
-                 seq_length=seq, micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+    logits = run(
+        forward_step_func=logits_step,
+        data_iterator=iter(batches[:1]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         loss = torch.stack([r["lm loss"] for r in results]).mean()
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
