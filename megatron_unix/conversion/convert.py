@@ -294,7 +294,7 @@ def import_hf(
     return path
 
 
-def _hf_unix_model(config: UniXConfig, vocab_size: int, weights: LazyTensors) -> torch.nn.Module:
+def hf_unix_model(config: UniXConfig, vocab_size: int, weights: LazyTensors) -> torch.nn.Module:
     """The Uni-X remote-code model (fp32) holding ``weights``, built in memory."""
     hf_config = hf_config_object(unix_config_json(config, vocab_size, separator_texts=[]))
     model = model_class(hf_config.model_type, unix=True)(hf_config).float()
@@ -331,7 +331,7 @@ def _verify_import(
         del original
     elif source.kind != "unix":
         log("the source model differs from the converted one by design (--layer-style): not compared")
-    unix = _hf_unix_model(config, vocab_size, weights)
+    unix = hf_unix_model(config, vocab_size, weights)
     for name, tokens in samples.items():
         results.append(
             compare(

@@ -140,15 +140,16 @@ def preprocess(
     workers: int = 1,
     strict: bool = False,
     log_interval: int = 10000,
-    log: IO[str] = sys.stderr,
+    log: IO[str] | None = None,
     block_bytes: int = 1 << 20,
 ) -> Summary:
     """Write the samples of every line of ``inputs`` (files or globs) to ``output_prefix``.
 
     Bad lines are reported to ``log`` (the first few), skipped and counted; with ``strict`` the first
     one raises :class:`PreprocessError`, and an input without any sample :class:`NoDocuments`. Nothing
-    is written unless the whole input is processed.
+    is written unless the whole input is processed. ``log`` defaults to the stderr of the moment.
     """
+    log = log or sys.stderr
     paths = expand_inputs(inputs)
     _remove_stale_partials(output_prefix, log)
     summary = Summary()
@@ -187,8 +188,9 @@ def _remove_stale_partials(output_prefix: str | Path, log: IO[str]) -> None:
         )
 
 
-def merge(prefixes: Sequence[str | Path], output_prefix: str | Path, log: IO[str] = sys.stderr) -> MultimodalDocuments:
+def merge(prefixes: Sequence[str | Path], output_prefix: str | Path, log: IO[str] | None = None) -> MultimodalDocuments:
     """Concatenate complete datasets (e.g. of shards), in order, into ``output_prefix``."""
+    log = log or sys.stderr
     for prefix in prefixes:
         check_dataset(prefix)  # complete and undamaged, or an error naming the file
     _remove_stale_partials(output_prefix, log)

@@ -1,0 +1,450 @@
+"""Images -> VQ codes, as jsonl lines that ``tools/preprocess_data.py`` reads (``vqcode`` plus the texts).
+
+Images come from jsonl(.gz) lines (a path under ``--image-key``, or base64 / a ``data:`` URI under the
+base64 key) or from a folder (captions in same-stem ``.txt`` files). Worker processes decode and crop
+a batch each (:func:`load_chunk`); the main process encodes the batches in input order and appends the
+lines to ``OUT.partial``. After every batch the partial is flushed and a progress record (inputs
+consumed, output bytes, counts) replaces the previous one, so a killed run resumes where the record
+says: the partial is cut to the recorded length and the consumed inputs are skipped. The output is
+the same for any worker count and any number of interruptions.
+
+Bad images (missing, unreadable, truncated, smaller than ``min_size`` on the short side, more
+elongated than ``max_aspect``) and bad lines are skipped and counted by reason, or, with ``strict``,
+stop the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import gzip
+import io
+import json
+import os
+import struct
+import sys
+import time
+from collections import Counter, deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from multiprocessing.pool import Pool
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from megatron_unix.image.transforms import crop_bytes, normalize
+from megatron_unix.image.vqgan import VQGAN
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+REPORTED_BAD_IMAGES = 10
+PROGRESS_SUFFIX = ".progress.json"
+PARTIAL_SUFFIX = ".partial"
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+"""What Pillow's decoders raise for damaged files (PNG chunk errors are SyntaxErrors)."""
+
+
+class EncodeError(RuntimeError):
+    """Fatal: the message names the file (and line) or the flag."""
+
+
+class BadImage(ValueError):
+    """An input that gives no image; ``reason`` is the short code the summary counts it under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: where it is reported from (``file:line`` or the image file), the text fields kept
+    for the output line, and the image as a path or a base64 string; or why the line has none."""
+
+    where: str
+    fields: dict[str, Any]
+    path: str | None = None
+    base64: str | None = None
+    error: tuple[str, str] | None = None
+    progress: float = 0.0
+    """Share of the input read when this item was (for the ETA)."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    size: int
+    min_size: int
+    max_aspect: float
+
+
+def jsonl_items(
+    paths: Sequence[Path], image_key: str = "image", base64_key: str = "image_base64", image_root: Path | None = None
+) -> Iterator[Item]:
+    """The lines of jsonl(.gz) files, in order; blank lines are skipped. Relative image paths are taken
+    from ``image_root``, by default the folder of the jsonl file."""
+    total = sum(p.stat().st_size for p in paths if p.is_file()) or 1
+    done = 0
+    for path in paths:
+        try:
+            with (
+                open(path, "rb") as raw,
+                gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else nullcontext(raw) as stream,
+            ):
+                for number, line in enumerate(stream, 1):
+                    if line.strip():
+                        progress = (done + (raw.tell() if raw.seekable() else 0)) / total
+                        yield _line_item(
+                            line, f"{path}:{number}", image_key, base64_key, image_root or path.parent, progress
+                        )
+        except (OSError, EOFError) as e:
+            raise EncodeError(f"{path}: {e}") from e
+        done += path.stat().st_size if path.is_file() else 0
+
+
+def _line_item(line: bytes, where: str, image_key: str, base64_key: str, root: Path, progress: float) -> Item:
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        return Item(where, {}, error=("unparsable_json", str(e)), progress=progress)
+    if not isinstance(record, dict):
+        why = f"a JSON {type(record).__name__}, not an object"
+        return Item(where, {}, error=("unparsable_json", why), progress=progress)
+    fields = {k: v for k, v in record.items() if k not in (image_key, base64_key)}
+    path, data = record.get(image_key), record.get(base64_key)
+    if isinstance(path, str) and path.startswith("data:"):
+        path, data = None, path
+    if isinstance(data, str):
+        return Item(where, fields, base64=data, progress=progress)
+    if isinstance(path, str) and path:
+        return Item(where, fields, path=str(root / path), progress=progress)
+    why = f"no image: neither {image_key!r} (a path or data: URI) nor {base64_key!r} (base64) holds a string"
+    return Item(where, fields, error=("missing_image", why), progress=progress)
+
+
+def folder_items(directory: Path, caption_key: str = "caption") -> Iterator[Item]:
+    """The images under ``directory`` (recursively, sorted by path), each with the text of the same-stem
+    ``.txt`` file as its caption, if there is one."""
+    if not directory.is_dir():
+        raise EncodeError(f"--image-dir {directory}: no such directory")
+    paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for i, path in enumerate(paths):
+        text = path.with_suffix(".txt")
+        fields = {caption_key: text.read_text(encoding="utf-8").strip()} if text.is_file() else {}
+        yield Item(str(path), fields, path=str(path), progress=i / len(paths))
+
+
+def load(item: Item, filters: Filters) -> np.ndarray:
+    """The item's ``[size, size, 3]`` uint8 crop, or :class:`BadImage`. Size and aspect are checked from
+    the header, before decoding."""
+    if item.error:
+        raise BadImage(*item.error)
+    try:
+        source = io.BytesIO(_base64_bytes(item.base64)) if item.base64 is not None else item.path
+        image = Image.open(source)
+    except FileNotFoundError:
+        raise BadImage("missing_file", f"{item.path}: no such file") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage("too_large", str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadImage("unreadable", f"not an image ({e})") from None
+    with image:
+        width, height = image.size
+        if min(width, height) < filters.min_size:
+            raise BadImage("too_small", f"{width}x{height}: the short side is below --min-size {filters.min_size}")
+        if max(width, height) / min(width, height) > filters.max_aspect:
+            raise BadImage(
+                "aspect_ratio", f"{width}x{height}: the aspect ratio is above --max-aspect {filters.max_aspect}"
+            )
+        try:
+            image.load()
+            return crop_bytes(image, filters.size)
+        except DECODE_ERRORS as e:
+            raise BadImage("truncated" if "truncated" in str(e) else "unreadable", f"cannot decode: {e}") from None
+
+
+def _base64_bytes(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"invalid base64: {e}") from None
+
+
+@dataclass
+class Chunk:
+    """A batch of items loaded: the crops of the good ones (``good`` indexes the items) and the bad."""
+
+    crops: np.ndarray
+    good: list[int]
+    bad: list[tuple[int, str, str]]
+    """(item index, reason, message)"""
+
+
+def load_chunk(items: Sequence[Item], filters: Filters) -> Chunk:
+    crops, good, bad = [], [], []
+    for i, item in enumerate(items):
+        try:
+            crops.append(load(item, filters))
+            good.append(i)
+        except BadImage as e:
+            bad.append((i, e.reason, str(e)))
+    shape = (0, filters.size, filters.size, 3)
+    return Chunk(np.stack(crops) if crops else np.zeros(shape, np.uint8), good, bad)
+
+
+@dataclass
+class Summary:
+    """Counts over the whole output, earlier (resumed) runs included; rates over this run."""
+
+    codebook_size: int
+    encoded: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    bad_images: list[str] = field(default_factory=list)
+    """The first few skipped inputs, ``where: message``."""
+    used: np.ndarray | None = None
+    resumed_after: int = 0
+    encoded_now: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.used is None:
+            self.used = np.zeros(self.codebook_size, bool)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "encoded": self.encoded,
+            "skipped": dict(self.skipped),
+            "bad_images": self.bad_images,
+            "codes_used": base64.b64encode(np.packbits(self.used)).decode(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], codebook_size: int, consumed: int) -> Summary:
+        used = np.unpackbits(np.frombuffer(base64.b64decode(record["codes_used"]), np.uint8))[:codebook_size]
+        return cls(
+            codebook_size,
+            record["encoded"],
+            Counter(record["skipped"]),
+            record["bad_images"],
+            used.astype(bool),
+            consumed,
+        )
+
+    def rate(self) -> str:
+        return f"{self.encoded_now / max(self.seconds, 1e-9):,.1f} images/s"
+
+    def skipped_text(self) -> str:
+        return f"{sum(self.skipped.values()):,}" + "".join(
+            f", {reason} {count:,}" for reason, count in sorted(self.skipped.items())
+        )
+
+    def report(self) -> str:
+        used = int(self.used.sum())
+        resumed = f"; resumed after {self.resumed_after:,} inputs" if self.resumed_after else ""
+        lines = [
+            f"images encoded  {self.encoded:,} ({self.encoded_now:,} in {self.seconds:.1f} s, {self.rate()}{resumed})",
+            f"skipped         {self.skipped_text()}",
+            *(f"  {bad}" for bad in self.bad_images),
+        ]
+        if sum(self.skipped.values()) > len(self.bad_images):
+            lines.append(f"  (the first {len(self.bad_images)} shown)")
+        lines.append(
+            f"codebook usage: {used} / {self.codebook_size} codes ({100 * used / max(self.codebook_size, 1):.1f}%)"
+        )
+        return "\n".join(lines)
+
+
+class ResumableOutput:
+    """``OUT.partial`` plus ``OUT.progress.json`` until :meth:`finish` renames the partial to ``OUT``.
+    The record names the settings it was written with; resuming with others is refused. An exclusive
+    lock on the partial keeps a second process off the same output."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path, self.settings = path, settings
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self.progress = path.with_name(path.name + PROGRESS_SUFFIX)
+        self.file: IO[bytes] | None = None
+
+    def open(self) -> dict[str, Any] | None:
+        """Open for appending; the progress record of an interrupted run, or None for a fresh start."""
+        if self.path.exists() and not self.partial.exists():
+            raise EncodeError(f"{self.path} exists already (a finished run): remove it to encode again")
+        self.file = os.fdopen(os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EncodeError(f"{self.partial}: another process is writing it") from None
+        record = self._read_record()
+        length = record["bytes"] if record else 0
+        if self.file.seek(0, os.SEEK_END) < length:
+            raise EncodeError(f"{self.partial} is shorter than its progress record {self.progress} says: remove both")
+        self.file.seek(length)
+        self.file.truncate()
+        return record
+
+    def _read_record(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.progress.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise EncodeError(f"{self.progress}: unreadable progress record ({e}): remove it and the partial") from e
+        changed = sorted(
+            k
+            for k in self.settings.keys() | record["settings"].keys()
+            if self.settings.get(k) != record["settings"].get(k)
+        )
+        if changed:
+            raise EncodeError(
+                f"{self.partial} was written with other settings ({', '.join(changed)}: "
+                f"{[record['settings'].get(k) for k in changed]}); resume with those, or remove it and {self.progress}"
+            )
+        return record
+
+    def commit(self, data: bytes, consumed: int, summary: Summary) -> None:
+        """Append ``data`` and record how far the input and output have come, durably and in that order."""
+        self.file.write(data)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        record = {"settings": self.settings, "consumed": consumed, "bytes": self.file.tell(), **summary.record()}
+        tmp = self.progress.with_name(f".{self.progress.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.progress)
+
+    def finish(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.path)
+        self.progress.unlink()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.partial.unlink()
+        self.progress.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.file and not self.file.closed:
+            self.file.close()
+
+
+def encode_images(
+    items: Iterable[Item],
+    output: Path,
+    model: VQGAN,
+    filters: Filters,
+    settings: dict[str, Any],
+    batch_size: int = 32,
+    workers: int = 0,
+    strict: bool = False,
+    log: IO[str] | None = None,
+    log_interval: int = 1000,
+) -> Summary:
+    """Encode every item into ``output`` (jsonl), resuming an interrupted run of the same ``settings``.
+    ``workers`` 0 loads images in this process. On CUDA the encoder runs under bf16 autocast (the
+    codebook search stays fp32). ``log`` (default stderr) gets the progress lines."""
+    log = log or sys.stderr
+    out = ResumableOutput(output, settings)
+    try:
+        record = out.open()
+        consumed = record["consumed"] if record else 0
+        summary = Summary(model.config.n_embed)
+        if record:
+            summary = Summary.from_record(record, model.config.n_embed, consumed)
+            print(f"resuming {out.partial}: {consumed:,} inputs done, {summary.encoded:,} images", file=log)
+        progress = _Progress(summary, log_interval, log)
+        chunks = _chunks(islice(items, consumed, None), batch_size)
+        with Pool(workers) if workers else nullcontext() as pool:
+            for chunk_items, chunk in _loaded(chunks, filters, pool, 2 * workers):
+                consumed += len(chunk_items)
+                data = _encode_chunk(model, chunk_items, chunk, summary, strict)
+                out.commit(data, consumed, summary)
+                progress.update(chunk_items[-1].progress)
+        if not summary.encoded:
+            out.discard()
+            raise EncodeError(
+                f"{output}: no image to write (inputs skipped: {summary.skipped_text()}); nothing written"
+            )
+        out.finish()
+    finally:
+        out.close()
+    summary.seconds = time.perf_counter() - progress.start
+    return summary
+
+
+def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def _loaded(
+    chunks: Iterator[list[Item]], filters: Filters, pool: Pool | None, depth: int
+) -> Iterator[tuple[list[Item], Chunk]]:
+    """Chunks loaded in input order; with a pool, at most ``depth`` in flight (bounded memory)."""
+    if pool is None:
+        yield from ((items, load_chunk(items, filters)) for items in chunks)
+        return
+    pending: deque = deque()
+    for items in chunks:
+        pending.append((items, pool.apply_async(load_chunk, (items, filters))))
+        if len(pending) >= depth:
+            items, result = pending.popleft()
+            yield items, result.get()
+    while pending:
+        items, result = pending.popleft()
+        yield items, result.get()
+
+
+def _encode_chunk(model: VQGAN, items: list[Item], chunk: Chunk, summary: Summary, strict: bool) -> bytes:
+    """The output lines of a chunk, in item order; counts its bad items (the first few reported)."""
+    for index, reason, message in chunk.bad:
+        if strict:
+            raise EncodeError(f"{items[index].where}: {message} (--strict)")
+        summary.skipped[reason] += 1
+        if len(summary.bad_images) < REPORTED_BAD_IMAGES:
+            summary.bad_images.append(f"{items[index].where}: {reason}: {message}")
+    if not chunk.good:
+        return b""
+    codes = encode_crops(model, chunk.crops)
+    summary.used[np.unique(codes)] = True
+    summary.encoded += len(chunk.good)
+    summary.encoded_now += len(chunk.good)
+    lines = (
+        json.dumps({**items[i].fields, "vqcode": row}, ensure_ascii=False, separators=(",", ":")) + "\n"
+        for i, row in zip(chunk.good, codes.tolist())
+    )
+    return "".join(lines).encode()
+
+
+def encode_crops(model: VQGAN, crops: np.ndarray) -> np.ndarray:
+    """``[n, size, size, 3]`` uint8 crops -> ``[n, codes_per_image]`` codes, on the model's device."""
+    device = next(model.parameters()).device
+    pixels = normalize(crops).to(device)
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        return model.encode(pixels).cpu().numpy()
+
+
+class _Progress:
+    """A line every ``interval`` images: images/s of this run and the ETA from the share of input read."""
+
+    def __init__(self, summary: Summary, interval: int, log: IO[str]) -> None:
+        self.summary, self.interval, self.log = summary, interval, log
+        self.start = time.perf_counter()
+        self.next = interval
+        self.first: float | None = None
+
+    def update(self, share: float) -> None:
+        self.summary.seconds = time.perf_counter() - self.start
+        self.first = share if self.first is None else self.first
+        if self.summary.encoded_now < self.next:
+            return
+        self.next = self.summary.encoded_now + self.interval
+        eta = f"{self.summary.seconds * (1 - share) / (share - self.first):.0f} s" if share > self.first else "?"
+        print(
+            f"{self.summary.encoded:,} images ({self.summary.rate()}), {share:.0%} of the input, ETA {eta}",
+            file=self.log,
+            flush=True,
+        )

@@ -1,0 +1,64 @@
+"""Image files <-> VQ codes through the VQGAN (spec §6), and the grid of a prompt's samples.
+
+The VQGAN runs in fp32 on every device: its quantizer picks the nearest codebook entry, and bf16
+latents move enough of them to another code to change what a model sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+def load_vqgan(
+    directory: str | Path | None = None,
+    config_yaml: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    device: torch.device | str = "cpu",
+):
+    """A VQGAN saved with ``save_pretrained`` (``directory``) or Chameleon's yaml + ckpt."""
+    from megatron_unix.image.vqgan import VQGAN
+
+    if directory is not None:
+        return VQGAN.from_pretrained(directory, device=device)
+    return VQGAN.from_chameleon(config_yaml, checkpoint, device=device)
+
+
+def encode_files(vqgan, paths: Sequence[str | Path]) -> torch.Tensor:
+    """Codes [n, codes_per_image] (0-based) of image files, resized and centre-cropped as in training."""
+    from megatron_unix.image.transforms import to_pixels
+
+    pixels = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                pixels.append(to_pixels(image, vqgan.image_size))
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"--image {path}: not a readable image ({error})") from None
+    device = next(vqgan.parameters()).device
+    return vqgan.encode(torch.stack(pixels).to(device)).cpu()
+
+
+def decode_codes(vqgan, codes: Sequence[Sequence[int]], batch_size: int = 8) -> list[Image.Image]:
+    """RGB images of code sequences (0-based), ``batch_size`` at a time."""
+    from megatron_unix.image.transforms import to_image
+
+    device = next(vqgan.parameters()).device
+    images = []
+    for start in range(0, len(codes), batch_size):
+        batch = torch.tensor([list(c) for c in codes[start : start + batch_size]], device=device)
+        images += [to_image(pixels) for pixels in vqgan.decode(batch)]
+    return images
+
+
+def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Images of equal size, row-major, ``columns`` per row."""
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
