@@ -27,6 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_unix.cli import refuse_out_of_range
+
 MIN_SIZE = 256
 MAX_ASPECT = 2.5
 
@@ -72,15 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--output {args.output}: the output is plain jsonl (it is appended to while running)")
     if bool(args.output_prefix) != bool(args.tokenizer_model):
         p.error("--output-prefix and --tokenizer-model go together")
-    for flag, ok in (
-        ("--batch-size", args.batch_size >= 1),
-        ("--workers", args.workers >= 0),
-        ("--min-size", args.min_size >= 1),
-        ("--max-aspect", args.max_aspect >= 1),
-        ("--log-interval", args.log_interval >= 1),
-    ):
-        if not ok:
-            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
+    refuse_out_of_range(
+        p,
+        args,
+        (
+            ("--batch-size", args.batch_size >= 1),
+            ("--workers", args.workers >= 0),
+            ("--min-size", args.min_size >= 1),
+            ("--max-aspect", args.max_aspect >= 1),
+            ("--log-interval", args.log_interval >= 1),
+        ),
+    )
     return args
 
 

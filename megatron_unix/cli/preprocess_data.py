@@ -21,6 +21,7 @@ import argparse
 import inspect
 import sys
 
+from megatron_unix.cli import refuse_out_of_range
 from megatron_unix.data.jsonl_schema import LineFormat
 from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
 from megatron_unix.data.tokenizer import MultimodalTokenizer
@@ -76,15 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.input and not args.tokenizer_model:
         p.error("--input needs --tokenizer-model")
-    for flag, ok in (
-        ("--workers", args.workers >= 1),
-        ("--log-interval", args.log_interval >= 1),
-        ("--image-tokens", args.image_tokens >= 1),
-        ("--t2i-ratio", 0 <= args.t2i_ratio <= 1),
-        ("--sft-turn-newlines", args.sft_turn_newlines >= 0),
-    ):
-        if not ok:
-            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
+    refuse_out_of_range(
+        p,
+        args,
+        (
+            ("--workers", args.workers >= 1),
+            ("--log-interval", args.log_interval >= 1),
+            ("--image-tokens", args.image_tokens >= 1),
+            ("--t2i-ratio", 0 <= args.t2i_ratio <= 1),
+            ("--sft-turn-newlines", args.sft_turn_newlines >= 0),
+        ),
+    )
     return args
 
 
