@@ -1,0 +1,118 @@
+"""Results: the paper's Table 4, ``results.json``, a markdown table of checkpoints beside the paper,
+and the per-item answer cache that lets an interrupted evaluation resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+TABLE4_METRICS = ("MMLU", "GenEval", "MMB")
+PAPER: dict[str, dict[str, float]] = {
+    "Shared (paper)": {"MMLU": 50.0, "GenEval": 33.6, "MMB": 30.3, "avg": 38.0},
+    "MoT (paper)": {"MMLU": 48.0, "GenEval": 26.0, "MMB": 30.0, "avg": 34.6},
+    "HardMoE (paper)": {"MMLU": 50.3, "GenEval": 42.8, "MMB": 30.7, "avg": 41.3},
+    "Uni-X 9:5 (paper)": {"MMLU": 50.1, "GenEval": 43.3, "MMB": 31.5, "avg": 41.6},
+}
+"""Spec §9: paper Table 4, 1.5B models trained on identical data (percent; avg as printed there)."""
+
+
+def write_results(path: str | Path, results: Mapping) -> None:
+    """Write JSON atomically (a temporary file in the same folder, then a rename), so a reader never
+    sees half a file and a crash keeps the previous results."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def markdown_table(
+    checkpoints: Mapping[str, Mapping[str, float]],
+    paper: Mapping[str, Mapping[str, float]] = PAPER,
+    metrics: Sequence[str] = TABLE4_METRICS,
+) -> str:
+    """One row per paper model, then one per checkpoint; ``avg`` of a checkpoint is the mean of
+    ``metrics`` when it has them all. Missing numbers show as "-"."""
+    rows = [f"| model | {' | '.join(metrics)} | avg |", "|---" * (len(metrics) + 2) + "|"]
+    for name, values in [*paper.items(), *checkpoints.items()]:
+        average = values.get("avg")
+        if average is None and all(m in values for m in metrics):
+            average = sum(values[m] for m in metrics) / len(metrics)
+        cells = [_cell(values.get(m)) for m in metrics] + [_cell(average)]
+        rows.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+Key = tuple[str, int | str]
+"""(benchmark, item index)."""
+
+
+def _key(key: Key) -> tuple[str, str]:
+    return key[0], str(key[1])
+
+
+class AnswerCache:
+    """Model answers by (benchmark, index) in a jsonl file, one line flushed per item, so a killed
+    evaluation resumes where it stopped. A torn last line (the kill came mid-write) is dropped and cut
+    from the file; a bad line elsewhere is an error naming the file and line."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.answers: dict[tuple[str, str], str] = {}
+        if self.path.exists():
+            self._read()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        torn = lines.pop()  # b"" after a final newline; else a line cut mid-write: dropped, redone
+        for number, line in enumerate(lines, start=1):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+                self.answers[_key((record["benchmark"], record["index"]))] = record["answer"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{self.path}:{number}: not an answer record ({error})") from None
+        if torn:
+            os.truncate(self.path, len(data) - len(torn))
+
+    def done(self, key: Key) -> bool:
+        return _key(key) in self.answers
+
+    def get(self, key: Key) -> str:
+        return self.answers[_key(key)]
+
+    def add(self, key: Key, answer: str) -> None:
+        benchmark, index = key
+        self.answers[_key(key)] = answer
+        self._file.write(json.dumps({"benchmark": benchmark, "index": index, "answer": answer}) + "\n")
+        self._file.flush()
+
+    def for_benchmark(self, benchmark: str) -> dict[int, str]:
+        """Answers of one benchmark by integer index, as the scorers take them."""
+        return {int(index): answer for (name, index), answer in self.answers.items() if name == benchmark}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> AnswerCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
