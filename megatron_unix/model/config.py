@@ -148,9 +148,11 @@ class ModelArguments:
     def of(cls, config: UniXConfig, vocab_size: int) -> ModelArguments:
         return cls(**{name: getattr(config, name) for name in ARCHITECTURE_FIELDS}, vocab_size=vocab_size)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly (separators as a list), as checkpoints store it."""
-        return {**asdict(self), "separator_ids": list(self.separator_ids)}
+    def to_dict(self, carried: dict[str, Any] | None = None) -> dict[str, Any]:
+        """JSON-friendly (separators as a list), as checkpoints store it; the keys of ``carried`` (a stored
+        ``model_args``) that are no field, records of other owners such as conversion's, are kept."""
+        own = {**asdict(self), "separator_ids": list(self.separator_ids)}
+        return {**own, **{k: v for k, v in (carried or {}).items() if k not in own}}
 
     def config(self, **run_fields: Any) -> UniXConfig:
         """A config for this architecture with a run's ``run_fields``."""

@@ -64,11 +64,6 @@ class Routes:
         return iter((self.text, self.vision))
 
 
-def vision_token_mask(tokens: torch.Tensor, config: UniXConfig) -> torch.Tensor:
-    """Spec §1 routing of this model's vocabulary (``data.vocabulary.vision_mask``)."""
-    return vision_mask(tokens, config.vq_offset, config.boi_id, config.separator_ids)
-
-
 def segment_params(segment_ids: torch.Tensor, stream_len: int, pad: int = 0) -> UniXPackedSeqParams:
     """Params for a stream whose tokens carry run-labelled ``segment_ids``, plus ``pad`` tokens."""
     device = segment_ids.device
@@ -128,7 +123,7 @@ def build_routing(
     if config.num_separated_layers == 0:
         return stream
     tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    is_vision = vision_token_mask(tokens, config).reshape(-1)
+    is_vision = vision_mask(tokens, config.vq_offset, config.boi_id, config.separator_ids).reshape(-1)
 
     def route(selected: torch.Tensor) -> ModalityRoute:
         index = torch.nonzero(selected).flatten()

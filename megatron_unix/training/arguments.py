@@ -340,18 +340,18 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
-def validate(args: argparse.Namespace, world_size: int, stored: dict[str, Any] | None = None) -> None:
-    """Every setting that can be checked before start-up, the architecture as merged with the starting
-    checkpoint's ``stored`` ``model_args``; errors name the flag. Reads, never writes, ``args``."""
+def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | None = None) -> None:
+    """Every setting that can be checked before start-up; errors name the flag. Reads, never writes,
+    ``args``. ``shape`` is the architecture as merged with the starting checkpoint's
+    (:func:`architecture_flags`), a fresh run's by default: what no checkpoint gives, flags must."""
     _check_ranges(args)
-    shape = architecture_flags(args, stored)
+    shape = shape or architecture_flags(args, None)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if not (args.load or args.pretrained_checkpoint):
-        missing = [n for n in MODEL_FLAGS if getattr(args, n) is None]
-        if missing:
-            raise ValueError(
-                f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load a checkpoint)"
-            )
+    missing = [n for n in MODEL_FLAGS if shape[n] is None]
+    if missing:
+        raise ValueError(
+            f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load a checkpoint)"
+        )
     heads, groups, layers = shape["num_attention_heads"], shape["num_query_groups"], shape["num_layers"]
     if heads is not None and heads % tp:
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({heads})")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unix import platform
+from megatron_unix.files import write_text_atomically
 from megatron_unix.model.config import UniXConfig
 from megatron_unix.model.routing import UniXPackedSeqParams, build_routing
 
@@ -213,6 +213,4 @@ def _truncate_after(path: Path, iteration: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))

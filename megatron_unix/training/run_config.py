@@ -106,7 +106,7 @@ class RunSettings:
         """The settings of parsed flags, with the data-parallel default of ``--global-batch-size``."""
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
         data_parallel = world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
-        values["global_batch_size"] = args.global_batch_size or args.micro_batch_size * max(data_parallel, 1)
+        values["global_batch_size"] = args.global_batch_size or args.micro_batch_size * data_parallel
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

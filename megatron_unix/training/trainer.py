@@ -68,27 +68,44 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+@dataclass(frozen=True)
+class StartingPoint:
+    """The checkpoint a run starts from, found and its common part read once, before any process group."""
+
+    checkpoint: Path | None = None
+    resume: bool = False
+    """Found under ``--load``: the whole state is restored (unless ``--finetune``); else weights only."""
+    common: dict[str, Any] | None = None
+    """Its architecture, args and LR schedule."""
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> StartingPoint:
+        """``--load``'s checkpoint, else ``--pretrained-checkpoint``'s, else none."""
+        resume = checkpointing.find_checkpoint(args.load) if args.load else None
+        source = resume
+        if source is None and args.pretrained_checkpoint:
+            source = checkpointing.find_checkpoint(args.pretrained_checkpoint)
+            if source is None:
+                raise FileNotFoundError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there")
+        if source is None:
+            return cls()
+        return cls(source, resume is not None, checkpointing.read_common(source, args.verify_checkpoint))
+
+    @property
+    def model_args(self) -> dict[str, Any] | None:
+        return self.common["model_args"] if self.common else None
+
+
 def pretrain(args: argparse.Namespace) -> TrainState:
     """Train as the parsed flags say; returns the final state (for tests and tools)."""
     start_time = time.time()
-    starting_checkpoint = _starting_checkpoint(args)
-    starting = checkpointing.read_common(starting_checkpoint, args.verify_checkpoint) if starting_checkpoint else None
-    stored = starting["model_args"] if starting else None
+    start = StartingPoint.of(args)
+    shape = architecture_flags(args, start.model_args)
     world_size = world_size_from_env()
-    validate(args, world_size, stored)
+    validate(args, world_size, shape)
     run = RunSettings.from_flags(args, world_size)
-    trainer = Trainer(run, architecture_flags(args, stored), starting_checkpoint, starting, start_time)
+    trainer = Trainer(run, shape, start, start_time)
     return trainer.train()
-
-
-def _starting_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The checkpoint this run starts from: ``--load``'s, else ``--pretrained-checkpoint``'s."""
-    source = checkpointing.find_checkpoint(args.load) if args.load else None
-    if source is None and args.pretrained_checkpoint:
-        source = checkpointing.find_checkpoint(args.pretrained_checkpoint)
-        if source is None:
-            raise FileNotFoundError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there")
-    return source
 
 
 class Trainer:
@@ -98,12 +115,10 @@ class Trainer:
         self,
         run: RunSettings,
         shape: dict[str, Any],
-        starting_checkpoint: Path | None,
-        starting: dict[str, Any] | None,
+        start: StartingPoint,
         start_time: float,
     ) -> None:
-        """``shape``: the architecture flags merged with the starting checkpoint's; ``starting``: that
-        checkpoint's common part (architecture, args, LR schedule), read once before any process group."""
+        """``shape``: the architecture flags merged with the starting checkpoint's."""
         self.run, self.start_time = run, start_time
         distributed.initialize(
             run.tensor_model_parallel_size,
@@ -117,19 +132,15 @@ class Trainer:
         self._progress(f"loading the tokenizer {run.tokenizer_model}")
         tokenizer = load_tokenizer(run, shape)
         # checkpoint vs tokenizer first: then data vs tokenizer
-        self.model_args = model_arguments(shape, tokenizer, run, starting_checkpoint)
+        self.model_args = model_arguments(shape, tokenizer, run, start.checkpoint)
         self._progress(f"checking {len(run.data_prefixes)} dataset(s)")
         self._check_data(tokenizer)
         self.config = setup.model_config(run, self.model_args)
-        stored = starting["model_args"] if starting else {}
-        self.stored_model_args = {  # the architecture, and the records of others (conversion's) carried on
-            **self.model_args.to_dict(),
-            **{k: v for k, v in stored.items() if not hasattr(self.model_args, k)},
-        }
+        self.stored_model_args = self.model_args.to_dict(carried=start.model_args)
         self._progress("building the model and optimizer")
         self.ddp = setup.build(run, self.config, self.model_args.vocab_size)
         self.optimizer, self.scheduler = setup.build_optimizer(run, self.ddp)
-        self.state = self._restore(starting)
+        self.state = self._restore(start)
 
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mbs = run.micro_batch_size
@@ -199,15 +210,13 @@ class Trainer:
         if outcome[0] is not None:
             raise ValueError(outcome[0])
 
-    def _restore(self, starting: dict[str, Any] | None) -> TrainState:
-        """Resume from ``--load`` (everything), or start from ``--pretrained-checkpoint`` (weights only);
-        ``starting`` is the common part of that checkpoint (``--load``'s when it has one)."""
+    def _restore(self, start: StartingPoint) -> TrainState:
+        """Resume from ``--load`` (everything), or start from its or ``--pretrained-checkpoint``'s weights."""
         run = self.run
-        resume = checkpointing.find_checkpoint(run.load) if run.load else None
-        if resume is not None and not run.finetune:
-            setup.check_schedule(run, self.scheduler, starting)
+        if start.resume and not run.finetune:
+            setup.check_schedule(run, self.scheduler, start.common)
             common = checkpointing.load(
-                resume,
+                start.checkpoint,
                 self.ddp,
                 optimizer=None if run.no_load_optim else self.optimizer,
                 scheduler=self.scheduler,
@@ -216,20 +225,17 @@ class Trainer:
             )
             if run.no_load_optim or not common.get("has_optimizer"):
                 self.optimizer.reload_model_params()
-            log(f" loaded checkpoint {resume} at iteration {common['iteration']}")
+            log(f" loaded checkpoint {start.checkpoint} at iteration {common['iteration']}")
             return TrainState(
                 iteration=common["iteration"],
                 consumed_train_samples=common["consumed_train_samples"],
                 consumed_valid_samples=common["consumed_valid_samples"],
                 saved_iteration=common["iteration"],
             )
-        source = resume or (
-            checkpointing.find_checkpoint(run.pretrained_checkpoint) if run.pretrained_checkpoint else None
-        )
-        if source is not None:
-            checkpointing.load(source, self.ddp, load_rng=False, verify=run.verify_checkpoint)
+        if start.checkpoint is not None:
+            checkpointing.load(start.checkpoint, self.ddp, load_rng=False, verify=run.verify_checkpoint)
             self.optimizer.reload_model_params()
-            log(f" loaded weights from {source}; fresh optimizer, iteration 0")
+            log(f" loaded weights from {start.checkpoint}; fresh optimizer, iteration 0")
         return TrainState()
 
     def save(self) -> None:
@@ -257,8 +263,8 @@ class Trainer:
         """Forward(-backward) over the iteration's micro-batches; local contributions to the stats."""
         batches = [next(data) for _ in range(self.num_micro)]
         stats = StepStats()
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
-            for batch in batches:
+        if not forward_only and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
+            for batch in batches:  # throughput and FLOPs of training iterations
                 shared, separated = metrics.attention_pairs(batch, self.config)
                 stats.add("tokens", batch["tokens"].numel())
                 stats.add("shared_pairs", shared)
