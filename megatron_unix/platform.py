@@ -37,7 +37,8 @@ class Accelerators:
         return [name for name, present in self.__dict__.items() if not present]
 
 
-def _has_module(name: str) -> bool:
+def has_module(name: str) -> bool:
+    """Whether ``name`` can be imported here (without importing it)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
@@ -47,10 +48,10 @@ def _has_module(name: str) -> bool:
 def detect_accelerators() -> Accelerators:
     return Accelerators(
         cuda=torch.cuda.is_available(),
-        transformer_engine=_has_module("transformer_engine"),
-        flash_attn=_has_module("flash_attn"),
-        apex=_has_module("apex"),
-        torch_varlen=_has_module("torch.nn.attention.varlen"),
+        transformer_engine=has_module("transformer_engine"),
+        flash_attn=has_module("flash_attn"),
+        apex=has_module("apex"),
+        torch_varlen=has_module("torch.nn.attention.varlen"),
     )
 
 

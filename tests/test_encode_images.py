@@ -311,3 +311,43 @@ def test_codes_of_a_batch_equal_codes_one_by_one(model, images):
     assert together.shape == (4, 256)
     assert all(np.array_equal(together[i], encode_crops(model, crops[i : i + 1])[0]) for i in range(4))
     assert torch.equal(torch.from_numpy(together[1]), torch.tensor(expected_codes(model, images["jpeg"])))
+
+
+def test_resumed_inputs_are_skipped_unparsed_and_globs_expand(tmp_path, images, model, vqgan_dir, capsys):
+    from megatron_unix.image.encode import folder_items, jsonl_items
+
+    source = write_jsonl(tmp_path / "in.jsonl", ["{not json", "", "[1]", {"image": "img/a.png", "caption": "x"}])
+    items = list(jsonl_items([source], skip=2))
+    assert [(item.where, item.fields, item.error) for item in items] == [(f"{source}:4", {"caption": "x"}, None)], (
+        "the first two non-blank lines are skipped, bad or not, and numbering goes on"
+    )
+    assert [item.where for item in folder_items(tmp_path / "img", skip=7)] == [str(images["wide"])]
+
+    write_jsonl(tmp_path / "in2.jsonl", [{"image": "img/b.jpg", "caption": "y"}])
+    out = tmp_path / "out.jsonl"
+    stale = tmp_path / f".out.jsonl.progress.json.{dead_pid()}.tmp"
+    stale.write_text("{")
+    status, _, stderr = run(capsys, "--input", tmp_path / "in*.jsonl", "--output", out, "--vqgan", vqgan_dir, *MIN)
+    assert status == 0, stderr
+    assert [line["caption"] for line in lines(out)] == ["x", "y"] and not stale.exists()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_output_prefix_takes_the_tokenizer_flags_of_preprocess_data(tmp_path, images, vqgan_dir, capsys):
+    tokenizer = train_bpe_tokenizer(CORPUS, 400, tmp_path / "tok")
+    source = write_jsonl(tmp_path / "in.jsonl", [{"image": "img/a.png", "alt": CORPUS[0]}])
+    args = ["--input", source, "--output", tmp_path / "out.jsonl", "--vqgan", vqgan_dir, *MIN]
+    args += ["--output-prefix", tmp_path / "p", "--tokenizer-model", tokenizer]
+    status, _, stderr = run(capsys, *args, "--image-tokens", 1024)
+    assert status == 2 and "--image-tokens 1024: the VQGAN gives 256 per image" in stderr
+    status, stdout, stderr = run(capsys, *args, "--caption-key", "alt", "--boi", "<|endoftext|>", "--t2i-ratio", 1)
+    assert status == 0, stderr
+    docs = MultimodalDocuments(tmp_path / "p")
+    tok = MultimodalTokenizer.from_pretrained(tokenizer, codebook_size=64, boi="<|endoftext|>")
+    tokens, _ = docs.sample(0)
+    assert len(docs) == 1 and tok.boi_id in tokens.tolist() and "documents       1" in stdout

@@ -207,3 +207,14 @@ def test_round_trip_to_image_of_to_pixels():
     back = np.asarray(to_image(x)).astype(int)
     assert back.shape == (512, 512, 3) and np.abs(back - array).max() <= 1
     assert to_image(torch.full((3, 4, 4), 7.0)).getpixel((0, 0)) == (255, 255, 255), "clamped"
+
+
+def test_encode_is_fp32_under_any_autocast():
+    """Precision is decided in VQGAN.encode: a caller's bf16 autocast changes no code."""
+    model, x = tiny_vqgan(seed=2), pixels(3)
+    expected = model.encode(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model.latents(x).dtype == torch.bfloat16, "the autocast does act on the model"
+        assert torch.equal(model.encode(x), expected)
+    with pytest.raises(VQGANError, match="encodes in fp32"):
+        model.to(torch.bfloat16).encode(x)

@@ -66,27 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def random_model(shape: dict[str, int], codebook: int, device: torch.device) -> torch.nn.Module:
-    from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen3Config
-    from megatron_unix.conversion.hf_remote.modeling_unix import UniQwen3ForCausalLM
+    from megatron_unix.conversion.hf_config import hf_config_object, unix_config_json
+    from megatron_unix.conversion.hf_io import model_class
+    from megatron_unix.model import make_config
 
-    config = UniQwen3Config(
-        vocab_size=shape["text_vocab"] + codebook,
+    text = shape["text_vocab"]
+    config = make_config(
+        num_layers=shape["num_layers"],
         hidden_size=shape["hidden_size"],
-        intermediate_size=shape["ffn_hidden_size"],
-        num_hidden_layers=shape["num_layers"],
+        ffn_hidden_size=shape["ffn_hidden_size"],
         num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_query_groups"],
-        head_dim=shape["kv_channels"],
-        num_vision_encode_layers=shape["vision_encode_layers"],
-        num_vision_decode_layers=shape["vision_decode_layers"],
-        real_text_vocab_size=shape["text_vocab"],
-        vision_vocab_size=codebook,
-        vision_start_id=shape["text_vocab"] - 13,
+        num_query_groups=shape["num_query_groups"],
+        kv_channels=shape["kv_channels"],
+        vision_encode_layers=shape["vision_encode_layers"],
+        vision_decode_layers=shape["vision_decode_layers"],
+        qk_layernorm=True,
+        vq_offset=text,
+        vq_codebook_size=codebook,
+        boi_id=text - 13,
+        eoi_id=text - 12,
+        eos_id=0,
         tie_word_embeddings=True,
     )
-    dtype = default_dtype(device)
+    hf_config = hf_config_object(unix_config_json(config, text + codebook, separator_texts=[]))
     with torch.device(device):
-        model = UniQwen3ForCausalLM(config).to(dtype)
+        model = model_class(hf_config.model_type, unix=True)(hf_config).to(default_dtype(device))
     return model.eval()
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from megatron_unix.cli import out_of_range
+
 if TYPE_CHECKING:
     import torch
 
@@ -93,10 +95,17 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def check(args: argparse.Namespace, prompts: list[str]) -> None:
     """Everything that can be refused before a model is loaded, naming the flag or file."""
-    for flag in ("samples_per_prompt", "batch_size", "max_new_tokens", "codes_per_image"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    message = out_of_range(
+        args,
+        (
+            ("--samples-per-prompt", args.samples_per_prompt >= 1),
+            ("--batch-size", args.batch_size >= 1),
+            ("--max-new-tokens", args.max_new_tokens >= 1),
+            ("--codes-per-image", args.codes_per_image is None or args.codes_per_image >= 1),
+        ),
+    )
+    if message:
+        raise ValueError(message)
     paths = [
         ("--hf", args.hf),
         ("--load", args.load),
@@ -217,13 +226,14 @@ def run_t2i(
     args.output_dir.mkdir(parents=True, exist_ok=True)
     tok, layout = loaded.tokenizer, loaded.layout
     unconditional = generate.unconditional_prompt(tok, layout)
+    contexts = [generate.t2i_prompt(tok, layout, prompt) for prompt in prompts]
     records, pictures = [], []
     for label, batch in batches(items(prompts, args.samples_per_prompt, args.seed), args.batch_size):
         progress = Progress(len(layout.image_schedule(codes_per_image)), label)
         tokens = generate.generate_images(
             loaded.model,
             layout,
-            [generate.t2i_prompt(tok, layout, item.prompt) for item in batch],
+            [contexts[item.index] for item in batch],
             unconditional,
             params,
             [item.seed for item in batch],
@@ -284,7 +294,7 @@ def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str,
     vqgan = None
     if args.vqgan or args.vqgan_config:
         vqgan = load_vqgan(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
-    codes = encode_files(vqgan, args.image).tolist() if args.mode == "i2t" else []  # bad files refused early
+    codes = encode_files(vqgan, args.image, args.batch_size) if args.mode == "i2t" else []  # bad files refused early
     loaded = load_model(args, device)
     if vqgan is not None and vqgan.config.n_embed != loaded.layout.codebook_size:
         raise ValueError(

@@ -29,21 +29,10 @@ from megatron_unix.data.tokenizer import MultimodalTokenizer
 TOKENIZER_DEFAULTS = {name: p.default for name, p in inspect.signature(MultimodalTokenizer).parameters.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    fmt = LineFormat()
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB", help=".jsonl or .jsonl.gz files, in order")
-    source.add_argument("--merge-prefixes", nargs="+", metavar="PREFIX", help="concatenate these datasets instead")
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one thread each)")
-    p.add_argument("--strict", action="store_true", help="the first bad line is fatal (else: skipped, counted)")
-    p.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
-
+def add_tokenizer_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The tokenizer's flags (``encode_images.py --output-prefix`` takes them too)."""
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-model", help="HF tokenizer directory or SentencePiece .model (needed with --input)")
+    g.add_argument("--tokenizer-model", help=model_help)
     g.add_argument("--vq-codebook-size", type=int, default=TOKENIZER_DEFAULTS["codebook_size"])
     g.add_argument("--vq-offset", type=int, default=None, help="id of VQ code 0; None: the text tokenizer's length")
     for name in ("boi", "eoi", "eos", "separator"):
@@ -53,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help=f"{name.upper()} token name" + (" (default: none)" if name == "separator" else ""),
         )
 
+
+def add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the input keys and of the layouts, which :func:`build_line_format` reads."""
+    fmt = LineFormat()
     g = p.add_argument_group("input keys (the first key a line has is used)")
     g.add_argument("--text-key", nargs="+", default=list(fmt.text_keys), help="text of a text sample")
     g.add_argument("--caption-key", nargs="+", default=list(fmt.caption_keys), help="text of an image-text pair")
@@ -74,6 +67,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--append-eod", action="store_true", help="append EOS to text samples (Megatron's convention)")
     g.add_argument("--sft-turn-newlines", type=int, default=fmt.sft_newlines, help="newlines before each SFT turn")
 
+
+def layout_checks(args: argparse.Namespace) -> tuple[tuple[str, bool], ...]:
+    """The range checks of :func:`add_layout_arguments`'s flags, for ``refuse_out_of_range`` (an
+    ``--image-tokens`` of None is a default that the caller fills in)."""
+    return (
+        ("--image-tokens", args.image_tokens is None or args.image_tokens >= 1),
+        ("--t2i-ratio", 0 <= args.t2i_ratio <= 1),
+        ("--sft-turn-newlines", args.sft_turn_newlines >= 0),
+    )
+
+
+def build_tokenizer(args: argparse.Namespace) -> MultimodalTokenizer:
+    """The tokenizer of :func:`add_tokenizer_arguments`'s flags."""
+    return MultimodalTokenizer.from_pretrained(
+        args.tokenizer_model,
+        codebook_size=args.vq_codebook_size,
+        boi=args.boi,
+        eoi=args.eoi,
+        eos=args.eos,
+        separator=args.separator or None,
+        vq_offset=args.vq_offset,
+    )
+
+
+def build_line_format(args: argparse.Namespace) -> LineFormat:
+    """The line format of :func:`add_layout_arguments`'s flags."""
+    return LineFormat(
+        tuple(args.text_key),
+        tuple(args.caption_key),
+        tuple(args.vqcode_key),
+        tuple(args.conversation_key),
+        tuple(args.metadata_key),
+        args.image_tokens,
+        args.t2i_ratio,
+        args.seed,
+        not args.no_ignore_instruction,
+        args.append_eod,
+        args.sft_turn_newlines,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB", help=".jsonl or .jsonl.gz files, in order")
+    source.add_argument("--merge-prefixes", nargs="+", metavar="PREFIX", help="concatenate these datasets instead")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one thread each)")
+    p.add_argument("--strict", action="store_true", help="the first bad line is fatal (else: skipped, counted)")
+    p.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
+
+    add_tokenizer_arguments(p, "HF tokenizer directory or SentencePiece .model (needed with --input)")
+    add_layout_arguments(p)
+
     args = p.parse_args(argv)
     if args.input and not args.tokenizer_model:
         p.error("--input needs --tokenizer-model")
@@ -83,9 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (
             ("--workers", args.workers >= 1),
             ("--log-interval", args.log_interval >= 1),
-            ("--image-tokens", args.image_tokens >= 1),
-            ("--t2i-ratio", 0 <= args.t2i_ratio <= 1),
-            ("--sft-turn-newlines", args.sft_turn_newlines >= 0),
+            *layout_checks(args),
         ),
     )
     return args
@@ -101,28 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{int(docs.lengths.sum()):,} tokens ({int(docs.vision_tokens.sum()):,} vision)"
             )
             return 0
-        tok = MultimodalTokenizer.from_pretrained(
-            args.tokenizer_model,
-            codebook_size=args.vq_codebook_size,
-            boi=args.boi,
-            eoi=args.eoi,
-            eos=args.eos,
-            separator=args.separator or None,
-            vq_offset=args.vq_offset,
-        )
-        fmt = LineFormat(
-            tuple(args.text_key),
-            tuple(args.caption_key),
-            tuple(args.vqcode_key),
-            tuple(args.conversation_key),
-            tuple(args.metadata_key),
-            args.image_tokens,
-            args.t2i_ratio,
-            args.seed,
-            not args.no_ignore_instruction,
-            args.append_eod,
-            args.sft_turn_newlines,
-        )
+        tok = build_tokenizer(args)
+        fmt = build_line_format(args)
         summary = preprocess(args.input, args.output_prefix, tok, fmt, args.workers, args.strict, args.log_interval)
     except (PreprocessError, OSError, ValueError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)

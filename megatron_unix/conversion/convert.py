@@ -294,9 +294,12 @@ def import_hf(
     return path
 
 
-def hf_unix_model(config: UniXConfig, vocab_size: int, weights: LazyTensors) -> torch.nn.Module:
-    """The Uni-X remote-code model (fp32) holding ``weights``, built in memory."""
-    hf_config = hf_config_object(unix_config_json(config, vocab_size, separator_texts=[]))
+def hf_unix_model(
+    config: UniXConfig, vocab_size: int, weights: LazyTensors, interchange: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """The Uni-X remote-code model (fp32) holding ``weights``, built in memory; ``interchange`` (a
+    checkpoint's :data:`INTERCHANGE` record) carries the source's config.json keys, as an export does."""
+    hf_config = hf_config_object(unix_config_json(config, vocab_size, separator_texts=[], interchange=interchange))
     model = model_class(hf_config.model_type, unix=True)(hf_config).float()
     result = model.load_state_dict({name: weights[name] for name in weights}, strict=False)
     tied_head = ["lm_head.weight"] if config.tie_word_embeddings else []

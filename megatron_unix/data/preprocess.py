@@ -11,18 +11,16 @@ concatenation.
 
 from __future__ import annotations
 
-import gzip
 import multiprocessing
 import multiprocessing.pool
 import os
 import sys
 import time
 from collections import Counter, deque
-from contextlib import nullcontext
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from megatron_unix.data.batch_tokenizer import DeferredTokenizer
 from megatron_unix.data.indexed import (
@@ -34,6 +32,10 @@ from megatron_unix.data.indexed import (
 from megatron_unix.data.jsonl_schema import BadLine, LineFormat, parse_line
 from megatron_unix.data.preprocess_report import REPORTED_BAD_LINES, BadLineReport, BlockResult, Progress, Summary
 from megatron_unix.data.tokenizer import MultimodalTokenizer
+from megatron_unix.files import open_input
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class PreprocessError(RuntimeError):
@@ -86,24 +88,24 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
 
 
 def read_blocks(paths: Sequence[Path], block_bytes: int) -> Iterator[Block]:
-    """Whole lines in blocks of about ``block_bytes`` (decompressed), file after file."""
+    """Whole lines in blocks of up to about ``block_bytes`` (decompressed), file after file. A block holds
+    what one read gave (plus the end of a line begun before), so lines that a pipe has delivered are
+    yielded without waiting for more; a pipe's position counts as 0."""
     done = 0
     for path in paths:
         try:
-            with (
-                open(path, "rb") as raw,
-                gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else nullcontext(raw) as stream,
-            ):
+            with open_input(path) as (raw, stream):
+                seekable = raw.seekable()
                 number, rest = 1, b""
-                while chunk := stream.read(block_bytes):
+                while chunk := stream.read1(block_bytes):
                     data = rest + chunk
                     cut = data.rfind(b"\n") + 1
                     data, rest = data[:cut], data[cut:]
                     if data:
-                        yield Block(str(path), number, data, done + raw.tell())
+                        yield Block(str(path), number, data, done + (raw.tell() if seekable else 0))
                         number += data.count(b"\n")
                 if rest:
-                    yield Block(str(path), number, rest, done + raw.tell())
+                    yield Block(str(path), number, rest, done + (raw.tell() if seekable else 0))
         except (OSError, EOFError) as e:
             raise PreprocessError(f"{path}: {e}") from e
         done += path.stat().st_size
@@ -121,11 +123,17 @@ def _process_in_worker(block: Block) -> BlockResult:
     return process_block(block, **_WORKER)
 
 
-def _in_order(pool: multiprocessing.pool.Pool, blocks: Iterator[Block], depth: int) -> Iterator[BlockResult]:
-    """Results in input order, with at most ``depth`` blocks in flight (bounded memory)."""
+def in_order(
+    pool: multiprocessing.pool.Pool | None, func: Callable[[T], R], items: Iterable[T], depth: int
+) -> Iterator[R]:
+    """``func`` of each item, in input order: in ``pool`` with at most ``depth`` items in flight (bounded
+    memory), or in this process when ``pool`` is None."""
+    if pool is None:
+        yield from map(func, items)
+        return
     pending: deque = deque()
-    for block in blocks:
-        pending.append(pool.apply_async(_process_in_worker, (block,)))
+    for item in items:
+        pending.append(pool.apply_async(func, (item,)))
         if len(pending) >= depth:
             yield pending.popleft().get()
     while pending:
@@ -158,7 +166,7 @@ def preprocess(
         multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool,
         DatasetWriter(output_prefix, vocabulary=tok.model_config_fields()) as writer,
     ):
-        for result in _in_order(pool, read_blocks(paths, block_bytes), 2 * workers):
+        for result in in_order(pool, _process_in_worker, read_blocks(paths, block_bytes), 2 * workers):
             if strict and result.bad_lines:
                 raise PreprocessError(f"{result.bad_lines[0]} (--strict: nothing written)")
             for report in summary.add(result):

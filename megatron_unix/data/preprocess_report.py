@@ -1,16 +1,39 @@
-"""What preprocessing tells its user: the bad lines (file:line), the summary and periodic progress."""
+"""What preprocessing tells its user: the bad lines (file:line), the summary and periodic progress. The
+skip bookkeeping and the progress lines serve ``encode_images`` too."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import IO
 
 from megatron_unix.data.indexed import SampleBatch
 
 REPORTED_BAD_LINES = 10
-"""Bad lines printed with file:line; the rest are only counted by reason."""
+"""Bad lines (or images) printed with file:line; the rest are only counted by reason."""
+
+
+def first_reported(reported: list, new: Iterable) -> list:
+    """Those of ``new`` that fit among the first :data:`REPORTED_BAD_LINES` (appended to ``reported``)."""
+    fit = list(islice(new, max(REPORTED_BAD_LINES - len(reported), 0)))
+    reported += fit
+    return fit
+
+
+def skipped_text(skipped: Counter[str]) -> str:
+    """``total, reason count, ...`` (reasons sorted)."""
+    return f"{sum(skipped.values()):,}" + "".join(f", {reason} {count:,}" for reason, count in sorted(skipped.items()))
+
+
+def reported_lines(skipped: Counter[str], reported: list) -> list[str]:
+    """The reported bad inputs, indented, and a note when they are not all that were skipped."""
+    lines = [f"  {report}" for report in reported]
+    if sum(skipped.values()) > len(reported):
+        lines.append(f"  (the first {len(reported)} shown)")
+    return lines
 
 
 @dataclass
@@ -48,15 +71,13 @@ class Summary:
 
     def add(self, result: BlockResult) -> list[BadLineReport]:
         """Count a block in; returns its bad lines that are among the first few reported."""
-        new = result.bad_lines[: REPORTED_BAD_LINES - len(self.bad_lines)]
         self.documents += len(result.batch.lengths)
         self.tokens += int(result.batch.lengths.sum())
         self.vision_tokens += int(result.batch.vision_tokens.sum())
         self.trained_tokens += result.trained_tokens
         self.input_bytes += result.input_bytes
         self.skipped += result.skipped
-        self.bad_lines += new
-        return new
+        return first_reported(self.bad_lines, result.bad_lines)
 
     def rates(self) -> str:
         seconds = max(self.seconds, 1e-9)
@@ -69,32 +90,46 @@ class Summary:
                 f"tokens          {self.tokens:,}: text {self.tokens - self.vision_tokens:,}, "
                 f"vision {self.vision_tokens:,}; trained {self.trained_tokens:,}"
             ),
-            f"skipped lines   {sum(self.skipped.values()):,}"
-            + "".join(f", {reason} {count:,}" for reason, count in sorted(self.skipped.items())),
+            f"skipped lines   {skipped_text(self.skipped)}",
         ]
-        shown = [f"  {report}" for report in self.bad_lines]
-        if sum(self.skipped.values()) > len(shown):
-            shown.append(f"  (the first {len(shown)} shown)")
-        return "\n".join(lines + shown)
+        return "\n".join(lines + reported_lines(self.skipped, self.bad_lines))
 
 
-class Progress:
-    """A line every ``interval`` documents: rates so far and the ETA from the share of input read."""
+class ProgressLine:
+    """A line every ``interval`` units done in this run: the count, the rates and the ETA from the share
+    of the input read since ``baseline`` (None: the share at the first update, for a run that resumes
+    where the share before it is unknown); "?" until the share has grown."""
 
-    def __init__(self, summary: Summary, total_bytes: int, interval: int, log: IO[str]) -> None:
-        self.summary, self.total_bytes, self.interval, self.log = summary, total_bytes, interval, log
+    def __init__(self, unit: str, interval: int, log: IO[str], baseline: float | None = 0.0) -> None:
+        self.unit, self.interval, self.log, self.baseline = unit, interval, log, baseline
         self.start = time.perf_counter()
         self.next = interval
 
-    def update(self, position: int) -> None:
-        self.summary.seconds = time.perf_counter() - self.start
-        if self.summary.documents < self.next:
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def update(self, done_now: int, done: int, rates: Callable[[], str], share: float) -> None:
+        """``done_now`` units in this run (``done`` in all) at ``share`` of the input read."""
+        if self.baseline is None:
+            self.baseline = share
+        if done_now < self.next:
             return
-        self.next = self.summary.documents + self.interval
-        done = position / max(self.total_bytes, 1)
-        eta = self.summary.seconds * (1 - done) / max(done, 1e-9)
-        print(
-            f"{self.summary.documents:,} documents ({self.summary.rates()}), {done:.0%} of the input, ETA {eta:.0f} s",
-            file=self.log,
-            flush=True,
-        )
+        self.next = done_now + self.interval
+        seconds = self.elapsed()
+        eta = f"{seconds * (1 - share) / (share - self.baseline):.0f} s" if share > self.baseline else "?"
+        print(f"{done:,} {self.unit} ({rates()}), {share:.0%} of the input, ETA {eta}", file=self.log, flush=True)
+
+
+class Progress:
+    """Preprocessing's progress: a line every ``interval`` documents with the rates so far and the ETA
+    from the share of input bytes read."""
+
+    def __init__(self, summary: Summary, total_bytes: int, interval: int, log: IO[str]) -> None:
+        self.summary, self.total_bytes = summary, total_bytes
+        self.line = ProgressLine("documents", interval, log)
+        self.start = self.line.start
+
+    def update(self, position: int) -> None:
+        self.summary.seconds = self.line.elapsed()
+        documents = self.summary.documents
+        self.line.update(documents, documents, self.summary.rates, position / max(self.total_bytes, 1))

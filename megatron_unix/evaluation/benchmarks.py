@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from megatron_unix.image.transforms import whiten
+
 IMAGE_REFERENCE_MAX_LEN = 64
 """VLMEvalKit's rule: an ``image`` value this short names another row's ``index``."""
 
@@ -77,12 +79,14 @@ class Item:
     origin: str = ""  # "FILE: row N", for errors
 
     def image(self) -> Image.Image:
-        """The decoded RGB image; a bad one is a :class:`BenchmarkError` naming file and row."""
+        """The decoded RGB image, transparency on white as for training images (``image.transforms.whiten``);
+        a bad one is a :class:`BenchmarkError` naming file and row."""
         try:
             data = base64.b64decode(self.image_b64, validate=True)
             with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        except (binascii.Error, UnidentifiedImageError, OSError) as error:
+                rgb = whiten(image)
+                return rgb.copy() if rgb is image else rgb
+        except (binascii.Error, UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
             raise BenchmarkError(f"{self.origin}: image is not a readable base64 image ({error})") from None
 
 

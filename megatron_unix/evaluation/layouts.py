@@ -12,17 +12,18 @@ a killed run resumes. The seeds of each prompt's samples go to ``OUT/seeds.json`
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 
 from megatron_unix.evaluation.report import write_results
+from megatron_unix.files import write_atomically, write_text_atomically
 from megatron_unix.inference.images import image_grid
+from megatron_unix.platform import has_module
 
 Painter = Callable[[str, int], tuple[list[Image.Image], list[int]]]
 """(prompt, prompt number) -> the prompt's sample images and the seed of each; the number lets the
@@ -79,12 +80,12 @@ def write_geneval(
             continue
         images, seeds[folder.name] = _paint(painter, record["prompt"], number, samples)
         (folder / "samples").mkdir(parents=True, exist_ok=True)
-        _atomic_text(folder / "metadata.jsonl", json.dumps(record) + "\n")
+        write_text_atomically(folder / "metadata.jsonl", json.dumps(record) + "\n")
         for image, png in zip(images, pngs):
-            _atomic_png(image, png)
+            write_atomically(png, partial(image.save, format="PNG"))
         write_results(run.outdir / "seeds.json", seeds)
         run.painted += 1
-    run.commands, run.missing = geneval_commands(run.outdir), _missing("mmdet", "open_clip", "clip_benchmark")
+    run.commands, run.missing = geneval_commands(run.outdir), _missing(("mmdet", "open_clip", "clip_benchmark"))
     return run
 
 
@@ -100,10 +101,10 @@ def write_dpg(
             run.resumed += 1
             continue
         images, seeds[stem] = _paint(painter, prompt, number, samples)
-        _atomic_png(image_grid(images, GRID_COLUMNS), png)
+        write_atomically(png, partial(image_grid(images, GRID_COLUMNS).save, format="PNG"))
         write_results(run.outdir / "seeds.json", seeds)
         run.painted += 1
-    run.commands, run.missing = dpg_commands(run.outdir, samples), _missing("modelscope")
+    run.commands, run.missing = dpg_commands(run.outdir, samples), _missing(("modelscope",))
     return run
 
 
@@ -137,17 +138,5 @@ def _read_seeds(outdir: Path) -> dict[str, list[int]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _atomic_png(image: Image.Image, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def _missing(*modules: str) -> list[str]:
-    return [m for m in modules if importlib.util.find_spec(m) is None]
+def _missing(modules: Sequence[str]) -> list[str]:
+    return [m for m in modules if not has_module(m)]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from megatron_unix.files import write_text_atomically
 
 TABLE4_METRICS = ("MMLU", "GenEval", "MMB")
 PAPER: dict[str, dict[str, float]] = {
@@ -24,15 +25,7 @@ def write_results(path: str | Path, results: Mapping) -> None:
     sees half a file and a crash keeps the previous results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_text_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def markdown_table(

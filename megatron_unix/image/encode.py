@@ -6,7 +6,8 @@ a batch each (:func:`load_chunk`); the main process encodes the batches in input
 lines to ``OUT.partial``. After every batch the partial is flushed and a progress record (inputs
 consumed, output bytes, counts) replaces the previous one, so a killed run resumes where the record
 says: the partial is cut to the recorded length and the consumed inputs are skipped. The output is
-the same for any worker count and any number of interruptions.
+the same for any worker count and any number of interruptions. The VQGAN encodes in fp32 on every
+device (:meth:`VQGAN.encode`), so codes equal those of an image prompt at inference.
 
 Bad images (missing, unreadable, truncated, smaller than ``min_size`` on the short side, more
 elongated than ``max_aspect``) and bad lines are skipped and counted by reason, or, with ``strict``,
@@ -18,30 +19,33 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
-import gzip
 import io
 import json
 import os
 import struct
 import sys
-import time
 from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from megatron_unix.data.preprocess import PreprocessError, in_order, read_blocks
+from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
+from megatron_unix.files import write_atomically
 from megatron_unix.image.transforms import crop_bytes, normalize
 from megatron_unix.image.vqgan import VQGAN
+from megatron_unix.platform import leftovers_of_dead_processes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-REPORTED_BAD_IMAGES = 10
+BLOCK_BYTES = 1 << 20
+"""Input read per block (whole lines; a longer line makes a longer block)."""
 PROGRESS_SUFFIX = ".progress.json"
 PARTIAL_SUFFIX = ".partial"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -82,27 +86,38 @@ class Filters:
 
 
 def jsonl_items(
-    paths: Sequence[Path], image_key: str = "image", base64_key: str = "image_base64", image_root: Path | None = None
+    paths: Sequence[Path],
+    image_key: str = "image",
+    base64_key: str = "image_base64",
+    image_root: Path | None = None,
+    skip: int = 0,
 ) -> Iterator[Item]:
-    """The lines of jsonl(.gz) files, in order; blank lines are skipped. Relative image paths are taken
-    from ``image_root``, by default the folder of the jsonl file."""
+    """The lines of jsonl(.gz) files, in order; blank lines are skipped, and so are the first ``skip``
+    others, unparsed (a resumed run's). Relative image paths are taken from ``image_root``, by default
+    the folder of the jsonl file."""
     total = sum(p.stat().st_size for p in paths if p.is_file()) or 1
-    done = 0
-    for path in paths:
-        try:
-            with (
-                open(path, "rb") as raw,
-                gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else nullcontext(raw) as stream,
-            ):
-                for number, line in enumerate(stream, 1):
-                    if line.strip():
-                        progress = (done + (raw.tell() if raw.seekable() else 0)) / total
-                        yield _line_item(
-                            line, f"{path}:{number}", image_key, base64_key, image_root or path.parent, progress
-                        )
-        except (OSError, EOFError) as e:
-            raise EncodeError(f"{path}: {e}") from e
-        done += path.stat().st_size if path.is_file() else 0
+    position = 0
+    try:
+        for block in read_blocks(paths, BLOCK_BYTES):
+            path = Path(block.path)
+            start, end, offset = position, block.position, 0
+            position = block.position
+            lines = block.data.split(b"\n")
+            if block.data.endswith(b"\n"):
+                lines.pop()
+            for number, line in enumerate(lines, block.first_line):
+                offset = min(offset + len(line) + 1, len(block.data))
+                if not line.strip():
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                # the share at the line's end, within the block's span of the file on disk
+                progress = (start + (end - start) * offset / len(block.data)) / total
+                root = image_root or path.parent
+                yield _line_item(line, f"{path}:{number}", image_key, base64_key, root, progress)
+    except PreprocessError as e:
+        raise EncodeError(str(e)) from e
 
 
 def _line_item(line: bytes, where: str, image_key: str, base64_key: str, root: Path, progress: float) -> Item:
@@ -125,13 +140,13 @@ def _line_item(line: bytes, where: str, image_key: str, base64_key: str, root: P
     return Item(where, fields, error=("missing_image", why), progress=progress)
 
 
-def folder_items(directory: Path, caption_key: str = "caption") -> Iterator[Item]:
+def folder_items(directory: Path, caption_key: str = "caption", skip: int = 0) -> Iterator[Item]:
     """The images under ``directory`` (recursively, sorted by path), each with the text of the same-stem
-    ``.txt`` file as its caption, if there is one."""
+    ``.txt`` file as its caption, if there is one; the first ``skip`` are left out (captions unread)."""
     if not directory.is_dir():
         raise EncodeError(f"--image-dir {directory}: no such directory")
     paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    for i, path in enumerate(paths):
+    for i, path in enumerate(paths[skip:], skip):
         text = path.with_suffix(".txt")
         fields = {caption_key: text.read_text(encoding="utf-8").strip()} if text.is_file() else {}
         yield Item(str(path), fields, path=str(path), progress=i / len(paths))
@@ -205,7 +220,7 @@ class Summary:
     encoded: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     bad_images: list[str] = field(default_factory=list)
-    """The first few skipped inputs, ``where: message``."""
+    """The first few skipped inputs, ``where: reason: message``."""
     used: np.ndarray | None = None
     resumed_after: int = 0
     encoded_now: int = 0
@@ -235,13 +250,16 @@ class Summary:
             consumed,
         )
 
+    def skip(self, where: str, reason: str, message: str) -> None:
+        """Count a bad input in (the first few are named in the report)."""
+        self.skipped[reason] += 1
+        first_reported(self.bad_images, [f"{where}: {reason}: {message}"])
+
     def rate(self) -> str:
         return f"{self.encoded_now / max(self.seconds, 1e-9):,.1f} images/s"
 
     def skipped_text(self) -> str:
-        return f"{sum(self.skipped.values()):,}" + "".join(
-            f", {reason} {count:,}" for reason, count in sorted(self.skipped.items())
-        )
+        return skipped_text(self.skipped)
 
     def report(self) -> str:
         used = int(self.used.sum())
@@ -249,13 +267,9 @@ class Summary:
         lines = [
             f"images encoded  {self.encoded:,} ({self.encoded_now:,} in {self.seconds:.1f} s, {self.rate()}{resumed})",
             f"skipped         {self.skipped_text()}",
-            *(f"  {bad}" for bad in self.bad_images),
+            *reported_lines(self.skipped, self.bad_images),
+            f"codebook usage: {used} / {self.codebook_size} codes ({100 * used / max(self.codebook_size, 1):.1f}%)",
         ]
-        if sum(self.skipped.values()) > len(self.bad_images):
-            lines.append(f"  (the first {len(self.bad_images)} shown)")
-        lines.append(
-            f"codebook usage: {used} / {self.codebook_size} codes ({100 * used / max(self.codebook_size, 1):.1f}%)"
-        )
         return "\n".join(lines)
 
 
@@ -271,7 +285,8 @@ class ResumableOutput:
         self.file: IO[bytes] | None = None
 
     def open(self) -> dict[str, Any] | None:
-        """Open for appending; the progress record of an interrupted run, or None for a fresh start."""
+        """Open for appending; the progress record of an interrupted run, or None for a fresh start.
+        Temporary records that killed runs left (named after their PIDs) are removed."""
         if self.path.exists() and not self.partial.exists():
             raise EncodeError(f"{self.path} exists already (a finished run): remove it to encode again")
         self.file = os.fdopen(os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
@@ -279,6 +294,8 @@ class ResumableOutput:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise EncodeError(f"{self.partial}: another process is writing it") from None
+        for stale in leftovers_of_dead_processes(self.progress.parent, f".{self.progress.name}.", (".tmp",)):
+            stale.unlink(missing_ok=True)
         record = self._read_record()
         length = record["bytes"] if record else 0
         if self.file.seek(0, os.SEEK_END) < length:
@@ -312,9 +329,8 @@ class ResumableOutput:
         self.file.flush()
         os.fsync(self.file.fileno())
         record = {"settings": self.settings, "consumed": consumed, "bytes": self.file.tell(), **summary.record()}
-        tmp = self.progress.with_name(f".{self.progress.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.progress)
+        text = json.dumps(record)
+        write_atomically(self.progress, lambda temporary: temporary.write_text(text), durable=True)
 
     def finish(self) -> None:
         self.file.close()
@@ -332,7 +348,7 @@ class ResumableOutput:
 
 
 def encode_images(
-    items: Iterable[Item],
+    inputs: Callable[[int], Iterable[Item]],
     output: Path,
     model: VQGAN,
     filters: Filters,
@@ -344,10 +360,11 @@ def encode_images(
     log_interval: int = 1000,
 ) -> Summary:
     """Encode every item into ``output`` (jsonl), resuming an interrupted run of the same ``settings``.
-    ``workers`` 0 loads images in this process. On CUDA the encoder runs under bf16 autocast (the
-    codebook search stays fp32). ``log`` (default stderr) gets the progress lines."""
+    ``inputs(skip)`` gives the items after the first ``skip`` (those a resumed run has done), e.g.
+    ``lambda skip: jsonl_items(paths, skip=skip)``. ``workers`` 0 loads images in this process. ``log`` (default stderr) gets the progress lines."""
     log = log or sys.stderr
     out = ResumableOutput(output, settings)
+    progress = ProgressLine("images", log_interval, log, baseline=None)
     try:
         record = out.open()
         consumed = record["consumed"] if record else 0
@@ -355,14 +372,16 @@ def encode_images(
         if record:
             summary = Summary.from_record(record, model.config.n_embed, consumed)
             print(f"resuming {out.partial}: {consumed:,} inputs done, {summary.encoded:,} images", file=log)
-        progress = _Progress(summary, log_interval, log)
-        chunks = _chunks(islice(items, consumed, None), batch_size)
+        submitted: deque[list[Item]] = deque()
         with Pool(workers) if workers else nullcontext() as pool:
-            for chunk_items, chunk in _loaded(chunks, filters, pool, 2 * workers):
+            chunks = _submitted(_chunks(iter(inputs(consumed)), batch_size), submitted)
+            for chunk in in_order(pool, partial(load_chunk, filters=filters), chunks, 2 * workers):
+                chunk_items = submitted.popleft()
                 consumed += len(chunk_items)
                 data = _encode_chunk(model, chunk_items, chunk, summary, strict)
                 out.commit(data, consumed, summary)
-                progress.update(chunk_items[-1].progress)
+                summary.seconds = progress.elapsed()
+                progress.update(summary.encoded_now, summary.encoded, summary.rate, chunk_items[-1].progress)
         if not summary.encoded:
             out.discard()
             raise EncodeError(
@@ -371,7 +390,7 @@ def encode_images(
         out.finish()
     finally:
         out.close()
-    summary.seconds = time.perf_counter() - progress.start
+    summary.seconds = progress.elapsed()
     return summary
 
 
@@ -380,22 +399,11 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def _loaded(
-    chunks: Iterator[list[Item]], filters: Filters, pool: Pool | None, depth: int
-) -> Iterator[tuple[list[Item], Chunk]]:
-    """Chunks loaded in input order; with a pool, at most ``depth`` in flight (bounded memory)."""
-    if pool is None:
-        yield from ((items, load_chunk(items, filters)) for items in chunks)
-        return
-    pending: deque = deque()
-    for items in chunks:
-        pending.append((items, pool.apply_async(load_chunk, (items, filters))))
-        if len(pending) >= depth:
-            items, result = pending.popleft()
-            yield items, result.get()
-    while pending:
-        items, result = pending.popleft()
-        yield items, result.get()
+def _submitted(chunks: Iterator[list[Item]], submitted: deque[list[Item]]) -> Iterator[list[Item]]:
+    """``chunks``, each kept in ``submitted`` too: its results come in the same order, without them."""
+    for chunk in chunks:
+        submitted.append(chunk)
+        yield chunk
 
 
 def _encode_chunk(model: VQGAN, items: list[Item], chunk: Chunk, summary: Summary, strict: bool) -> bytes:
@@ -403,9 +411,7 @@ def _encode_chunk(model: VQGAN, items: list[Item], chunk: Chunk, summary: Summar
     for index, reason, message in chunk.bad:
         if strict:
             raise EncodeError(f"{items[index].where}: {message} (--strict)")
-        summary.skipped[reason] += 1
-        if len(summary.bad_images) < REPORTED_BAD_IMAGES:
-            summary.bad_images.append(f"{items[index].where}: {reason}: {message}")
+        summary.skip(items[index].where, reason, message)
     if not chunk.good:
         return b""
     codes = encode_crops(model, chunk.crops)
@@ -420,31 +426,7 @@ def _encode_chunk(model: VQGAN, items: list[Item], chunk: Chunk, summary: Summar
 
 
 def encode_crops(model: VQGAN, crops: np.ndarray) -> np.ndarray:
-    """``[n, size, size, 3]`` uint8 crops -> ``[n, codes_per_image]`` codes, on the model's device."""
+    """``[n, size, size, 3]`` uint8 crops -> ``[n, codes_per_image]`` codes, on the model's device (in fp32,
+    as :meth:`VQGAN.encode` always computes)."""
     device = next(model.parameters()).device
-    pixels = normalize(crops).to(device)
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        return model.encode(pixels).cpu().numpy()
-
-
-class _Progress:
-    """A line every ``interval`` images: images/s of this run and the ETA from the share of input read."""
-
-    def __init__(self, summary: Summary, interval: int, log: IO[str]) -> None:
-        self.summary, self.interval, self.log = summary, interval, log
-        self.start = time.perf_counter()
-        self.next = interval
-        self.first: float | None = None
-
-    def update(self, share: float) -> None:
-        self.summary.seconds = time.perf_counter() - self.start
-        self.first = share if self.first is None else self.first
-        if self.summary.encoded_now < self.next:
-            return
-        self.next = self.summary.encoded_now + self.interval
-        eta = f"{self.summary.seconds * (1 - share) / (share - self.first):.0f} s" if share > self.first else "?"
-        print(
-            f"{self.summary.encoded:,} images ({self.summary.rate()}), {share:.0%} of the input, ETA {eta}",
-            file=self.log,
-            flush=True,
-        )
+    return model.encode(normalize(crops).to(device)).cpu().numpy()

@@ -9,7 +9,6 @@ no straight-through gradients.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,6 +17,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megatron_unix.files import write_atomically
+from megatron_unix.platform import leftovers_of_dead_processes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -281,7 +283,13 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
-        return self.quantize(self.latents(pixels))
+        """Codes of pixels, computed in fp32 whatever the caller's autocast: bf16 latents move codes to
+        neighbouring entries, so a dataset encoded on a GPU and an image prompt would differ for one image.
+        The one place that decides the encoder's precision."""
+        if self.quant_conv.weight.dtype != torch.float32:
+            raise VQGANError(f"the VQGAN encodes in fp32, its weights are {self.quant_conv.weight.dtype}: .float() it")
+        with torch.autocast(pixels.device.type, enabled=False):
+            return self.quantize(self.latents(pixels.float()))
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
@@ -298,9 +306,8 @@ class VQGAN(nn.Module):
         config_yaml: str | Path,
         checkpoint: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
     ) -> VQGAN:
-        """Chameleon's release files (``tokenizer/vqgan.yaml``, ``tokenizer/vqgan.ckpt``); the
+        """Chameleon's release files (``tokenizer/vqgan.yaml``, ``tokenizer/vqgan.ckpt``), in fp32; the
         discriminator and perceptual-loss tensors (``loss.*``) are dropped."""
         model = cls(VQGANConfig.from_chameleon_yaml(config_yaml))
         try:
@@ -312,23 +319,26 @@ class VQGAN(nn.Module):
         if not isinstance(stored, dict) or not isinstance(stored.get("state_dict"), dict):
             raise VQGANError(f"{checkpoint}: no 'state_dict' in it (is it a taming/Chameleon vqgan.ckpt?)")
         state = {k: v for k, v in stored["state_dict"].items() if not k.startswith("loss.")}
-        return model._load(state, str(checkpoint)).to(device, dtype)
+        return model._load(state, str(checkpoint)).to(device, torch.float32)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` and ``model.safetensors``, each written under a temporary name and renamed."""
+        """``config.json`` and ``model.safetensors``, each written under a temporary name and renamed (the
+        temporaries that killed earlier saves left are removed)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            for stale in leftovers_of_dead_processes(directory, f".{name}.", (".tmp",)):
+                stale.unlink(missing_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+        write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
         text = json.dumps(asdict(self.config), indent=2) + "\n"
-        _write_atomically(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text))
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-    ) -> VQGAN:
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VQGAN:
+        """A VQGAN written by :meth:`save_pretrained`, in fp32."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -343,7 +353,7 @@ class VQGAN(nn.Module):
             raise
         except (OSError, ValueError, SafetensorError) as e:
             raise VQGANError(f"{directory}: cannot read {CONFIG_FILE} / {WEIGHTS_FILE}: {e}") from e
-        return cls(config)._load(state, str(weights_path)).to(device, dtype)
+        return cls(config)._load(state, str(weights_path)).to(device, torch.float32)
 
     def _load(self, state: Mapping[str, Tensor], source: str) -> VQGAN:
         """Load every tensor or refuse, naming the missing, unexpected or misshapen ones."""
@@ -360,12 +370,3 @@ class VQGAN(nn.Module):
             raise VQGANError(f"{source}: does not fit the VQGAN config: {'; '.join(problems[:5])}{more}")
         self.load_state_dict(state)
         return self.requires_grad_(False)
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -41,7 +41,11 @@ def i2t_prompt(tokenizer: TextTokenizer, layout: VocabLayout, codes: Sequence[in
 
 
 class Decoder:
-    """A left-padded batch of prompts growing by one token position per step."""
+    """A left-padded batch of prompts growing by one token position per step.
+
+    With the cache, only the tokens it has not seen yet are kept (and forwarded); without it, the
+    whole sequence, which every step forwards again. The attention mask covers the whole sequence.
+    """
 
     def __init__(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, use_cache: bool) -> None:
         if not prompts or not all(prompts):
@@ -49,30 +53,29 @@ class Decoder:
         self.model, self.use_cache = model, use_cache
         self.device = next(model.parameters()).device
         width = max(len(p) for p in prompts)
-        self.ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        self.inputs = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        """What the next forward reads: the unseen tokens (cache) or the whole sequence (recompute)."""
         self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         self.cache = UniXCache() if use_cache else None
-        self.pending = self.ids  # tokens the cache has not seen yet
 
     def logits(self) -> torch.Tensor:
         """fp32 logits [rows, vocab] for the token after the current sequence."""
-        inputs = self.pending if self.use_cache else self.ids
         out = self.model(
-            input_ids=inputs,
+            input_ids=self.inputs,
             attention_mask=self.mask,
             past_key_values=self.cache,
             use_cache=self.use_cache,
             logits_to_keep=1,
         )
-        self.pending = self.ids[:, :0]
+        if self.use_cache:
+            self.inputs = self.inputs[:, :0]
         return out.logits[:, -1].float()
 
     def append(self, tokens: torch.Tensor) -> None:
         """Add one token [rows] to every row (forwarded by the next :meth:`logits`)."""
         tokens = tokens.to(self.device)[:, None]
-        self.ids = torch.cat([self.ids, tokens], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        self.pending = torch.cat([self.pending, tokens], dim=1)
+        self.inputs = torch.cat([self.inputs, tokens], dim=1)
 
 
 @torch.inference_mode()
@@ -92,20 +95,21 @@ def generate_text(
     allowed = layout.text_ids(model.config.vocab_size, decoder.device)
     rngs = generators(seeds, decoder.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=decoder.device)
-    out: list[list[int]] = [[] for _ in prompts]
+    columns = []
     for step in range(max_new_tokens):
         tokens = draw(restrict(decoder.logits(), allowed), params, rngs)
         tokens = tokens.masked_fill(finished, layout.eos_id)
         finished |= tokens == layout.eos_id
-        for row, token in enumerate(tokens.tolist()):
-            if token != layout.eos_id:
-                out[row].append(token)
+        columns.append(tokens)
         if on_step:
             on_step()
         if finished.all() or step == max_new_tokens - 1:
             break
         decoder.append(tokens)
-    return out
+    if not columns:
+        return [[] for _ in prompts]
+    rows = torch.stack(columns, dim=1).tolist()
+    return [row[: row.index(layout.eos_id)] if layout.eos_id in row else row for row in rows]
 
 
 @torch.inference_mode()

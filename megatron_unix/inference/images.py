@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 
 def load_vqgan(
@@ -27,19 +27,21 @@ def load_vqgan(
     return VQGAN.from_chameleon(config_yaml, checkpoint, device=device)
 
 
-def encode_files(vqgan, paths: Sequence[str | Path]) -> torch.Tensor:
-    """Codes [n, codes_per_image] (0-based) of image files, resized and centre-cropped as in training."""
-    from megatron_unix.image.transforms import to_pixels
+def encode_files(vqgan, paths: Sequence[str | Path], batch_size: int = 8) -> list[list[int]]:
+    """Codes (0-based, ``codes_per_image`` each) of image files, read and cropped as ``encode_images``
+    does (:func:`megatron_unix.image.encode.load`), encoded ``batch_size`` at a time."""
+    from megatron_unix.image.encode import Filters, Item, encode_crops, load_chunk
 
-    pixels = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                pixels.append(to_pixels(image, vqgan.image_size))
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"--image {path}: not a readable image ({error})") from None
-    device = next(vqgan.parameters()).device
-    return vqgan.encode(torch.stack(pixels).to(device)).cpu()
+    filters = Filters(size=vqgan.image_size, min_size=1, max_aspect=float("inf"))  # any image: no filtering
+    codes: list[list[int]] = []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start : start + batch_size]
+        chunk = load_chunk([Item(str(path), {}, path=str(path)) for path in batch], filters)
+        if chunk.bad:
+            index, _, why = chunk.bad[0]
+            raise ValueError(f"--image {batch[index]}: {why}")
+        codes += encode_crops(vqgan, chunk.crops).tolist()
+    return codes
 
 
 def decode_codes(vqgan, codes: Sequence[Sequence[int]], batch_size: int = 8) -> list[Image.Image]:

@@ -13,18 +13,18 @@ HF model in memory, so both sources run one generation path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from megatron_unix.conversion import convert
 from megatron_unix.conversion.convert import load_megatron
-from megatron_unix.conversion.hf_config import INTERCHANGE, resolve_separators
+from megatron_unix.conversion.hf_config import INTERCHANGE, unix_fields
 from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class
-from megatron_unix.conversion.hf_remote.configuration_unix import UNIX_DEFAULTS, unix_field
+from megatron_unix.conversion.hf_remote.configuration_unix import unix_field
 from megatron_unix.conversion.hf_remote.modeling_unix import separator_ids
 from megatron_unix.conversion.mappings import megatron_to_hf
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
@@ -49,44 +49,40 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def vocab_layout(
-    vq_offset: int,
-    codebook_size: int,
-    boi_id: int,
-    eoi_id: int,
-    eos_id: int,
-    separators: Sequence[int],
-    vis_sep_lens: Any,
-) -> VocabLayout:
-    """The layout of a model whose routed separators are ``separators`` (the reference generates with
-    one separator token and one interval, ``vis_sep_lens`` of config.json)."""
+def vocab_layout(config: PretrainedConfig, tokenizer: TextTokenizer, **names: str) -> VocabLayout:
+    """The layout of a Uni-X HF config (``model.config``): codes, BOI and the routed separators from the
+    config, EOI and EOS from the tokenizer through a :class:`MultimodalTokenizer` (which refuses a
+    tokenizer overlapping the codes; ``names``: its ``boi``/``eoi``/``eos`` token texts where a run
+    chose others). The reference generates with one separator token and one interval (``vis_sep_lens``)."""
+    multimodal = MultimodalTokenizer(
+        tokenizer, config.vision_vocab_size, vq_offset=config.real_text_vocab_size, **names
+    )
+    separators = separator_ids(config)
     if len(separators) > 1:
-        raise ValueError(f"separators {list(separators)}: generation forces a single separator token")
+        raise ValueError(f"separators {separators}: generation forces a single separator token")
     every = 0
     if separators:
+        vis_sep_lens = unix_field(config, "vis_sep_lens")
         try:
             every = int(str(vis_sep_lens))
         except ValueError:
             raise ValueError(f"config.json vis_sep_lens={vis_sep_lens!r}: generation needs one interval") from None
     return VocabLayout(
-        vq_offset=vq_offset,
-        codebook_size=codebook_size,
-        boi_id=boi_id,
-        eoi_id=eoi_id,
-        eos_id=eos_id,
+        vq_offset=multimodal.vq_offset,
+        codebook_size=multimodal.codebook_size,
+        boi_id=config.vision_start_id,
+        eoi_id=multimodal.eoi_id,
+        eos_id=multimodal.eos_id,
         separator_id=separators[0] if separators else None,
         separator_every=every,
     )
 
 
-def _text_tokenizer(path: str | Path | None, missing: str, vq_offset: int) -> TextTokenizer:
+def _text_tokenizer(path: str | Path | None, missing: str) -> TextTokenizer:
     """The text tokenizer at ``path``; ``missing`` says where none was found."""
     if path is None or not Path(path).exists():
         raise ValueError(f"{missing}: give --tokenizer (an HF tokenizer directory or a SentencePiece model)")
-    text = load_text_tokenizer(path)
-    if len(text) > vq_offset:
-        raise ValueError(f"tokenizer {path}: its {len(text)} tokens overlap the VQ codes, which start at {vq_offset}")
-    return text
+    return load_text_tokenizer(path)
 
 
 def load_hf(
@@ -104,28 +100,22 @@ def load_hf(
     if tokenizer is None and has_tokenizer(directory):
         tokenizer = directory
     missing = f"--tokenizer {tokenizer}: no such file" if tokenizer else f"--hf {directory} has no tokenizer files"
-    text = _text_tokenizer(tokenizer, missing, config.real_text_vocab_size)
-    resolve_separators(config, text, source.path)
-    names = MultimodalTokenizer(text, config.vision_vocab_size, vq_offset=config.real_text_vocab_size)
-    vocab = vocab_layout(
-        config.real_text_vocab_size,
-        config.vision_vocab_size,
-        config.vision_start_id,
-        names.eoi_id,
-        names.eos_id,
-        separator_ids(config),
-        unix_field(config, "vis_sep_lens"),
-    )
+    text = _text_tokenizer(tokenizer, missing)
+    unix_fields(config, text, source.path)  # refuses what the model cannot run; records the separators' ids
+    vocab = vocab_layout(config, text)
     model = model_class(source.style, unix=True).from_pretrained(
         directory, config=config, dtype=dtype or default_dtype(device)
     )
     return LoadedModel(model.to(device).eval(), text, vocab)
 
 
-def hf_model_from_megatron(model: torch.nn.Module, config: UniXConfig, vocab_size: int) -> torch.nn.Module:
-    """The in-memory HF Uni-X model (fp32) holding a TP1/PP1 Megatron model's weights."""
+def hf_model_from_megatron(
+    model: torch.nn.Module, config: UniXConfig, vocab_size: int, interchange: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """The in-memory HF Uni-X model (fp32) holding a TP1/PP1 Megatron model's weights; ``interchange``
+    (the checkpoint's :data:`INTERCHANGE` record) gives it the config.json keys an export writes."""
     weights = megatron_to_hf({name: p.detach() for name, p in model.named_parameters()}, config, vocab_size)
-    return convert.hf_unix_model(config, vocab_size, weights)
+    return convert.hf_unix_model(config, vocab_size, weights, interchange)
 
 
 def load_checkpoint(
@@ -139,23 +129,22 @@ def load_checkpoint(
     ``tokenizer`` defaults to the one the checkpoint records."""
     device = device or default_device()
     megatron, config, common = load_megatron(path, verify)
-    vocab_size = common["model_args"]["vocab_size"]
-    recorded = (common.get("args") or {}).get("tokenizer_model")
+    run_args = common.get("args") or {}
+    recorded = run_args.get("tokenizer_model")
     missing = (
         f"--tokenizer {tokenizer}: no such file"
         if tokenizer
         else f"--load {path} records tokenizer_model={recorded!r}, which is not there"
     )
-    text = _text_tokenizer(tokenizer or recorded, missing, config.vq_offset)
-    carried = (common["model_args"].get(INTERCHANGE) or {}).get("config") or {}
-    vocab = vocab_layout(
-        config.vq_offset,
-        config.vq_codebook_size,
-        config.boi_id,
-        config.eoi_id,
-        config.eos_id,
-        config.separator_ids,
-        carried.get("vis_sep_lens", UNIX_DEFAULTS["vis_sep_lens"]),
-    )
-    model = hf_model_from_megatron(megatron, config, vocab_size)
+    text = _text_tokenizer(tokenizer or recorded, missing)
+    model_args = common["model_args"]
+    model = hf_model_from_megatron(megatron, config, model_args["vocab_size"], model_args.get(INTERCHANGE))
+    del megatron  # the fp32 Megatron copy, before the HF one is moved and cast
+    vocab = vocab_layout(model.config, text, **{k: run_args[k] for k in ("boi", "eoi", "eos") if run_args.get(k)})
+    for name in ("eoi_id", "eos_id"):
+        if getattr(vocab, name) != getattr(config, name):
+            raise ValueError(
+                f"--load {path} was trained with {name}={getattr(config, name)} but the tokenizer "
+                f"{tokenizer or recorded} gives {getattr(vocab, name)}: use the tokenizer of the checkpoint"
+            )
     return LoadedModel(model.to(device, dtype or default_dtype(device)).eval(), text, vocab)

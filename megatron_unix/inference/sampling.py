@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_unix.data.vocabulary import vision_mask
+
 NEG_INF = float("-inf")
 
 
@@ -41,11 +43,10 @@ class VocabLayout:
             )
 
     def text_ids(self, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Bool [vocab_size]: ids text generation may emit (no codes, BOI or separator: those start or
-        continue an image, which text mode cannot finish)."""
-        ids = torch.arange(vocab_size, device=device)
-        image_specials = [self.boi_id] + ([self.separator_id] if self.separator_id is not None else [])
-        return (ids < self.vq_offset) & ~torch.isin(ids, torch.tensor(image_specials, device=device))
+        """Bool [vocab_size]: ids text generation may emit, the text side of the routing rule (no codes,
+        BOI or separator: those start or continue an image, which text mode cannot finish)."""
+        separators = [self.separator_id] if self.separator_id is not None else []
+        return ~vision_mask(torch.arange(vocab_size, device=device), self.vq_offset, self.boi_id, separators)
 
     def image_schedule(self, codes_per_image: int) -> list[bool]:
         """One entry per generated image token: True where a separator is forced, False for a code."""
