@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
+from pathlib import Path
 
 
 def out_of_range(args: argparse.Namespace, checks: Iterable[tuple[str, bool]]) -> str | None:
@@ -22,3 +23,22 @@ def refuse_out_of_range(
     message = out_of_range(args, checks)
     if message:
         parser.error(message)
+
+
+def add_vqgan_arguments(group: argparse._ActionsContainer) -> None:
+    """The VQGAN of the programs that turn images into codes or codes into images: a ``save_pretrained``
+    folder, or the Chameleon release's two files."""
+    group.add_argument("--vqgan", type=Path, help="VQGAN folder (save_pretrained: config.json, model.safetensors)")
+    group.add_argument("--vqgan-config", type=Path, help="Chameleon's tokenizer/vqgan.yaml (with --vqgan-checkpoint)")
+    group.add_argument("--vqgan-checkpoint", type=Path, help="Chameleon's tokenizer/vqgan.ckpt")
+
+
+def vqgan_flags_error(args: argparse.Namespace, required: bool) -> str | None:
+    """What is wrong with the VQGAN flags of :func:`add_vqgan_arguments`, if anything."""
+    if (args.vqgan_config is None) != (args.vqgan_checkpoint is None):
+        return "--vqgan-config and --vqgan-checkpoint go together"
+    if args.vqgan and args.vqgan_config:
+        return "give --vqgan or --vqgan-config/--vqgan-checkpoint, not both"
+    if required and not (args.vqgan or args.vqgan_config):
+        return "give --vqgan, or --vqgan-config with --vqgan-checkpoint"
+    return None

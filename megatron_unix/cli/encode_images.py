@@ -30,7 +30,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from megatron_unix.cli import refuse_out_of_range
+from megatron_unix.cli import add_vqgan_arguments, refuse_out_of_range, vqgan_flags_error
 from megatron_unix.cli.preprocess_data import (
     add_layout_arguments,
     add_tokenizer_arguments,
@@ -55,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base64-key", default="image_base64", help="key of the base64-encoded image")
     p.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the jsonl's folder)")
 
-    g = p.add_argument_group("VQGAN (either a save_pretrained folder or Chameleon's release files)")
-    g.add_argument("--vqgan", type=Path, help="folder with config.json and model.safetensors")
-    g.add_argument("--vqgan-config", type=Path, help="Chameleon's tokenizer/vqgan.yaml")
-    g.add_argument("--vqgan-checkpoint", type=Path, help="Chameleon's tokenizer/vqgan.ckpt")
+    add_vqgan_arguments(p.add_argument_group("VQGAN (either a save_pretrained folder or Chameleon's release files)"))
 
     g = p.add_argument_group("filters")
     g.add_argument("--min-size", type=int, default=MIN_SIZE, help="smallest short side in pixels")
@@ -78,10 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(vq_codebook_size=None, image_tokens=None)  # the VQGAN's
 
     args = p.parse_args(argv)
-    if bool(args.vqgan) == bool(args.vqgan_config or args.vqgan_checkpoint):
-        p.error("give --vqgan, or --vqgan-config with --vqgan-checkpoint")
-    if not args.vqgan and not (args.vqgan_config and args.vqgan_checkpoint):
-        p.error("--vqgan-config and --vqgan-checkpoint go together")
+    if message := vqgan_flags_error(args, required=True):
+        p.error(message)
     if args.output.suffix == ".gz":
         p.error(f"--output {args.output}: the output is plain jsonl (it is appended to while running)")
     if bool(args.output_prefix) != bool(args.tokenizer_model):
@@ -108,16 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_unix.data.preprocess import expand_inputs
     from megatron_unix.image.encode import EncodeError, Filters, encode_images, folder_items, jsonl_items
     from megatron_unix.image.vqgan import VQGAN
+    from megatron_unix.inference.loading import default_device
 
     try:
         inputs = expand_inputs(args.input) if args.input else []
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(args.device) if args.device else default_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncodeError(f"--device {args.device}: no GPU is available")
-        if args.vqgan:
-            model = VQGAN.from_pretrained(args.vqgan, device)
-        else:
-            model = VQGAN.from_chameleon(args.vqgan_config, args.vqgan_checkpoint, device)
+        model = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
         tok = _tokenizer(args, model) if args.output_prefix else None  # fail early
         filters = Filters(model.image_size, args.min_size, args.max_aspect)
         if args.input:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from megatron_unix.cli import out_of_range
+from megatron_unix.cli import add_vqgan_arguments, out_of_range, vqgan_flags_error
 
 if TYPE_CHECKING:
     import torch
@@ -64,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="text and i2t")
     parser.add_argument("--codes-per-image", type=int, default=None, help="default: the VQGAN's, else 1024")
-    parser.add_argument("--vqgan", type=Path, help="VQGAN directory (save_pretrained)")
-    parser.add_argument("--vqgan-config", type=Path, help="Chameleon/taming vqgan.yaml (with --vqgan-checkpoint)")
-    parser.add_argument("--vqgan-checkpoint", type=Path, help="Chameleon/taming vqgan.ckpt")
+    add_vqgan_arguments(parser)
     parser.add_argument("--output-dir", type=Path, help="t2i: required; text/i2t: writes samples.jsonl")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return parser
@@ -118,10 +116,8 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
     for flag, path in paths:
         if path is not None and not Path(path).exists():
             raise ValueError(f"{flag} {path}: no such file or directory")
-    if (args.vqgan_config is None) != (args.vqgan_checkpoint is None):
-        raise ValueError("--vqgan-config and --vqgan-checkpoint go together")
-    if args.vqgan and args.vqgan_config:
-        raise ValueError("give --vqgan or --vqgan-config/--vqgan-checkpoint, not both")
+    if message := vqgan_flags_error(args, required=False):
+        raise ValueError(message)
     if args.mode == "i2t":
         if not args.image:
             raise ValueError("--mode i2t needs --image")
@@ -285,15 +281,16 @@ def run_text(
 def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, Any]]:
     import torch
 
+    from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference import generate
-    from megatron_unix.inference.images import encode_files, load_vqgan
+    from megatron_unix.inference.images import encode_files
     from megatron_unix.inference.loading import default_device
 
     params = sampling(args)
     device = torch.device(args.device) if args.device else default_device()
     vqgan = None
     if args.vqgan or args.vqgan_config:
-        vqgan = load_vqgan(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
+        vqgan = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
     codes = encode_files(vqgan, args.image, args.batch_size) if args.mode == "i2t" else []  # bad files refused early
     loaded = load_model(args, device)
     if vqgan is not None and vqgan.config.n_embed != loaded.layout.codebook_size:

@@ -337,6 +337,19 @@ class VQGAN(nn.Module):
         write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text))
 
     @classmethod
+    def load(
+        cls,
+        directory: str | Path | None = None,
+        config_yaml: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> VQGAN:
+        """From a :meth:`save_pretrained` ``directory``, else from Chameleon's ``config_yaml`` + ``checkpoint``."""
+        if directory is not None:
+            return cls.from_pretrained(directory, device)
+        return cls.from_chameleon(config_yaml, checkpoint, device)
+
+    @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VQGAN:
         """A VQGAN written by :meth:`save_pretrained`, in fp32."""
         from safetensors import SafetensorError

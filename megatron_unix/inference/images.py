@@ -13,20 +13,6 @@ import torch
 from PIL import Image
 
 
-def load_vqgan(
-    directory: str | Path | None = None,
-    config_yaml: str | Path | None = None,
-    checkpoint: str | Path | None = None,
-    device: torch.device | str = "cpu",
-):
-    """A VQGAN saved with ``save_pretrained`` (``directory``) or Chameleon's yaml + ckpt."""
-    from megatron_unix.image.vqgan import VQGAN
-
-    if directory is not None:
-        return VQGAN.from_pretrained(directory, device=device)
-    return VQGAN.from_chameleon(config_yaml, checkpoint, device=device)
-
-
 def encode_files(vqgan, paths: Sequence[str | Path], batch_size: int = 8) -> list[list[int]]:
     """Codes (0-based, ``codes_per_image`` each) of image files, read and cropped as ``encode_images``
     does (:func:`megatron_unix.image.encode.load`), encoded ``batch_size`` at a time."""
