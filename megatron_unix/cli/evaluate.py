@@ -1,0 +1,103 @@
+"""Evaluate a Uni-X checkpoint on the paper's benchmarks; one subcommand per family.
+
+    python tools/evaluate.py loss --load ckpt/run --data-path data/val_text data/val_pairs --output-dir eval/run
+    python tools/evaluate.py text --hf hf/run --tasks arc_easy,mmlu --output-dir eval/run
+    python tools/evaluate.py understanding --hf hf/run --benchmark-dir vlmeval/ --vqgan vqgan/ --output-dir eval/run
+    python tools/evaluate.py generation --hf hf/run --geneval-prompts evaluation_metadata.jsonl --vqgan vqgan/ --output-dir eval/run
+    python tools/evaluate.py report eval/run-* --output-dir eval/summary
+
+Each subcommand adds its section to ``OUTPUT_DIR/results.json`` (written atomically; other sections are
+kept) and rewrites ``OUTPUT_DIR/results.md``, the checkpoint beside the paper's Table 4. Interrupted runs
+resume: finished items are read back, not redone. ``report`` gathers several output folders into one
+table and a plot of loss and scores against tokens seen. Exit status: 0 ok, 2 refused (a flag or file, named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SUBCOMMANDS = {
+    "loss": "megatron_unix.cli.evaluate_loss",
+    "text": "megatron_unix.cli.evaluate_text",
+    "understanding": "megatron_unix.cli.evaluate_understanding",
+    "generation": "megatron_unix.cli.evaluate_generation",
+    "report": "megatron_unix.cli.evaluate_report",
+}
+"""Subcommand -> module with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int`` (exit status)."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, megatron_only: bool = False) -> None:
+    """The checkpoint to evaluate: an HF directory (``--hf``) or a Megatron one (``--load``)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    if not megatron_only:
+        source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
+    source.add_argument("--load", help="Megatron checkpoint: save directory or iter_* directory")
+    parser.add_argument("--tokenizer", help="text tokenizer (default: the HF directory's, or the one --load records)")
+    parser.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="--load without checking the checkpoint's files against its checksums.json",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=1234)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where results go and how the checkpoint is named in tables and plots."""
+    parser.add_argument("--output-dir", type=Path, required=True, help="results.json, results.md and caches")
+    parser.add_argument("--name", help="the checkpoint's name in tables and plots (default: the output folder's)")
+    parser.add_argument(
+        "--tokens-seen", type=float, help="training tokens behind this checkpoint (default: read from --load)"
+    )
+
+
+def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What results.json records about the evaluated checkpoint; ``iteration`` and ``tokens_seen``
+    come from a Megatron checkpoint's common record when the flags do not give them."""
+    source = getattr(args, "hf", None) or args.load
+    record: dict[str, Any] = {
+        "source": str(Path(source).resolve()),
+        "format": "hf" if getattr(args, "hf", None) else "megatron",
+    }
+    if args.name:
+        record["name"] = args.name
+    if record["format"] == "megatron":
+        from megatron_unix.training.checkpointing import find_checkpoint, read_common
+
+        found = find_checkpoint(args.load)
+        if found is None:
+            raise ValueError(f"--load {args.load}: no checkpoint there")
+        common = read_common(found, verify=False)
+        record["iteration"] = common["iteration"]
+        seq_length = (common.get("args") or {}).get("seq_length")
+        if seq_length:
+            record["tokens_seen"] = common.get("consumed_train_samples", 0) * seq_length
+    if args.tokens_seen is not None:
+        record["tokens_seen"] = args.tokens_seen
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(commands.add_parser(name, help=module.HELP, description=module.HELP))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(SUBCOMMANDS[args.command]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""One checkpoint's ``results.json``: a section per subcommand, merged as they finish, and the
+paper-comparable summary (``MMLU``, ``GenEval``, ``MMB`` in percent) derived from the sections."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from megatron_unix.evaluation.report import markdown_table, write_results
+from megatron_unix.files import write_text_atomically
+
+RESULTS = "results.json"
+TABLE = "results.md"
+
+SUMMARY: dict[str, tuple[tuple[str, ...], float]] = {
+    "MMLU": (("text", "mmlu", "acc"), 100.0),
+    "GenEval": (("generation", "geneval", "overall"), 100.0),
+    "MMB": (("understanding", "MMBench", "overall"), 1.0),
+}
+"""Paper metric -> (path in results.json's ``sections``, factor to percent). Sections store what their
+tool reports: lm-eval accuracies in [0, 1], GenEval's overall score in [0, 1], VLMEvalKit scores in %."""
+
+
+def read_results(output_dir: str | Path) -> dict[str, Any]:
+    """``OUTPUT_DIR/results.json``, or an empty record when there is none yet."""
+    path = Path(output_dir) / RESULTS
+    if not path.exists():
+        return {"checkpoint": {}, "sections": {}, "summary": {}}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(results.get("sections"), dict):
+            raise ValueError("no 'sections' object")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: not a results file of tools/evaluate.py ({error})") from None
+    return results
+
+
+def summary(sections: Mapping[str, Any]) -> dict[str, float]:
+    """The paper's Table 4 metrics found in ``sections``, in percent."""
+    found = {}
+    for metric, (path, factor) in SUMMARY.items():
+        value: Any = sections
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, (int, float)):
+            found[metric] = float(value) * factor
+    return found
+
+
+def update_results(
+    output_dir: str | Path, section: str, values: Mapping[str, Any], checkpoint: Mapping[str, Any]
+) -> dict:
+    """Put ``values`` under ``sections[section]`` (replacing that section only), record what was
+    evaluated, recompute the summary, and rewrite results.json and results.md atomically."""
+    output_dir = Path(output_dir)
+    results = read_results(output_dir)
+    known = results.get("checkpoint") or {}
+    for key in ("source", "iteration"):
+        if key in known and key in checkpoint and known[key] != checkpoint[key]:
+            raise ValueError(
+                f"{output_dir / RESULTS} holds results of {key}={known[key]!r}, not {checkpoint[key]!r}: "
+                "use another --output-dir per checkpoint"
+            )
+    results["checkpoint"] = {**known, **checkpoint}
+    results["sections"][section] = dict(values)
+    results["summary"] = summary(results["sections"])
+    write_results(output_dir / RESULTS, results)
+    name = results["checkpoint"].get("name") or output_dir.name
+    write_text_atomically(output_dir / TABLE, markdown_table({name: results["summary"]}))
+    return results
