@@ -83,20 +83,24 @@ def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: dict[str, str] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    """The parser with ``commands``' subparsers (importing a subcommand's module imports only its needs)."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, module_name in SUBCOMMANDS.items():
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, module_name in commands.items():
         module = importlib.import_module(module_name)
-        module.add_arguments(commands.add_parser(name, help=module.HELP, description=module.HELP))
+        subparsers.add_parser(name, help=module.HELP, description=module.HELP).set_defaults(module=module)
+        module.add_arguments(subparsers.choices[name])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return importlib.import_module(SUBCOMMANDS[args.command]).run(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = {argv[0]: SUBCOMMANDS[argv[0]]} if argv and argv[0] in SUBCOMMANDS else SUBCOMMANDS
+    args = build_parser(chosen).parse_args(argv)
+    return args.module.run(args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ TABLE = "results.md"
 SUMMARY: dict[str, tuple[tuple[str, ...], float]] = {
     "MMLU": (("text", "mmlu", "acc"), 100.0),
     "GenEval": (("generation", "geneval", "overall"), 100.0),
-    "MMB": (("understanding", "MMBench", "overall"), 1.0),
+    "MMB": (("understanding", "MMBench_DEV_EN", "overall"), 1.0),
 }
 """Paper metric -> (path in results.json's ``sections``, factor to percent). Sections store what their
 tool reports: lm-eval accuracies in [0, 1], GenEval's overall score in [0, 1], VLMEvalKit scores in %."""
@@ -37,16 +37,17 @@ def read_results(output_dir: str | Path) -> dict[str, Any]:
     return results
 
 
+def lookup(tree: Any, path: tuple[str, ...]) -> float | None:
+    """The number at ``path`` in nested mappings, else None."""
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, Mapping) else None
+    return float(tree) if isinstance(tree, (int, float)) and not isinstance(tree, bool) else None
+
+
 def summary(sections: Mapping[str, Any]) -> dict[str, float]:
     """The paper's Table 4 metrics found in ``sections``, in percent."""
-    found = {}
-    for metric, (path, factor) in SUMMARY.items():
-        value: Any = sections
-        for key in path:
-            value = value.get(key) if isinstance(value, Mapping) else None
-        if isinstance(value, (int, float)):
-            found[metric] = float(value) * factor
-    return found
+    found = {metric: lookup(sections, path) for metric, (path, _) in SUMMARY.items()}
+    return {metric: value * SUMMARY[metric][1] for metric, value in found.items() if value is not None}
 
 
 def update_results(

@@ -1,0 +1,43 @@
+"""``tools/evaluate.py report``: several checkpoints' results side by side (a table beside the paper's,
+a table of every score and loss, and plots against tokens seen)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "gather the results of several checkpoints: tables beside the paper, loss and scores vs tokens seen"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", type=Path, help="output folders of the other subcommands")
+    parser.add_argument("--output-dir", type=Path, required=True, help="results.json, results.md, loss.png, scores.png")
+    parser.add_argument("--title", default="Uni-X evaluation", help="plot title")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_unix.evaluation.progress import CheckpointResults, progress_table, render_progress
+    from megatron_unix.evaluation.report import markdown_table, write_results
+    from megatron_unix.files import write_text_atomically
+
+    try:
+        checkpoints = [CheckpointResults.read(folder) for folder in args.folders]
+        checkpoints.sort(key=lambda c: (c.tokens_seen or 0, c.iteration or 0))
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        plots = render_progress(checkpoints, args.output_dir, args.title)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    table = markdown_table({c.name: c.summary for c in checkpoints}) + "\n" + progress_table(checkpoints)
+    write_text_atomically(args.output_dir / "results.md", table)
+    records = [
+        {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
+        | {"summary": c.summary, "scores": c.scores, "losses": c.losses}
+        for c in checkpoints
+    ]
+    write_results(args.output_dir / "results.json", {"checkpoints": records})
+    print(table, end="")
+    for path in plots:
+        print(f"plot {path}")
+    return 0
