@@ -298,10 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> argparse.Namespace:
     """Parsed flags with the machine-dependent default (``--transformer-impl``) resolved, so that the
-    checkpoint's args record what ran."""
-    args = build_parser().parse_args(argv)
+    checkpoint's args record what ran; ``defaults`` replace the parser's (a tool that starts from a
+    checkpoint's recorded run)."""
+    parser = build_parser()
+    parser.set_defaults(**(defaults or {}))
+    args = parser.parse_args(argv)
     if args.transformer_impl is None:
         from megatron_unix import platform
 

@@ -370,8 +370,8 @@ class Trainer:
         if self.sinks:
             self.sinks.write(record)
 
-    def evaluate(self) -> None:
-        """``--eval-iters`` batches of the validation split, reduced, logged and recorded."""
+    def evaluate(self) -> StepStats:
+        """``--eval-iters`` batches of the validation split, reduced, logged and recorded; returns the sums."""
         self.ddp.eval()
         total = StepStats()
         with torch.no_grad():
@@ -390,6 +390,7 @@ class Trainer:
                     "valid_vision_loss": total.vision_loss,
                 }
             )
+        return total
 
     def _stop_reason(self, stats: StepStats) -> str | None:
         run, iteration = self.run, self.state.iteration
