@@ -12,7 +12,13 @@ import pytest
 from PIL import Image
 
 from megatron_unix.evaluation.benchmarks import BENCHMARKS, BenchmarkError, Item, load_benchmark
-from megatron_unix.evaluation.layouts import read_dpg_prompts, read_geneval_prompts, write_dpg, write_geneval
+from megatron_unix.evaluation.layouts import (
+    read_dpg_prompts,
+    read_geneval_prompts,
+    record_path,
+    write_dpg,
+    write_geneval,
+)
 from megatron_unix.evaluation.prompts import ANSWER_CUE, item_prompt, multiple_choice_prompt, yes_no_prompt
 from megatron_unix.evaluation.report import PAPER, AnswerCache, markdown_table, write_results
 from megatron_unix.evaluation.scoring import (
@@ -224,9 +230,9 @@ COLOURS = ["red", "green", "blue", "white"]
 def fake_painter(calls: list):
     """A stand-in model: solid colours, seeds 100 * prompt number + sample."""
 
-    def paint(prompt: str, number: int):
-        calls.append(prompt)
-        return [Image.new("RGB", (4, 4), c) for c in COLOURS], [100 * number + i for i in range(4)]
+    def paint(requests):
+        calls.extend(prompt for prompt, _ in requests)
+        return [([Image.new("RGB", (4, 4), c) for c in COLOURS], [100 * n + i for i in range(4)]) for _, n in requests]
 
     return paint
 
@@ -241,8 +247,11 @@ def test_geneval_layout_and_resume(tmp_path):
     assert run.painted == 2 and calls == ["a photo of a cat", "a photo of a red dog"]
     assert json.loads((out / "00001" / "metadata.jsonl").read_text()) == lines[1]
     assert Image.open(out / "00000" / "samples" / "0003.png").getpixel((0, 0)) == (255, 255, 255)
-    assert json.loads((out / "seeds.json").read_text()) == {"00000": [0, 1, 2, 3], "00001": [100, 101, 102, 103]}
-    assert "evaluation/evaluate_images.py" in run.commands[0] and "summary_scores.py" in run.commands[1]
+    record = json.loads(record_path(out).read_text())
+    assert record["seeds"] == {"00000": [0, 1, 2, 3], "00001": [100, 101, 102, 103]}
+    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001"]  # only what GenEval reads
+    assert f"evaluation/evaluate_images.py {out.resolve()} --outfile {run.scores.resolve()}" in run.commands[0]
+    assert run.commands[1].endswith(f"/evaluation && python summary_scores.py {run.scores.resolve()}")
     (out / "00001" / "samples" / "0002.png").unlink()  # as if killed mid-prompt
     again = write_geneval(read_geneval_prompts(metadata), out, fake_painter(calls))
     assert (again.painted, again.resumed) == (1, 1) and calls[-1] == "a photo of a red dog"
@@ -266,8 +275,10 @@ def test_dpg_grid_per_prompt_stem(tmp_path):
     assert grid.size == (8, 8)  # 2x2 of 4x4 samples, row-major
     corners = [grid.getpixel(xy) for xy in [(0, 0), (4, 0), (0, 4), (4, 4)]]
     assert corners == [(255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 255)]
-    assert json.loads((out / "seeds.json").read_text())["partiprompts10"] == [100, 101, 102, 103]
-    assert "compute_dpg_bench.py" in run.commands[0] and "--pic-num 4" in run.commands[0]
+    assert json.loads(record_path(out).read_text())["seeds"]["partiprompts10"] == [100, 101, 102, 103]
+    assert sorted(p.name for p in out.iterdir()) == ["coco5.png", "partiprompts10.png"]  # the scorer opens all
+    assert "&& accelerate launch" in run.commands[0] and " dpg_bench/compute_dpg_bench.py " in run.commands[0]
+    assert f"--resolution 4 --pic-num 4 --vqa-model mplug --res-path {run.scores.resolve()}" in run.commands[0]
     assert write_dpg(read_dpg_prompts(prompts), out, fake_painter(calls)).resumed == 2 and len(calls) == 2
 
 
@@ -289,25 +300,49 @@ def test_results_json_and_markdown(tmp_path):
     assert PAPER["Shared (paper)"]["GenEval"] == 33.6 and PAPER["MoT (paper)"]["MMLU"] == 48.0
 
 
+SETTINGS = {"checkpoint": "/ckpt", "prompt_style": "reference", "max_new_tokens": 16}
+
+
 def test_answer_cache_resumes_and_drops_torn_line(tmp_path):
     path = tmp_path / "answers.jsonl"
-    with AnswerCache(path) as cache:
+    with AnswerCache(path, SETTINGS) as cache:
         cache.add(("MME", 1), "Yes")
         cache.add(("MME", 2), "No")
     with path.open("a") as f:
         f.write('{"benchmark": "MME", "index": 3, "ans')  # killed mid-write
-    with AnswerCache(path) as cache:
+    with AnswerCache(path, SETTINGS) as cache:
         assert cache.done(("MME", 1)) and cache.done(("MME", "2")) and not cache.done(("MME", 3))
         cache.add(("POPE", 3), "yes")
-    with AnswerCache(path) as cache:
+    with AnswerCache(path, SETTINGS) as cache:
         assert cache.for_benchmark("MME") == {1: "Yes", 2: "No"} and cache.get(("POPE", 3)) == "yes"
-    assert len(path.read_text().splitlines()) == 3
+    assert len(path.read_text().splitlines()) == 4  # the settings line, then three answers
+
+
+def test_answer_cache_refuses_other_settings_by_key(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    with AnswerCache(path, SETTINGS) as cache:
+        cache.add(("MME", 1), "Yes")
+    other = {**SETTINGS, "prompt_style": "llava", "vqgan": "abc"}
+    with pytest.raises(
+        ValueError, match=r"answers\.jsonl was written with other settings \(prompt_style: 'reference' "
+    ):
+        AnswerCache(path, other)
+    with pytest.raises(ValueError, match=r"vqgan: None there, 'abc' now"):
+        AnswerCache(path, other)
+    path.write_text('{"settings": {"checkpoint": "/ckpt", "prom')  # killed while writing the settings line
+    with AnswerCache(path, other) as cache:
+        assert not cache.answers
+    assert json.loads(path.read_text().splitlines()[0]) == {"settings": other}
 
 
 def test_answer_cache_bad_middle_line_names_line(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text(
-        '{"benchmark": "MME", "index": 1, "answer": "Yes"}\ngarbage\n{"benchmark": "MME", "index": 2, "answer": "No"}\n'
+        json.dumps({"settings": SETTINGS})
+        + '\n{"benchmark": "MME", "index": 1, "answer": "Yes"}\ngarbage\n{"benchmark": "MME", "index": 2, "answer": "No"}\n'
     )
-    with pytest.raises(ValueError, match=r"answers\.jsonl:2: not an answer record"):
-        AnswerCache(path)
+    with pytest.raises(ValueError, match=r"answers\.jsonl:3: not an answer record"):
+        AnswerCache(path, SETTINGS)
+    path.write_text('{"benchmark": "MME", "index": 1, "answer": "Yes"}\n')  # a cache without settings
+    with pytest.raises(ValueError, match=r"answers\.jsonl:1: no settings record"):
+        AnswerCache(path, SETTINGS)

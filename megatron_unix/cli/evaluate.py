@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from megatron_unix.cli import vqgan_flags_error
 
 SUBCOMMANDS = {
     "loss": "megatron_unix.cli.evaluate_loss",
@@ -59,7 +61,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
     """What results.json records about the evaluated checkpoint; ``iteration`` and ``tokens_seen``
-    come from a Megatron checkpoint's common record when the flags do not give them."""
+    come from a Megatron checkpoint's common record when the flags do not give them. Refuses an
+    ``--output-dir`` holding another checkpoint's results, before any work."""
+    from megatron_unix.evaluation.results import check_owner
+
     source = getattr(args, "hf", None) or args.load
     record: dict[str, Any] = {
         "source": str(Path(source).resolve()),
@@ -80,7 +85,54 @@ def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
             record["tokens_seen"] = common.get("consumed_train_samples", 0) * seq_length
     if args.tokens_seen is not None:
         record["tokens_seen"] = args.tokens_seen
+    check_owner(args.output_dir, record)
     return record
+
+
+def check_paths(args: argparse.Namespace, flags: Iterable[str]) -> None:
+    """Refuse a path flag naming nothing, before anything is loaded."""
+    for flag in flags:
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{flag} {path}: no such file or directory")
+
+
+MODEL_PATHS = ("--hf", "--load", "--tokenizer", "--vqgan", "--vqgan-config", "--vqgan-checkpoint")
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The checkpoint and VQGAN flags both evaluations share."""
+    if message := vqgan_flags_error(args, required=True):
+        raise ValueError(message)
+    check_paths(args, MODEL_PATHS)
+
+
+def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(LoadedModel, VQGAN)`` on ``--device``; a VQGAN of another codebook than the model's is refused."""
+    import torch
+
+    from megatron_unix.cli.generate import load_model
+    from megatron_unix.image.vqgan import VQGAN
+    from megatron_unix.inference.images import check_codebook
+    from megatron_unix.inference.loading import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    vqgan = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
+    loaded = load_model(args, device)
+    check_codebook(vqgan, loaded.layout.codebook_size)
+    return loaded, vqgan
+
+
+def model_settings(args: argparse.Namespace, record: dict[str, Any], vqgan: Any) -> dict[str, Any]:
+    """What decides a model's outputs besides the benchmark's own options: resumed outputs must share it."""
+    from megatron_unix.inference.images import vqgan_fingerprint
+
+    return {
+        "checkpoint": record["source"],
+        "iteration": record.get("iteration"),
+        "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+        "vqgan": vqgan_fingerprint(vqgan),
+    }
 
 
 def build_parser(commands: dict[str, str] = SUBCOMMANDS) -> argparse.ArgumentParser:

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if start.checkpoint is None:
             raise ValueError(f"--load {args.load}: no checkpoint there")
+        record = checkpoint_record(args)
         flags = training_flags(args, start.common.get("args") or {})
         if not flags.data_path:
             raise ValueError("--data-path is required: the checkpoint records no data")
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 "split": flags.split,
                 "seq_length": flags.seq_length,
             }
-            update_results(args.output_dir, "loss", values, checkpoint_record(args))
+            update_results(args.output_dir, "loss", values, record)
             print(f" results in {args.output_dir}", flush=True)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

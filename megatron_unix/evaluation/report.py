@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron_unix.files import write_text_atomically
 
@@ -53,28 +54,58 @@ Key = tuple[str, int | str]
 """(benchmark, item index)."""
 
 
+def changed_keys(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings records (a key missing on one side differs)."""
+    return sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
+
+
+def settings_mismatch(path: Path, recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """Why ``path``, written with ``recorded`` settings, must not be resumed with ``wanted``; None if it may."""
+    changed = changed_keys(recorded, wanted)
+    if not changed:
+        return None
+    diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
+    return f"{path} was written with other settings ({diffs}): use another --output-dir, or remove it to start over"
+
+
 def _key(key: Key) -> tuple[str, str]:
     return key[0], str(key[1])
 
 
 class AnswerCache:
     """Model answers by (benchmark, index) in a jsonl file, one line flushed per item, so a killed
-    evaluation resumes where it stopped. A torn last line (the kill came mid-write) is dropped and cut
-    from the file; a bad line elsewhere is an error naming the file and line."""
+    evaluation resumes where it stopped. The first line records the settings the answers were made
+    with (checkpoint, prompt style, VQGAN...): answers of another checkpoint or prompt must not be
+    mixed into a score, so opening the file with other settings is refused, naming the keys that differ.
+    A torn last line (the kill came mid-write) is dropped and cut from the file; a bad line elsewhere
+    is an error naming the file and line."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, settings: Mapping[str, Any]) -> None:
         self.path = Path(path)
+        self.settings = json.loads(json.dumps(dict(settings)))  # as read back: tuples become lists
         self.answers: dict[tuple[str, str], str] = {}
-        if self.path.exists():
-            self._read()
+        headed = self.path.exists() and self._read()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        if not headed:
+            self._write({"settings": self.settings})
 
-    def _read(self) -> None:
+    def _read(self) -> bool:
+        """Load the answers; whether the file has its settings line (not when empty or torn there)."""
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" after a final newline; else a line cut mid-write: dropped, redone
-        for number, line in enumerate(lines, start=1):
+        if torn:
+            os.truncate(self.path, len(data) - len(torn))
+        if not lines:
+            return False
+        try:
+            recorded = json.loads(lines[0])["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{self.path}:1: no settings record: not an answer cache of this version") from None
+        if message := settings_mismatch(self.path, recorded, self.settings):
+            raise ValueError(message)
+        for number, line in enumerate(lines[1:], start=2):
             if not line:
                 continue
             try:
@@ -82,8 +113,11 @@ class AnswerCache:
                 self.answers[_key((record["benchmark"], record["index"]))] = record["answer"]
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"{self.path}:{number}: not an answer record ({error})") from None
-        if torn:
-            os.truncate(self.path, len(data) - len(torn))
+        return True
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def done(self, key: Key) -> bool:
         return _key(key) in self.answers
@@ -94,8 +128,7 @@ class AnswerCache:
     def add(self, key: Key, answer: str) -> None:
         benchmark, index = key
         self.answers[_key(key)] = answer
-        self._file.write(json.dumps({"benchmark": benchmark, "index": index, "answer": answer}) + "\n")
-        self._file.flush()
+        self._write({"benchmark": benchmark, "index": index, "answer": answer})
 
     def for_benchmark(self, benchmark: str) -> dict[int, str]:
         """Answers of one benchmark by integer index, as the scorers take them."""

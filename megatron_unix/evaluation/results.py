@@ -50,22 +50,33 @@ def summary(sections: Mapping[str, Any]) -> dict[str, float]:
     return {metric: value * SUMMARY[metric][1] for metric, value in found.items() if value is not None}
 
 
-def update_results(
-    output_dir: str | Path, section: str, values: Mapping[str, Any], checkpoint: Mapping[str, Any]
-) -> dict:
-    """Put ``values`` under ``sections[section]`` (replacing that section only), record what was
-    evaluated, recompute the summary, and rewrite results.json and results.md atomically."""
-    output_dir = Path(output_dir)
+def check_owner(output_dir: str | Path, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The folder's results, refused when they belong to another checkpoint (checked before a long run)."""
     results = read_results(output_dir)
     known = results.get("checkpoint") or {}
     for key in ("source", "iteration"):
         if key in known and key in checkpoint and known[key] != checkpoint[key]:
             raise ValueError(
-                f"{output_dir / RESULTS} holds results of {key}={known[key]!r}, not {checkpoint[key]!r}: "
+                f"{Path(output_dir) / RESULTS} holds results of {key}={known[key]!r}, not {checkpoint[key]!r}: "
                 "use another --output-dir per checkpoint"
             )
-    results["checkpoint"] = {**known, **checkpoint}
-    results["sections"][section] = dict(values)
+    return results
+
+
+def update_results(
+    output_dir: str | Path,
+    section: str,
+    values: Mapping[str, Any],
+    checkpoint: Mapping[str, Any],
+    merge: bool = False,
+) -> dict:
+    """Put ``values`` under ``sections[section]`` (replacing that section, or with ``merge`` only its keys
+    in ``values``: benchmarks scored by an earlier run stay), record what was evaluated, recompute the
+    summary, and rewrite results.json and results.md atomically."""
+    output_dir = Path(output_dir)
+    results = check_owner(output_dir, checkpoint)
+    results["checkpoint"] = {**(results.get("checkpoint") or {}), **checkpoint}
+    results["sections"][section] = {**(results["sections"].get(section, {}) if merge else {}), **values}
     results["summary"] = summary(results["sections"])
     write_results(output_dir / RESULTS, results)
     name = results["checkpoint"].get("name") or output_dir.name

@@ -30,6 +30,44 @@ def encode_files(vqgan, paths: Sequence[str | Path], batch_size: int = 8) -> lis
     return codes
 
 
+def encode_images(vqgan, images: Sequence[Image.Image], batch_size: int = 8) -> list[list[int]]:
+    """Codes of in-memory images (benchmark questions), cropped as files are
+    (:func:`megatron_unix.image.transforms.crop_bytes`), encoded ``batch_size`` at a time."""
+    import numpy as np
+
+    from megatron_unix.image.encode import encode_crops
+    from megatron_unix.image.transforms import crop_bytes
+
+    codes: list[list[int]] = []
+    for start in range(0, len(images), batch_size):
+        crops = np.stack([crop_bytes(image, vqgan.image_size) for image in images[start : start + batch_size]])
+        codes += encode_crops(vqgan, crops).tolist()
+    return codes
+
+
+def vqgan_fingerprint(vqgan) -> str:
+    """A short hash of the VQGAN's config and weights: which image tokenizer made some codes, whatever
+    path it was loaded from (a resumed evaluation must not mix two)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    digest = hashlib.blake2b(json.dumps(asdict(vqgan.config), sort_keys=True).encode(), digest_size=8)
+    for name, tensor in sorted(vqgan.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_codebook(vqgan, codebook_size: int) -> None:
+    """Refuse a VQGAN whose codebook is not the model's image vocabulary."""
+    if vqgan.config.n_embed != codebook_size:
+        raise ValueError(
+            f"the VQGAN has {vqgan.config.n_embed} codes, the model's codebook {codebook_size}: "
+            "not the image tokenizer the model was trained with"
+        )
+
+
 def decode_codes(vqgan, codes: Sequence[Sequence[int]], batch_size: int = 8) -> list[Image.Image]:
     """RGB images of code sequences (0-based), ``batch_size`` at a time."""
     from megatron_unix.image.transforms import to_image

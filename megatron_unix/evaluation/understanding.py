@@ -1,0 +1,94 @@
+"""Understanding benchmarks on a loaded model: each question's image through the VQGAN, the reference's
+prompt after it as an I2T sample (spec §3: ``[BOI][codes][EOI]`` + prompt), a short greedy answer, kept
+in the :class:`AnswerCache` as it comes (a rerun answers only what is missing), then VLMEvalKit's score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import IO, Any
+
+from megatron_unix.data.preprocess_report import ProgressLine
+from megatron_unix.evaluation.benchmarks import Benchmark
+from megatron_unix.evaluation.prompts import item_prompt
+from megatron_unix.evaluation.report import AnswerCache
+from megatron_unix.evaluation.scoring import SCORERS
+from megatron_unix.inference.generate import generate_text, i2t_prompt
+from megatron_unix.inference.images import encode_images
+from megatron_unix.inference.loading import LoadedModel
+from megatron_unix.inference.sampling import SamplingParams
+
+GREEDY = SamplingParams(greedy=True)
+PROGRESS_LINES = 20
+"""About this many progress lines per benchmark."""
+
+
+@dataclass(frozen=True)
+class Options:
+    prompt_style: str = "reference"
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    limit: int | None = None
+    """Only the first ``limit`` questions of each benchmark."""
+    skip_bad: bool = False
+    """Leave out questions whose image does not decode (counted) instead of stopping."""
+
+
+def evaluate(
+    loaded: LoadedModel,
+    vqgan: Any,
+    benchmarks: Sequence[Benchmark],
+    cache: AnswerCache,
+    options: Options,
+    log: IO[str] | None = None,
+) -> dict[str, dict]:
+    """``{benchmark name: scores}``: the scorer's output plus ``answered`` and ``skipped`` counts."""
+    return {bench.spec.name: evaluate_benchmark(loaded, vqgan, bench, cache, options, log) for bench in benchmarks}
+
+
+def evaluate_benchmark(
+    loaded: LoadedModel,
+    vqgan: Any,
+    bench: Benchmark,
+    cache: AnswerCache,
+    options: Options,
+    log: IO[str] | None = None,
+) -> dict:
+    name = bench.spec.name
+    items = bench.items[: options.limit]
+    pending = [item for item in items if not cache.done((name, item.index))]
+    if pending:
+        _answer(loaded, vqgan, dataclasses.replace(bench, items=pending), cache, options, log or sys.stderr)
+    answered = [item for item in items if cache.done((name, item.index))]
+    scores = SCORERS[bench.spec.scorer](answered, cache.for_benchmark(name))
+    return {**scores, "answered": len(answered), "skipped": len(bench.skipped)}
+
+
+def _answer(
+    loaded: LoadedModel, vqgan: Any, todo: Benchmark, cache: AnswerCache, options: Options, log: IO[str]
+) -> None:
+    """Answer every item of ``todo`` (bad images skipped into ``todo.skipped``, shared with the caller's)."""
+    name, total = todo.spec.name, len(todo.items)
+    done_before = len([key for key in cache.answers if key[0] == name])
+    every = max(options.batch_size, -(-total // PROGRESS_LINES))
+    progress = ProgressLine(f"{name} answers", every, log)
+    pictures, done = todo.with_images(options.skip_bad), 0
+    while batch := list(islice(pictures, options.batch_size)):
+        items = [item for item, _ in batch]
+        codes = encode_images(vqgan, [image for _, image in batch], options.batch_size)
+        prompts = [
+            i2t_prompt(loaded.tokenizer, loaded.layout, item_codes, item_prompt(todo.spec, item, options.prompt_style))
+            for item, item_codes in zip(items, codes)
+        ]
+        answers = generate_text(
+            loaded.model, loaded.layout, prompts, GREEDY, [0] * len(prompts), options.max_new_tokens
+        )
+        for item, tokens in zip(items, answers):
+            cache.add((name, item.index), loaded.tokenizer.decode(tokens))
+        done += len(items)
+        rate = done / max(progress.elapsed(), 1e-9)
+        progress.update(done, done_before + done, lambda rate=rate: f"{rate:.2f} items/s", done / total)
