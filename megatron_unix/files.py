@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextmanager
@@ -41,3 +41,22 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], durable: b
 def write_text_atomically(path: str | Path, text: str) -> None:
     """``text`` (UTF-8) as the whole content of ``path``, or nothing (:func:`write_atomically`)."""
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def changed_keys(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings records (a key missing on one side differs)."""
+    return sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
+
+
+def settings_mismatch(
+    path: Path,
+    recorded: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    remedy: str = "use another --output-dir, or remove it to start over",
+) -> str | None:
+    """Why ``path``, written with ``recorded`` settings, must not be resumed with ``wanted``; None if it may."""
+    changed = changed_keys(recorded, wanted)
+    if not changed:
+        return None
+    diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
+    return f"{path} was written with other settings ({diffs}): {remedy}"

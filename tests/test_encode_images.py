@@ -287,7 +287,7 @@ def test_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, image
     fifo.write_text(records)
 
     status, _, stderr = run(capsys, *args[:-4], "--batch-size", 1, "--min-size", 17)
-    assert status == 2 and "was written with other settings (min_size: [16])" in stderr
+    assert status == 2 and "was written with other settings (min_size: 16 there, 17 now)" in stderr
 
     status, stdout, stderr = run(capsys, *args)
     assert status == 0, stderr

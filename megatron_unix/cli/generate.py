@@ -283,7 +283,7 @@ def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str,
 
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference import generate
-    from megatron_unix.inference.images import encode_files
+    from megatron_unix.inference.images import check_codebook, encode_files
     from megatron_unix.inference.loading import default_device
 
     params = sampling(args)
@@ -293,11 +293,8 @@ def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str,
         vqgan = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
     codes = encode_files(vqgan, args.image, args.batch_size) if args.mode == "i2t" else []  # bad files refused early
     loaded = load_model(args, device)
-    if vqgan is not None and vqgan.config.n_embed != loaded.layout.codebook_size:
-        raise ValueError(
-            f"the VQGAN has {vqgan.config.n_embed} codes, the model's codebook {loaded.layout.codebook_size}: "
-            "not the image tokenizer the model was trained with"
-        )
+    if vqgan is not None:
+        check_codebook(vqgan, loaded.layout.codebook_size)
     if args.mode == "t2i":
         return run_t2i(args, loaded, vqgan, prompts, params)
     if args.mode == "text":

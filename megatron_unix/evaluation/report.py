@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.files import write_text_atomically
+from megatron_unix.files import settings_mismatch, write_text_atomically
 
 TABLE4_METRICS = ("MMLU", "GenEval", "MMB")
 PAPER: dict[str, dict[str, float]] = {
@@ -52,20 +52,6 @@ def _cell(value: float | None) -> str:
 
 Key = tuple[str, int | str]
 """(benchmark, item index)."""
-
-
-def changed_keys(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """The keys whose values differ between two settings records (a key missing on one side differs)."""
-    return sorted(k for k in recorded.keys() | wanted.keys() if recorded.get(k) != wanted.get(k))
-
-
-def settings_mismatch(path: Path, recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
-    """Why ``path``, written with ``recorded`` settings, must not be resumed with ``wanted``; None if it may."""
-    changed = changed_keys(recorded, wanted)
-    if not changed:
-        return None
-    diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
-    return f"{path} was written with other settings ({diffs}): use another --output-dir, or remove it to start over"
 
 
 def _key(key: Key) -> tuple[str, str]:

@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from megatron_unix.data.preprocess import PreprocessError, in_order, read_blocks
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
-from megatron_unix.files import write_atomically
+from megatron_unix.files import settings_mismatch, write_atomically
 from megatron_unix.image.transforms import crop_bytes, normalize
 from megatron_unix.image.vqgan import VQGAN
 from megatron_unix.platform import leftovers_of_dead_processes
@@ -311,16 +311,10 @@ class ResumableOutput:
             return None
         except (OSError, ValueError) as e:
             raise EncodeError(f"{self.progress}: unreadable progress record ({e}): remove it and the partial") from e
-        changed = sorted(
-            k
-            for k in self.settings.keys() | record["settings"].keys()
-            if self.settings.get(k) != record["settings"].get(k)
-        )
-        if changed:
-            raise EncodeError(
-                f"{self.partial} was written with other settings ({', '.join(changed)}: "
-                f"{[record['settings'].get(k) for k in changed]}); resume with those, or remove it and {self.progress}"
-            )
+        if message := settings_mismatch(
+            self.partial, record["settings"], self.settings, f"resume with those, or remove it and {self.progress}"
+        ):
+            raise EncodeError(message)
         return record
 
     def commit(self, data: bytes, consumed: int, summary: Summary) -> None:
