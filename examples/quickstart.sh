@@ -16,16 +16,10 @@ ITERS="${QUICKSTART_ITERS:-150}"
 PYTHON="${PYTHON:-python}"
 cd "$REPO"
 
-echo "== 1/4 tokenizer: byte-level BPE with Qwen's special tokens, trained on examples/data/text.jsonl"
-"$PYTHON" tools/train_tokenizer.py --input examples/data/text.jsonl --vocab-size 1000 --output "$OUT/tokenizer"
+source "$REPO/examples/quickstart_data.sh"
+prepare_quickstart_data "$OUT"
 
-echo "== 2/4 preprocessing: text documents and image-text pairs (T2I 80% / I2T 20%)"
-"$PYTHON" tools/preprocess_data.py --input examples/data/text.jsonl --output-prefix "$OUT/data/text" \
-    --tokenizer-model "$OUT/tokenizer" --append-eod --workers 2
-"$PYTHON" tools/preprocess_data.py --input examples/data/image_text.jsonl.gz --output-prefix "$OUT/data/image_text" \
-    --tokenizer-model "$OUT/tokenizer" --workers 2
-
-echo "== 3/4 training a tiny Uni-X for $ITERS iterations"
+echo "== training a tiny Uni-X for $ITERS iterations"
 "$PYTHON" pretrain_unix.py \
     --model-preset tiny \
     --tokenizer-model "$OUT/tokenizer" \
@@ -37,7 +31,7 @@ echo "== 3/4 training a tiny Uni-X for $ITERS iterations"
     --save "$OUT/checkpoints" --save-interval 50 \
     --tensorboard-dir "$OUT/tensorboard"
 
-echo "== 4/4 losses (nats per token), first -> last"
+echo "== losses (nats per token), first -> last"
 "$PYTHON" tools/plot_losses.py "$OUT/checkpoints/metrics.jsonl" --output "$OUT/loss.png" --codebook-size 8192
 
 echo "== done. Where everything went:"

@@ -111,9 +111,10 @@ def render_lines(
     left = 80 * SCALE
     axes = _Axes(left, image.width - 20 * SCALE, 45 * SCALE, image.height - 60 * SCALE, x_low, x_high, y_low, y_high)
     _frame(image, draw, axes, title, x_label, y_label, whole_x)
-    for curve in curves:
-        _line(draw, [axes.xy(x, y) for x, y in curve.points], curve.colour, curve.style)
-    _legend(draw, curves, axes.right - 10 * SCALE, axes.top + 10 * SCALE)
+    drawn = [[axes.xy(x, y) for x, y in curve.points] for curve in curves]
+    for curve, xy in zip(curves, drawn):
+        _line(draw, xy, curve.colour, curve.style)
+    _legend(draw, curves, axes, [p for xy in drawn for p in _dense(xy)])
     write_atomically(output, lambda temporary: image.resize(size, Image.LANCZOS).save(temporary, format="PNG"))
 
 
@@ -161,16 +162,33 @@ def _line(draw: ImageDraw.ImageDraw, xy: list[tuple[float, float]], colour: Colo
             draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=colour)
 
 
-def _legend(draw: ImageDraw.ImageDraw, curves: Sequence[Curve], right: float, top: float) -> None:
-    """The curves' labels in a framed box whose top-right corner is (right, top)."""
-    font, line_height, sample = _font(13), 20 * SCALE, 36 * SCALE
-    box_left = right - max(draw.textlength(curve.label, font=font) for curve in curves) - sample - 24 * SCALE
-    draw.rectangle(
-        [box_left, top, right, top + line_height * len(curves) + 10 * SCALE],
-        fill="white",
-        outline=(160, 160, 160),
-        width=SCALE,
-    )
+def _dense(xy: list[tuple[float, float]], step: float = 6 * SCALE) -> list[tuple[float, float]]:
+    """Points along a polyline every ``step`` pixels (what a legend box would hide)."""
+    out = list(xy[:1])
+    for (x0, y0), (x1, y1) in itertools.pairwise(xy):
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) / step))
+        out += [(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n) for i in range(1, n + 1)]
+    return out
+
+
+def _legend(draw: ImageDraw.ImageDraw, curves: Sequence[Curve], axes: _Axes, points: list[tuple[float, float]]) -> None:
+    """The curves' labels in a framed box, in the corner of the plot that hides the fewest line points."""
+    font, line_height, sample, margin = _font(13), 20 * SCALE, 36 * SCALE, 10 * SCALE
+    width = max(draw.textlength(curve.label, font=font) for curve in curves) + sample + 24 * SCALE
+    height = line_height * len(curves) + 10 * SCALE
+    corners = [
+        (axes.right - margin - width, axes.top + margin),
+        (axes.left + margin, axes.top + margin),
+        (axes.right - margin - width, axes.bottom - margin - height),
+        (axes.left + margin, axes.bottom - margin - height),
+    ]
+
+    def hidden(corner: tuple[float, float]) -> int:
+        left, top = corner
+        return sum(left <= x <= left + width and top <= y <= top + height for x, y in points)
+
+    box_left, top = min(corners, key=hidden)
+    draw.rectangle([box_left, top, box_left + width, top + height], fill="white", outline=(160, 160, 160), width=SCALE)
     for i, curve in enumerate(curves):
         middle, start = top + 5 * SCALE + line_height * (i + 0.5), box_left + 8 * SCALE
         _line(draw, [(start, middle), (start + sample, middle)], curve.colour, curve.style)

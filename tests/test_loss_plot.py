@@ -69,3 +69,18 @@ def test_tool_refuses_a_run_without_losses(tmp_path):
     )
     assert proc.returncode == 2 and "no loss values to plot" in proc.stderr
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_several_runs_on_one_plot_with_their_labels(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name / "metrics.jsonl")
+    files = [str(tmp_path / name / "metrics.jsonl") for name in ("a", "b")]
+    tool = [sys.executable, str(ROOT / "tools" / "plot_losses.py"), *files, "--output", str(tmp_path / "both.png")]
+    proc = subprocess.run([*tool, "--labels", "shared,unix"], capture_output=True, text=True, check=True)
+    assert "== shared\ntrain text         8.000 (iteration 1) -> 0.800 (iteration 10)" in proc.stdout
+    assert "== unix\n" in proc.stdout
+    with Image.open(tmp_path / "both.png") as image:
+        assert image.size == (900, 540)
+    wrong = subprocess.run([*tool, "--labels", "one"], capture_output=True, text=True, check=False)
+    assert wrong.returncode == 2 and "--labels names 1 runs for 2 metrics files" in wrong.stderr

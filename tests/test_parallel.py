@@ -75,3 +75,20 @@ def test_single_modality_micro_batches_under_ddp_overlap(single):
     )
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+
+
+@pytest.fixture(scope="module", params=["hardmoe", "mot"])
+def variant_single(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"parity-{request.param}")
+    flags = ("--variant", request.param)
+    return root, flags, torchrun(1, root / "single.json", "--save", str(root / "ckpt"), *flags)
+
+
+def test_layer_variant_under_tp_sp_and_pp_matches_single_process(variant_single):
+    """HardMoE / MoT at TP=2 with sequence parallelism and PP=2 at once (one launch of 4 processes):
+    the routed sub-streams are gathered, padded and scattered, the stacked vision keys reshard."""
+    root, flags, base = variant_single
+    got = torchrun(4, root / "tp2-sp-pp2.json", "--load", str(root / "ckpt"), "--tp", "2", "--sp", "--pp", "2", *flags)
+    assert got["loss"] == pytest.approx(base["loss"], rel=1e-6)
+    assert got["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(got["logits"], base["logits"], rtol=1e-5, atol=1e-5)

@@ -377,7 +377,7 @@ def test_nonfinite_loss_stops_or_skips(data, tmp_path):
     proc = run(args + ["--skip-nonfinite-steps", "--metrics-file", str(tmp_path / "m.jsonl")])
     assert "skipping the step" in proc.stdout
     assert losses(tmp_path / "m.jsonl")[4]["skipped_iterations"] >= 1
-    assert "Uni-X 2 layers (0:0 separated)" in proc.stdout
+    assert "> Uni-X (0:0 separated), 2 layers," in proc.stdout
 
 
 BAD_SETTINGS = {

@@ -128,3 +128,101 @@ def reference_loss(weights, cfg, tokens, document_ids, labels, loss_mask) -> tor
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none")
     mask = loss_mask.reshape(-1).double()
     return ((ce * mask).sum() / mask.sum()).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's Table-4 baselines (spec §9), on the reference's HF names: one stack of L layers, every
+# token of a document attends to all earlier tokens of the document (both modalities), and only some
+# weights are chosen per token by its modality.
+
+
+def _mixed_layer(weights, p, cfg, x, pos, vis, vision_attn, vision_mlp):
+    """One pre-norm Qwen3 block over the tokens x [n, H] of one document at positions pos [n], causal
+    over all of them. `vis` [n] marks vision tokens; for those, the q/k/v projections and QK norms are
+    read from `vision_attn` names (role -> HF name) when given, and the MLP from `vision_mlp` names."""
+    n = x.shape[0]
+    nh, nkv, d, eps = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["rms_eps"]
+    text_attn = {
+        **{r: f"{p}.self_attn.{r}_proj" for r in "qkv"},
+        "q_norm": f"{p}.self_attn.q_norm",
+        "k_norm": f"{p}.self_attn.k_norm",
+    }
+    text_mlp = {r: f"{p}.mlp.{r}_proj" for r in ("gate", "up", "down")}
+
+    def pick(per_token):  # (text value, vision value) -> row-wise choice by modality
+        text, vision = per_token
+        return torch.where(vis.view(-1, *([1] * (text.dim() - 1))), vision, text)
+
+    def project(names, h):
+        q, k, v = (F.linear(h, _get(weights, names[r] + ".weight"), _get(weights, names[r] + ".bias")) for r in "qkv")
+        q, k, v = q.view(n, nh, d), k.view(n, nkv, d), v.view(n, nkv, d)
+        qn, kn = _get(weights, names["q_norm"] + ".weight"), _get(weights, names["k_norm"] + ".weight")
+        return (q if qn is None else _rmsnorm(q, qn, eps)), (k if kn is None else _rmsnorm(k, kn, eps)), v
+
+    def mlp(names, h):
+        gate = F.silu(F.linear(h, _get(weights, names["gate"] + ".weight")))
+        return F.linear(
+            gate * F.linear(h, _get(weights, names["up"] + ".weight")), _get(weights, names["down"] + ".weight")
+        )
+
+    h = _rmsnorm(x, _get(weights, f"{p}.input_layernorm.weight"), eps)
+    text_qkv = project(text_attn, h)
+    qkv = text_qkv if vision_attn is None else [pick(pair) for pair in zip(text_qkv, project(vision_attn, h))]
+    q, k, v = (t.transpose(0, 1) for t in qkv)  # [heads, n, d]
+    inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    freqs = pos.double()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    q = q * emb.cos() + _rotate_half(q) * emb.sin()
+    k = k * emb.cos() + _rotate_half(k) * emb.sin()
+    k, v = k.repeat_interleave(nh // nkv, dim=0), v.repeat_interleave(nh // nkv, dim=0)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~(pos[None, :] <= pos[:, None]), float("-inf"))
+    attn = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(n, nh * d)
+    x = x + F.linear(attn, _get(weights, f"{p}.self_attn.o_proj.weight"))  # o_proj shared by both modalities
+    h = _rmsnorm(x, _get(weights, f"{p}.post_attention_layernorm.weight"), eps)
+    out = mlp(text_mlp, h) if vision_mlp is None else pick((mlp(text_mlp, h), mlp(vision_mlp, h)))
+    return x + out
+
+
+def _variant_forward64(weights, cfg, tokens, document_ids, vision_names):
+    """`vision_names(i)` -> (vision q/k/v names or None, vision MLP names or None) of layer i."""
+    b, s = tokens.shape
+    x = _get(weights, "model.embed_tokens.weight")[tokens]
+    for i in range(cfg["num_layers"]):
+        vision_attn, vision_mlp = vision_names(i)
+        out = torch.zeros_like(x)
+        for r in range(b):
+            isolated = document_ids is not None and cfg["document_isolation"]
+            vis = _is_vision(tokens[r], cfg)
+            for doc in _documents(document_ids[r].tolist()) if isolated else [torch.arange(s)]:
+                out[r, doc] = _mixed_layer(
+                    weights, f"model.layers.{i}", cfg, x[r, doc], doc, vis[doc], vision_attn, vision_mlp
+                )
+        x = out
+    x = _rmsnorm(x, _get(weights, "model.norm.weight"), cfg["rms_eps"])
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    return F.linear(x, head.double())
+
+
+def hardmoe_forward(weights, cfg, tokens, document_ids, sparse_step):
+    """HardMoE logits [b, s, vocab] (fp32): layer i has a vision MLP (`mlp.vis_{gate,up,down}_proj`,
+    used by vision tokens) iff (i + 1) % sparse_step == 0; everything else is shared."""
+
+    def names(i):
+        if (i + 1) % sparse_step:
+            return None, None
+        return None, {r: f"model.layers.{i}.mlp.vis_{r}_proj" for r in ("gate", "up", "down")}
+
+    return _variant_forward64(weights, cfg, tokens, document_ids, names).float()
+
+
+def mot_forward(weights, cfg, tokens, document_ids):
+    """MoT logits [b, s, vocab] (fp32): in every layer vision tokens use `self_attn.vis_{q,k,v}_proj`,
+    `vis_{q,k}_norm` and `mlp.vision_{gate,up,down}_proj`; one attention over all tokens of a document."""
+
+    def names(i):
+        p = f"model.layers.{i}"
+        attn = {**{r: f"{p}.self_attn.vis_{r}_proj" for r in "qkv"}, "q_norm": f"{p}.self_attn.vis_q_norm"}
+        attn["k_norm"] = f"{p}.self_attn.vis_k_norm"
+        return attn, {r: f"{p}.mlp.vision_{r}_proj" for r in ("gate", "up", "down")}
+
+    return _variant_forward64(weights, cfg, tokens, document_ids, names).float()

@@ -42,3 +42,20 @@ def vqgan_flags_error(args: argparse.Namespace, required: bool) -> str | None:
     if required and not (args.vqgan or args.vqgan_config):
         return "give --vqgan, or --vqgan-config with --vqgan-checkpoint"
     return None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, megatron_only: bool = False) -> None:
+    """The checkpoint to evaluate: an HF directory (``--hf``) or a Megatron one (``--load``)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    if not megatron_only:
+        source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
+    source.add_argument("--load", help="Megatron checkpoint: save directory or iter_* directory")
+    parser.add_argument("--tokenizer", help="text tokenizer (default: the HF directory's, or the one --load records)")
+    parser.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="--load without checking the checkpoint's files against its checksums.json",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=1234)

@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_unix.cli import add_vqgan_arguments, out_of_range
+from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, out_of_range
 from megatron_unix.cli.evaluate import (
-    add_model_arguments,
     add_output_arguments,
     check_model_flags,
     check_paths,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_unix.cli import out_of_range
-from megatron_unix.cli.evaluate import add_model_arguments, add_output_arguments, checkpoint_record
+from megatron_unix.cli import add_model_arguments, out_of_range
+from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record
 from megatron_unix.evaluation import text
 
 if TYPE_CHECKING:

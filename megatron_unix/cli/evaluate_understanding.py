@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.cli import add_vqgan_arguments, out_of_range
+from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, out_of_range
 from megatron_unix.cli.evaluate import (
-    add_model_arguments,
     add_output_arguments,
     check_model_flags,
     checkpoint_record,

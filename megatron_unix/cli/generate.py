@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from megatron_unix.cli import add_vqgan_arguments, out_of_range, vqgan_flags_error
+from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, out_of_range, vqgan_flags_error
 
 if TYPE_CHECKING:
     import torch
@@ -40,16 +40,7 @@ T2I_SAMPLING = dict(temperature=0.99, top_k=4096, top_p=0.96)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
-    source.add_argument("--load", help="Megatron checkpoint: save directory or iter_* directory")
-    parser.add_argument("--tokenizer", help="text tokenizer (default: the HF directory's, or the one --load records)")
-    parser.add_argument(
-        "--no-verify-checkpoint",
-        action="store_false",
-        dest="verify_checkpoint",
-        help="--load without checking the checkpoint's files against its checksums.json",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--mode", choices=MODES, default="text")
     parser.add_argument("--prompt", action="append", default=[], help="repeatable; i2t: the question (one)")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line (.txt), or .jsonl with a 'prompt' key")
@@ -61,12 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=None, help="0: off; default: t2i 4096, else 0")
     parser.add_argument("--top-p", type=float, default=None, help="1: off; default: t2i 0.96, else 1.0")
     parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="text and i2t")
     parser.add_argument("--codes-per-image", type=int, default=None, help="default: the VQGAN's, else 1024")
     add_vqgan_arguments(parser)
     parser.add_argument("--output-dir", type=Path, help="t2i: required; text/i2t: writes samples.jsonl")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return parser
 
 

@@ -46,7 +46,13 @@ from megatron_unix.conversion.hf_io import (
     write_model_card,
     write_safetensors,
 )
-from megatron_unix.conversion.mappings import HF_VOCAB_TENSORS, iter_hf_to_megatron, layer_prefixes, megatron_to_hf
+from megatron_unix.conversion.mappings import (
+    HF_VOCAB_TENSORS,
+    dropped_on_import,
+    iter_hf_to_megatron,
+    layer_prefixes,
+    megatron_to_hf,
+)
 from megatron_unix.conversion.verify import (
     BF16,
     FP32,
@@ -199,9 +205,12 @@ def _random_like(load: Callable[[], torch.Tensor], name: str, seed: int, std: fl
 def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, options: ImportOptions) -> LazyTensors:
     """The converted model's tensors under HF names, each computed from the source on access."""
     drop_bias = source.style == "qwen2" and layer_style(config) == "qwen3"
+    unused = set(dropped_on_import(config))
     thunks: dict[str, Callable[[], torch.Tensor]] = {}
     for name in source.names:
         if (name == "lm_head.weight" and config.tie_word_embeddings) or (drop_bias and name.endswith(QKV_BIAS)):
+            continue
+        if name in unused:
             continue
         thunks[name] = partial(source.get, name)
     if drop_bias:  # the reference's qwen2 -> qwen3: no q/k/v bias, QK norm of ones
@@ -253,7 +262,7 @@ def load_weights(model: torch.nn.Module, weights: LazyTensors, config: UniXConfi
 
 def _describe(config: UniXConfig, vocab_size: int) -> str:
     return (
-        f"{layer_style(config)} layers, L={config.num_layers}, N={config.vision_encode_layers}, "
+        f"{config.layer_variant}, {layer_style(config)} layers, L={config.num_layers}, N={config.vision_encode_layers}, "
         f"M={config.vision_decode_layers}, vocab {vocab_size} (vq_offset {config.vq_offset}, codebook "
         f"{config.vq_codebook_size}), {'tied' if config.tie_word_embeddings else 'untied'} embeddings"
     )
@@ -273,13 +282,18 @@ def import_hf(
     )
     tokenizer = _source_tokenizer(source, options)
     config, vocab_size = _target_config(source, options, tokenizer)
-    source.validate()
+    if config.layer_variant == "unix":
+        source.validate()
+    elif verify:
+        raise ConversionError(_NO_HF_MODEL.format(config.layer_variant))
     log(
         f"target: {_describe(config, vocab_size)}"
         + ("" if source.kind == "unix" else f", vision copies: {options.vision_init}")
     )
     weights = import_weights(source, config, vocab_size, options)
     model = build_model(config, vocab_size, MAX_SEQUENCE_LENGTH)
+    if config.layer_variant != "unix":
+        _validate_by_table(source, model, config, vocab_size)
     load_weights(model, weights, config, vocab_size)
     run_args: dict[str, Any] = {
         "tokenizer_model": str(source.path) if tokenizer else None,
@@ -292,6 +306,32 @@ def import_hf(
     if verify:
         _verify_import(model, config, vocab_size, source, weights, tokenizer.text if tokenizer else None)
     return path
+
+
+_NO_HF_MODEL = (
+    "--verify compares with the Uni-X HF modeling code, which does not build --layer-variant {0} "
+    "(the reference's own classes do)"
+)
+
+
+def _validate_by_table(source: HFCheckpoint, model: torch.nn.Module, config: UniXConfig, vocab_size: int) -> None:
+    """A baseline's source against what the mapping table makes of the model: every tensor present with
+    its shape, nothing else but the unused tensors import drops (the HF-side check builds Uni-X only)."""
+    expected = {n: t.shape for n, t in megatron_to_hf(dict(model.named_parameters()), config, vocab_size).items()}
+    where = f"{source.path} ({config.layer_variant})"
+    for name, shape in expected.items():
+        if name not in source.weight_map:
+            raise ConversionError(f"{where}: tensor {name} is missing")
+        if source.shape(name) != shape:
+            raise ConversionError(
+                f"{where}: tensor {name} has shape {list(source.shape(name))}, config.json implies {list(shape)}"
+            )
+    allowed = (
+        set(expected) | set(dropped_on_import(config)) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    )
+    unexpected = [n for n in source.names if n not in allowed]
+    if unexpected:
+        raise ConversionError(f"{where}: tensor {unexpected[0]} is not part of the model config.json describes")
 
 
 def hf_unix_model(
@@ -414,6 +454,8 @@ def export_hf(
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--save {out} is not empty")
     model, config, common = load_megatron(load, verify_checkpoint)
+    if verify and config.layer_variant != "unix":
+        raise ConversionError(_NO_HF_MODEL.format(config.layer_variant))
     vocab_size = common["model_args"]["vocab_size"]
     interchange = common["model_args"].get(INTERCHANGE)
     tokenizer_path = (common.get("args") or {}).get("tokenizer_model")
@@ -431,7 +473,8 @@ def export_hf(
         )
         write_json(staging / "config.json", config_json)
         write_json(staging / "generation_config.json", generation_config_json(config_json, interchange))
-        copy_remote_code(staging)
+        if config.layer_variant == "unix":  # the remote code builds Uni-X only
+            copy_remote_code(staging)
         write_model_card(staging, config_json)
         if tokenizer_path and has_tokenizer(tokenizer_path):
             log(f"tokenizer files from {tokenizer_path}: {', '.join(copy_tokenizer(Path(tokenizer_path), staging))}")

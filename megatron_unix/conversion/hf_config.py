@@ -21,7 +21,13 @@ from transformers import PretrainedConfig
 
 from megatron_unix.conversion.hf_io import CLASSES, ConversionError, HFCheckpoint, read_json
 from megatron_unix.conversion.hf_remote import auto_map
-from megatron_unix.conversion.hf_remote.configuration_unix import UNIX_DEFAULTS, VIS_SEP_TOKEN_IDS, head_dim, rope_theta
+from megatron_unix.conversion.hf_remote.configuration_unix import (
+    UNIX_DEFAULTS,
+    VIS_SEP_TOKEN_IDS,
+    head_dim,
+    rope_theta,
+    unix_field,
+)
 from megatron_unix.conversion.hf_remote.modeling_unix import check_supported
 from megatron_unix.data.tokenizer import TextTokenizer
 from megatron_unix.model.config import UniXConfig
@@ -42,6 +48,9 @@ NOT_CARRIED = (
     VIS_SEP_TOKEN_IDS,
 )
 """Source keys always recomputed on export."""
+VARIANT_ARCHITECTURES = {"hardmoe": "HardMoeQwen3CausalLM", "mot": "MoTQwen3ForCausalLM"}
+"""The reference's class names of the Table-4 baselines (spec §9), which its config.json records under
+``architectures``; any other is Uni-X. No remote code here builds them, so their exports carry no ``auto_map``."""
 
 
 def layer_style(config: UniXConfig) -> str:
@@ -123,8 +132,28 @@ def _token_id(tokenizer: TextTokenizer, text: str, where: Path) -> int:
     return index
 
 
+def layer_variant(hf: PretrainedConfig) -> str:
+    """``"hardmoe"``, ``"mot"`` or ``"unix"``, by the reference class named in ``architectures``."""
+    names = getattr(hf, "architectures", None) or []
+    return next((v for v, cls in VARIANT_ARCHITECTURES.items() if cls in names), "unix")
+
+
+def variant_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """The layer variant and its fields; the baselines' reference classes ignore the Uni-X split fields."""
+    variant = layer_variant(hf)
+    if variant == "unix":
+        return {"layer_variant": variant}
+    fields: dict[str, Any] = {"layer_variant": variant, "vision_encode_layers": 0, "vision_decode_layers": 0}
+    if variant == "hardmoe":
+        fields["decoder_sparse_step"] = int(unix_field(hf, "decoder_sparse_step"))
+    else:
+        fields["ffn_vision_size"] = int(unix_field(hf, "ffn_vision_size"))
+    return fields
+
+
 def unix_fields(hf: PretrainedConfig, tokenizer: TextTokenizer | None, where: Path) -> dict[str, Any]:
-    """Architecture and vocabulary layout of a reference-format Uni-X config.json: all from the file."""
+    """Architecture and vocabulary layout of a reference-format Uni-X (or baseline) config.json: all
+    from the file."""
     fields = text_fields(hf)
     codes_end = hf.real_text_vocab_size + hf.vision_vocab_size
     _refuse(
@@ -147,6 +176,7 @@ def unix_fields(hf: PretrainedConfig, tokenizer: TextTokenizer | None, where: Pa
         boi_id=hf.vision_start_id,
         separator_ids=resolve_separators(hf, tokenizer, where),
     )
+    fields.update(variant_fields(hf))
     return fields
 
 
@@ -204,11 +234,29 @@ def unix_config_json(
     }
     if style == "qwen3":
         fixed["attention_bias"] = False
+    if config.layer_variant != "unix":
+        fixed = _variant_fixed(fixed, config)
     if carried.get("num_hidden_layers", config.num_layers) != config.num_layers:
         carried.pop("layer_types", None)
     if separators:
         fixed.update(vis_sep_tokens=",".join(separator_texts), **{VIS_SEP_TOKEN_IDS: separators})
     return dict(sorted({**defaults, **carried, **fixed}.items()))
+
+
+def _variant_fixed(fixed: dict[str, Any], config: UniXConfig) -> dict[str, Any]:
+    """A baseline's fixed keys: the reference's class and the variant's own field; no ``auto_map`` (it
+    would name the Uni-X code) and the Uni-X split left to the carried keys (its classes ignore it)."""
+    dropped = ("auto_map", "num_vision_encode_layers", "num_vision_decode_layers")
+    own = (
+        {"decoder_sparse_step": config.decoder_sparse_step}
+        if config.layer_variant == "hardmoe"
+        else {"ffn_vision_size": config.ffn_vision_size}
+    )
+    return {
+        **{k: v for k, v in fixed.items() if k not in dropped},
+        "architectures": [VARIANT_ARCHITECTURES[config.layer_variant]],
+        **own,
+    }
 
 
 def generation_config_json(config_json: dict[str, Any], interchange: dict[str, Any] | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_unix.model.config import UniXConfig
+from megatron_unix.model.fused import merge_qkv, split_gate_up, split_qkv
 
 
 @dataclass(frozen=True)
@@ -29,37 +30,19 @@ class Mapping:
             return tensors[0]
         if self.kind == "gate_up":
             return torch.cat(tensors, dim=0)
-        return merge_qkv(*tensors, config=config)
+        return merge_qkv(*tensors, *_qkv_shape(config))
 
     def to_hf(self, tensor: torch.Tensor, config: UniXConfig) -> list[torch.Tensor]:
         if self.kind == "direct":
             return [tensor]
         if self.kind == "gate_up":
-            return list(torch.chunk(tensor, 2, dim=0))
-        return list(split_qkv(tensor, config))
+            return list(split_gate_up(tensor))
+        return list(split_qkv(tensor, *_qkv_shape(config)))
 
 
 def _qkv_shape(config: UniXConfig) -> tuple[int, int, int]:
     groups = config.num_query_groups or config.num_attention_heads
     return groups, config.num_attention_heads // groups, config.kv_channels
-
-
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: UniXConfig) -> torch.Tensor:
-    """Megatron stores q/k/v interleaved per query group: [q heads of group g, k_g, v_g] for each g."""
-    groups, per_group, dim = _qkv_shape(config)
-    tail = q.shape[1:]
-    q = q.reshape(groups, per_group * dim, *tail)
-    k = k.reshape(groups, dim, *tail)
-    v = v.reshape(groups, dim, *tail)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
-
-
-def split_qkv(qkv: torch.Tensor, config: UniXConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, per_group, dim = _qkv_shape(config)
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(groups, (per_group + 2) * dim, *tail)
-    q, k, v = torch.split(grouped, [per_group * dim, dim, dim], dim=1)
-    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
 LAYER_MAPPINGS: tuple[Mapping, ...] = (
@@ -73,6 +56,33 @@ LAYER_MAPPINGS: tuple[Mapping, ...] = (
     Mapping("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     Mapping("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
 )
+
+HARDMOE_VISION_MAPPINGS: tuple[Mapping, ...] = (
+    Mapping("mlp.vision.linear_fc1.weight", ("mlp.vis_gate_proj.weight", "mlp.vis_up_proj.weight"), "gate_up"),
+    Mapping("mlp.vision.linear_fc2.weight", ("mlp.vis_down_proj.weight",)),
+)
+"""The vision MLP of a HardMoE layer, as the reference's ``HardMoeLayer`` names it (spec §9)."""
+
+MOT_VISION_MAPPINGS: tuple[Mapping, ...] = (
+    Mapping("self_attention.vision.linear_qkv.weight", tuple(f"self_attn.vis_{p}_proj.weight" for p in "qkv"), "qkv"),
+    Mapping("self_attention.vision.linear_qkv.bias", tuple(f"self_attn.vis_{p}_proj.bias" for p in "qkv"), "qkv"),
+    Mapping("self_attention.vision.q_layernorm.weight", ("self_attn.vis_q_norm.weight",)),
+    Mapping("self_attention.vision.k_layernorm.weight", ("self_attn.vis_k_norm.weight",)),
+    Mapping("mlp.vision.linear_fc1.weight", ("mlp.vision_gate_proj.weight", "mlp.vision_up_proj.weight"), "gate_up"),
+    Mapping("mlp.vision.linear_fc2.weight", ("mlp.vision_down_proj.weight",)),
+)
+"""The vision q/k/v projections, QK norms and MLP of a MoT layer, as the reference's ``MoTQwen3Attention``
+and ``MoTQwen3MLP`` name them (spec §9)."""
+
+VARIANT_VISION_MAPPINGS: dict[str, tuple[Mapping, ...]] = {
+    "hardmoe": HARDMOE_VISION_MAPPINGS,
+    "mot": MOT_VISION_MAPPINGS,
+}
+"""Per baseline, the vision parts inside a layer (Uni-X's vision copies are whole layers: :func:`layer_prefixes`)."""
+
+DROPPED_ON_IMPORT: dict[str, tuple[str, ...]] = {"mot": ("self_attn.vis_o_proj.weight", "self_attn.vis_o_proj.bias")}
+"""Reference tensors that take no part in the model's function: MoT's ``vis_o_proj`` is created but
+never used (the shared ``o_proj`` serves both modalities); import accepts and drops it, export omits it."""
 
 GLOBAL_MAPPINGS: tuple[Mapping, ...] = (
     Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab=True),
@@ -96,12 +106,29 @@ def layer_prefixes(config: UniXConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def _prefixed(mappings: tuple[Mapping, ...], meg_prefix: str, hf_prefix: str) -> list[Mapping]:
+    return [Mapping(meg_prefix + m.megatron, tuple(hf_prefix + h for h in m.hf), m.kind) for m in mappings]
+
+
 def all_mappings(config: UniXConfig) -> list[Mapping]:
     """The full table for a model of this config, with prefixes applied."""
     table = list(GLOBAL_MAPPINGS)
     for meg_prefix, hf_prefix in layer_prefixes(config):
-        table += [Mapping(meg_prefix + m.megatron, tuple(hf_prefix + h for h in m.hf), m.kind) for m in LAYER_MAPPINGS]
+        table += _prefixed(LAYER_MAPPINGS, meg_prefix, hf_prefix)
+    vision_parts = VARIANT_VISION_MAPPINGS.get(config.layer_variant, ())
+    for i in range(config.num_layers):
+        if vision_parts and config.has_vision_copy(i):
+            table += _prefixed(vision_parts, f"decoder.layers.{i}.", f"model.layers.{i}.")
     return table
+
+
+def dropped_on_import(config: UniXConfig) -> list[str]:
+    """The HF names of :data:`DROPPED_ON_IMPORT` for every layer of this config."""
+    return [
+        f"model.layers.{i}.{name}"
+        for i in range(config.num_layers)
+        for name in DROPPED_ON_IMPORT.get(config.layer_variant, ())
+    ]
 
 
 def megatron_to_hf(state_dict: dict[str, torch.Tensor], config: UniXConfig, vocab_size: int) -> dict[str, torch.Tensor]:

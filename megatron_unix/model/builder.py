@@ -61,3 +61,10 @@ def build_model(
         rotary_base=int(config.rotary_base),
         vp_stage=vp_stage,
     )
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, those of the vision copies: Uni-X's vision layers, the baselines' vision parts)
+    of this rank's model; a tied output head is counted once."""
+    params = dict(model.named_parameters())
+    return sum(p.numel() for p in params.values()), sum(p.numel() for n, p in params.items() if ".vision." in n)

@@ -12,6 +12,8 @@ from megatron_unix import platform
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE, QWEN25_BOI, QWEN25_EOI, QWEN25_EOS, QWEN25_VQ_OFFSET
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "te")
+LAYER_VARIANTS = ("unix", "hardmoe", "mot")
+"""Uni-X and the two baselines of the paper's Table 4 (spec §9), built from the same routing."""
 
 
 @dataclass
@@ -36,6 +38,13 @@ class UniXConfig(TransformerConfig):
     rotary_base: float = 1_000_000.0
     core_attention_backend: str = "auto"
     """One of ATTENTION_BACKENDS; "auto" picks the fastest that this machine has."""
+    layer_variant: str = "unix"
+    """One of LAYER_VARIANTS: "hardmoe" gives every ``decoder_sparse_step``-th layer a vision MLP,
+    "mot" gives every layer vision q/k/v projections, QK norms and MLP under one global attention."""
+    decoder_sparse_step: int = 2
+    """HardMoE: layer i (0-based) has a vision MLP iff (i + 1) % decoder_sparse_step == 0."""
+    ffn_vision_size: int | None = None
+    """MoT: width of the vision MLPs; None = ffn_hidden_size (other variants always use that)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +72,17 @@ class UniXConfig(TransformerConfig):
             raise ValueError(
                 f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.core_attention_backend!r}"
             )
+        if self.ffn_vision_size is None:
+            self.ffn_vision_size = self.ffn_hidden_size
+        check_layer_variant(
+            self.layer_variant,
+            self.decoder_sparse_step,
+            self.ffn_vision_size,
+            n + m,
+            layers,
+            self.ffn_hidden_size,
+            self.transformer_impl,
+        )
 
     def is_separated(self, layer_index: int) -> bool:
         """Whether global layer ``layer_index`` (0-based) holds a vision copy."""
@@ -77,6 +97,70 @@ class UniXConfig(TransformerConfig):
     @property
     def num_separated_layers(self) -> int:
         return self.vision_encode_layers + self.vision_decode_layers
+
+    @property
+    def layer_description(self) -> str:
+        """The layer variant and where its vision weights are (for log lines)."""
+        if self.layer_variant == "hardmoe":
+            return f"HardMoE (a vision MLP every {self.decoder_sparse_step} layers)"
+        if self.layer_variant == "mot":
+            return f"MoT (vision q/k/v, QK norms and MLP of width {self.ffn_vision_size} in every layer)"
+        return f"Uni-X ({self.vision_encode_layers}:{self.vision_decode_layers} separated)"
+
+    def has_vision_copy(self, layer_index: int) -> bool:
+        """Whether global layer ``layer_index`` holds vision weights (a whole copy, q/k/v or an MLP)."""
+        if self.layer_variant == "hardmoe":
+            return (layer_index + 1) % self.decoder_sparse_step == 0
+        if self.layer_variant == "mot":
+            return True
+        return self.is_separated(layer_index)
+
+    def vision_copy_index(self, layer_index: int) -> int:
+        """Index of a layer among the layers with vision weights (their stacked checkpoint keys)."""
+        return sum(self.has_vision_copy(i) for i in range(layer_index))
+
+    @property
+    def num_vision_copy_layers(self) -> int:
+        return self.vision_copy_index(self.num_layers)
+
+
+def check_layer_variant(
+    variant: str,
+    sparse_step: int,
+    ffn_vision_size: int,
+    separated: int,
+    layers: int,
+    ffn_hidden_size: int,
+    transformer_impl: str = "local",
+) -> None:
+    """Refuse, naming the flag, the variant settings that build no meaningful model."""
+    if variant not in LAYER_VARIANTS:
+        raise ValueError(f"--layer-variant must be one of {LAYER_VARIANTS}, got {variant!r}")
+    if sparse_step < 1:
+        raise ValueError(f"--decoder-sparse-step must be positive, got {sparse_step}")
+    if ffn_vision_size < 1:
+        raise ValueError(f"--ffn-vision-size must be positive, got {ffn_vision_size}")
+    if variant != "mot" and ffn_vision_size != ffn_hidden_size:
+        raise ValueError(
+            "--ffn-vision-size is for --layer-variant mot (Uni-X copies and HardMoE vision MLPs are as wide as "
+            "the text MLP)"
+        )
+    if variant == "unix":
+        return
+    if separated:
+        raise ValueError(
+            f"--layer-variant {variant} has no separated layers: --vision-encode-layers and "
+            "--vision-decode-layers must be 0 (they define Uni-X)"
+        )
+    if variant == "hardmoe" and sparse_step > layers:
+        raise ValueError(
+            f"--decoder-sparse-step {sparse_step} exceeds --num-layers {layers}: no layer would get a vision MLP"
+        )
+    if transformer_impl == "transformer_engine":
+        raise ValueError(
+            f"--layer-variant {variant} needs --transformer-impl local: Transformer Engine's layer spec fuses the "
+            "shared norm into the modality-routed projection"
+        )
 
 
 QWEN_DEFAULTS: dict[str, Any] = dict(
@@ -137,11 +221,15 @@ class ModelArguments:
     eos_id: int
     separator_ids: tuple[int, ...]
     vocab_size: int
+    layer_variant: str = "unix"
+    decoder_sparse_step: int = 2
+    ffn_vision_size: int | None = None
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> ModelArguments:
-        """From a checkpoint's ``model_args`` (keys of other owners, such as conversion's, are left out)."""
-        values = {f.name: stored[f.name] for f in fields(cls)}
+        """From a checkpoint's ``model_args`` (keys of other owners, such as conversion's, are left out;
+        fields added later, such as the layer variant, take their defaults in older checkpoints)."""
+        values = {f.name: stored[f.name] for f in fields(cls) if f.name in stored}
         return cls(**{**values, "separator_ids": tuple(values["separator_ids"])})
 
     @classmethod

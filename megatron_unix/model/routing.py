@@ -55,7 +55,7 @@ class ModalityRoute:
 
 @dataclass
 class Routes:
-    """The two modality streams of a separated layer."""
+    """The two modality streams of a layer with vision weights."""
 
     text: ModalityRoute
     vision: ModalityRoute
@@ -104,8 +104,8 @@ def build_routing(
 ) -> UniXPackedSeqParams:
     """Routing for a ``[b, s]`` micro-batch (``document_ids`` ``[b, s]``, runs of equal ids).
 
-    Returns the params of the whole ``b*s`` stream with the two modality routes attached when the
-    model has separated layers.
+    Returns the params of the whole ``b*s`` stream with the two modality routes attached when some
+    layer holds vision weights (Uni-X's separated layers, HardMoE's vision MLPs, MoT's every layer).
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -120,7 +120,7 @@ def build_routing(
         key = rows
     key = key.reshape(-1)
     stream = segment_params(key, b * s)
-    if config.num_separated_layers == 0:
+    if config.num_vision_copy_layers == 0:
         return stream
     tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
     is_vision = vision_mask(tokens, config.vq_offset, config.boi_id, config.separator_ids).reshape(-1)

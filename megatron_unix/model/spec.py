@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_unix.model.attention import UniXCoreAttention
 from megatron_unix.model.config import UniXConfig
-from megatron_unix.model.layers import RMSNorm, SeparatedTransformerLayer
+from megatron_unix.model.layers import MoTSelfAttention, RMSNorm, RoutedTransformerLayer, SeparatedTransformerLayer
 
 
 def _with_submodules(spec: ModuleSpec, **changes) -> ModuleSpec:
@@ -58,11 +58,29 @@ def final_norm(config: UniXConfig) -> type:
     return RMSNorm
 
 
+def vision_layer_spec(config: UniXConfig, base: ModuleSpec) -> ModuleSpec:
+    """The spec of a layer with vision weights: Uni-X's separated layer, a HardMoE layer (routed MLP)
+    or a MoT layer (routed MLP, routed q/k/v projections and QK norms)."""
+    if config.layer_variant == "unix":
+        return dataclasses.replace(base, module=SeparatedTransformerLayer)
+    submodules = base.submodules
+    if config.layer_variant == "mot":
+        submodules = dataclasses.replace(
+            submodules, self_attention=dataclasses.replace(submodules.self_attention, module=MoTSelfAttention)
+        )
+    return ModuleSpec(
+        module=RoutedTransformerLayer,
+        params={"vision_ffn_hidden_size": config.ffn_vision_size},
+        submodules=submodules,
+    )
+
+
 def layer_specs(config: UniXConfig) -> list[ModuleSpec]:
-    """All L layer specs: separated layers at 0..N-1 and L-M..L-1, shared in between."""
+    """All L layer specs: the layers with vision weights (Uni-X: 0..N-1 and L-M..L-1; HardMoE: every
+    ``decoder_sparse_step``-th; MoT: all) and plain shared layers."""
     base = base_layer_spec(config)
-    separated = dataclasses.replace(base, module=SeparatedTransformerLayer)
-    return [separated if config.is_separated(i) else base for i in range(config.num_layers)]
+    vision = vision_layer_spec(config, base)
+    return [vision if config.has_vision_copy(i) else base for i in range(config.num_layers)]
 
 
 def block_spec(

@@ -31,6 +31,8 @@ ARCHITECTURE_DEFAULTS = dict(
     tie_word_embeddings=True,
     rotary_base=1e6,
     layernorm_epsilon=1e-6,
+    layer_variant="unix",
+    decoder_sparse_step=2,
 )
 """What a fresh run uses for the architecture flags it leaves unset (Qwen's choices; N = M = 0 is the
 shared baseline)."""
@@ -110,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"RMSNorm epsilon (default {ARCHITECTURE_DEFAULTS['layernorm_epsilon']:g})",
+    )
+    g.add_argument(
+        "--layer-variant",
+        choices=["unix", "hardmoe", "mot"],
+        default=None,
+        help="unix, or a baseline of the paper's Table 4: hardmoe (a vision MLP every --decoder-sparse-step "
+        "layers) or mot (vision q/k/v, QK norms and MLP in every layer, one global attention); the baselines "
+        "need --vision-encode-layers 0 --vision-decode-layers 0 (default unix)",
+    )
+    g.add_argument(
+        "--decoder-sparse-step",
+        type=int,
+        default=None,
+        help="hardmoe: layer i has a vision MLP iff (i + 1) %% K == 0 (default 2)",
+    )
+    g.add_argument(
+        "--ffn-vision-size", type=int, default=None, help="mot: width of the vision MLPs (default: --ffn-hidden-size)"
     )
     g.add_argument(
         "--model-preset",
@@ -295,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="per-device peak for MFU (default: known GPUs' bf16 peak; none on CPU)",
     )
+    g.add_argument(
+        "--grad-conflict-interval",
+        type=int,
+        default=0,
+        help="every this many iterations, log per layer and weight group the cosine between the gradients of "
+        "the text-target and vision-target parts of the loss on that iteration's batch (grad_cos/layerNN/GROUP); "
+        "costs 2 extra forward-backward passes over the batch on those iterations (about 3x their time), "
+        "the training itself is unchanged (default: 0, off)",
+    )
     return p
 
 
@@ -356,6 +384,7 @@ def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | 
             f"{', '.join(map(_flag, missing))} must be given (or --model-preset tiny, or --load a checkpoint)"
         )
     heads, groups, layers = shape["num_attention_heads"], shape["num_query_groups"], shape["num_layers"]
+    _check_layer_variant(args, shape)
     if heads is not None and heads % tp:
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({heads})")
     if groups is not None and groups % tp:
@@ -409,6 +438,24 @@ def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | 
         raise ValueError("--use-distributed-optimizer needs a GPU (Megatron's distributed optimizer is CUDA-only)")
 
 
+def _check_layer_variant(args: argparse.Namespace, shape: dict[str, Any]) -> None:
+    """The variant flags against the merged shape, as the model would refuse them, but before start-up."""
+    from megatron_unix.model.config import check_layer_variant
+
+    variant = shape["layer_variant"]
+    if args.decoder_sparse_step is not None and variant != "hardmoe":
+        raise ValueError(f"--decoder-sparse-step is for --layer-variant hardmoe (this model is {variant})")
+    check_layer_variant(
+        variant,
+        shape["decoder_sparse_step"],
+        shape["ffn_vision_size"] or shape["ffn_hidden_size"],
+        shape["vision_encode_layers"] + shape["vision_decode_layers"],
+        shape["num_layers"],
+        shape["ffn_hidden_size"],
+        args.transformer_impl,
+    )
+
+
 def _check_ranges(args: argparse.Namespace) -> None:
     """Numbers whose wrong value would otherwise surface as a traceback far from their flag."""
     for name in (
@@ -426,7 +473,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"{_flag(name)} must be positive, got {value}")
-    for name in ("train_iters", "lr", "min_lr", "lr_warmup_iters", "weight_decay"):
+    for name in ("train_iters", "lr", "min_lr", "lr_warmup_iters", "weight_decay", "grad_conflict_interval"):
         if getattr(args, name) < 0:
             raise ValueError(f"{_flag(name)} must not be negative, got {getattr(args, name)}")
     if args.min_lr > args.lr:

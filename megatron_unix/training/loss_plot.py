@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from megatron_unix.plotting import PALETTE, Curve, render_lines
@@ -60,8 +61,6 @@ def render_png(
 ) -> None:
     """Loss against iteration: training as lines, validation as dashed lines with markers; text blue,
     vision orange; with ``codebook_size``, a dotted line at the uniform vision loss ln(codebook)."""
-    if not any(series.values()):
-        raise ValueError("no loss values to plot (the metrics file has no text or vision loss)")
     curves = [
         Curve(
             SERIES[key],
@@ -72,6 +71,31 @@ def render_png(
         for key, points in series.items()
         if points
     ]
+    _render(curves, output, title, codebook_size, size)
+
+
+def render_comparison(
+    runs: Mapping[str, Series],
+    output: str | Path,
+    title: str,
+    codebook_size: int | None = None,
+    size: tuple[int, int] = (900, 540),
+) -> None:
+    """Several runs' training losses on one plot: a colour per run, text solid, vision dotted."""
+    curves = [
+        Curve(f"{label} {modality}", series[f"{modality}_loss"], PALETTE[i % len(PALETTE)], style)
+        for i, (label, series) in enumerate(runs.items())
+        for modality, style in (("text", "solid"), ("vision", "dotted"))
+        if series[f"{modality}_loss"]
+    ]
+    _render(curves, output, title, codebook_size, size)
+
+
+def _render(
+    curves: list[Curve], output: str | Path, title: str, codebook_size: int | None, size: tuple[int, int]
+) -> None:
+    if not curves:
+        raise ValueError("no loss values to plot (the metrics file has no text or vision loss)")
     if codebook_size:
         x_high = max(it for curve in curves for it, _ in curve.points)
         level = math.log(codebook_size)

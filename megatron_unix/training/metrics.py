@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unix import platform
+from megatron_unix.data.vocabulary import vision_mask
 from megatron_unix.files import write_text_atomically
 from megatron_unix.model.config import UniXConfig
 from megatron_unix.model.routing import UniXPackedSeqParams, build_routing
@@ -41,7 +42,7 @@ PEAK_BF16_TFLOPS = {
 class StepStats:
     """Global sums of one iteration (or one evaluation), identical on every rank after reduction."""
 
-    values: torch.Tensor = field(default_factory=lambda: torch.zeros(11, dtype=torch.float64))
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(12, dtype=torch.float64))
     FIELDS = (
         "loss_sum",
         "micro_batches",
@@ -54,6 +55,7 @@ class StepStats:
         "separated_pairs",
         "stop_signal",
         "stop_duration",
+        "vision_tokens",
     )
 
     def __getitem__(self, name: str) -> float:
@@ -99,10 +101,24 @@ def attention_pairs(batch: dict[str, torch.Tensor], config: UniXConfig) -> tuple
     return _causal_pairs(routing), sum(_causal_pairs(r.params, r.padded_len - r.length) for r in routing.routes)
 
 
+def vision_token_count(batch: dict[str, torch.Tensor], config: UniXConfig) -> int:
+    """Vision tokens of a ``[b, s]`` micro-batch (they take the vision MLPs, whose width MoT may change)."""
+    return int(vision_mask(batch["tokens"], config.vq_offset, config.boi_id, config.separator_ids).sum())
+
+
 def training_flops(
-    config: UniXConfig, padded_vocab: int, tokens: int, shared_pairs: int, separated_pairs: int
+    config: UniXConfig,
+    padded_vocab: int,
+    tokens: int,
+    shared_pairs: int,
+    separated_pairs: int,
+    vision_tokens: int = 0,
 ) -> float:
-    """fwd+bwd FLOPs of ``tokens`` tokens whose attention covers the given pair counts per layer."""
+    """fwd+bwd FLOPs of ``tokens`` tokens whose attention covers the given pair counts per layer.
+
+    Every token passes one copy of each weight (Uni-X's layer copies, HardMoE's MLPs, MoT's q/k/v and
+    MLPs), so the linear count is the dense model's, except that ``vision_tokens`` take MoT's vision MLPs
+    of ``ffn_vision_size``. HardMoE and MoT attend over the whole document: their layers count as shared."""
     h, d = config.hidden_size, config.kv_channels
     q_width, kv_width = config.num_attention_heads * d, (config.num_query_groups or config.num_attention_heads) * d
     linear = 2 * h * (q_width + 2 * kv_width) + 2 * q_width * h + 6 * h * config.ffn_hidden_size
@@ -112,6 +128,7 @@ def training_flops(
     forward = tokens * (config.num_layers * linear + 2 * h * padded_vocab) + per_pair * (
         shared * shared_pairs + separated * separated_pairs
     )
+    forward += vision_tokens * config.num_vision_copy_layers * 6 * h * (config.ffn_vision_size - config.ffn_hidden_size)
     return 3.0 * forward
 
 

@@ -100,6 +100,7 @@ class RunSettings:
     wandb_exp_name: str | None
     wandb_save_dir: str | None
     peak_tflops: float | None
+    grad_conflict_interval: int
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace, world_size: int) -> RunSettings:

@@ -29,10 +29,11 @@ from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
 from megatron_unix.data.indexed import check_dataset, check_vocabulary
 from megatron_unix.data.tokenizer import MultimodalTokenizer
-from megatron_unix.model.builder import padded_vocab_size
+from megatron_unix.model.builder import padded_vocab_size, parameter_counts
 from megatron_unix.training import checkpointing, distributed, metrics, setup
 from megatron_unix.training.arguments import architecture_flags, validate, world_size_from_env
 from megatron_unix.training.data import micro_batches
+from megatron_unix.training.gradient_conflict import GradientProbe, group_means, metric_key, modality_products
 from megatron_unix.training.metrics import StepStats
 from megatron_unix.training.run_config import RunSettings, load_tokenizer, model_arguments
 from megatron_unix.training.step import forward_step
@@ -146,9 +147,10 @@ class Trainer:
         mbs = run.micro_batch_size
         self.num_micro = run.global_batch_size // (mbs * dp)
         arch = self.model_args
+        total, vision = parameter_counts(self.ddp)
         log(
-            f"> Uni-X {arch.num_layers} layers ({arch.vision_encode_layers}:{arch.vision_decode_layers} "
-            f"separated), {sum(p.numel() for p in self.ddp.parameters()):,} parameters on rank 0, "
+            f"> {self.config.layer_description}, {arch.num_layers} layers, {total:,} parameters on rank 0 "
+            f"({vision:,} in vision copies), "
             f"TP={run.tensor_model_parallel_size} PP={run.pipeline_model_parallel_size} DP={dp}, {self.num_micro} "
             f"micro-batches of {mbs} x {run.seq_length}"
         )
@@ -165,7 +167,13 @@ class Trainer:
             cache_dir=run.data_cache_dir,
             long_text=run.long_text,
         )
-        self.train_data = micro_batches(train_ds, self.state.consumed_train_samples, mbs, dp_rank, dp, run.num_workers)
+        if train_ds is None and run.train_iters > self.state.iteration:
+            raise ValueError(f"--split {run.split!r} leaves no training data")
+        self.train_data = (
+            micro_batches(train_ds, self.state.consumed_train_samples, mbs, dp_rank, dp, run.num_workers)
+            if train_ds is not None
+            else None
+        )
         self.valid_data = (
             micro_batches(valid_ds, self.state.consumed_valid_samples, mbs, dp_rank, dp)
             if valid_ds is not None and evaluations
@@ -183,6 +191,13 @@ class Trainer:
                 run.wandb_save_dir,
                 {**run.to_dict(), **arch.to_dict()},
                 self.state.iteration,
+            )
+        self.gradient_probe = None
+        if run.grad_conflict_interval:
+            self.gradient_probe = GradientProbe(self.ddp, self.config)
+            log(
+                f"> --grad-conflict-interval {run.grad_conflict_interval}: those iterations run 2 extra "
+                "forward-backward passes (text-target and vision-target loss) before the training pass"
             )
 
     def _progress(self, message: str) -> None:
@@ -269,6 +284,7 @@ class Trainer:
                 stats.add("tokens", batch["tokens"].numel())
                 stats.add("shared_pairs", shared)
                 stats.add("separated_pairs", separated)
+                stats.add("vision_tokens", metrics.vision_token_count(batch, self.config))
         results = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(batches),
@@ -299,14 +315,14 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not flag.item()
 
-    def train_step(self) -> tuple[StepStats, float | None]:
-        """One iteration: forward-backward over the global batch, one all-reduce of the stats and stop
-        flags, then the optimizer step (or a skip, or :class:`NonFiniteLoss`); returns the reduced stats
-        and the grad norm."""
+    def train_step(self, batches: list) -> tuple[StepStats, float | None]:
+        """One iteration on this rank's micro-``batches``: forward-backward over the global batch, one
+        all-reduce of the stats and stop flags, then the optimizer step (or a skip, or
+        :class:`NonFiniteLoss`); returns the reduced stats and the grad norm."""
         run, state = self.run, self.state
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        stats = self._run_batches(self.train_data, forward_only=False)
+        stats = self._run_batches(iter(batches), forward_only=False)
         stats.add("stop_signal", float(self.exit_signal.received))
         minutes = (time.time() - self.start_time) / 60
         stats.add("stop_duration", float(bool(run.exit_duration_in_mins) and minutes > run.exit_duration_in_mins))
@@ -339,6 +355,16 @@ class Trainer:
         state.consumed_train_samples += run.global_batch_size
         return stats, grad_norm
 
+    def _measure_grad_conflict(self, iteration: int, batches: list) -> None:
+        """Per layer and group, cos(gradient of the text-target loss, of the vision-target loss) on this
+        iteration's batch, logged and recorded; weights, random states and data position are untouched."""
+        products = modality_products(self.gradient_probe, self.ddp, batches)
+        means = " | ".join(f"{group} {value:.3f}" for group, value in group_means(products).items())
+        log(f" iteration {iteration}: gradient cosine text vs vision loss, mean over layers: {means or 'n/a'}")
+        if self.sinks:
+            layers = self.model_args.num_layers
+            self.sinks.write({"iteration": iteration, **{metric_key(k, layers): v.cosine for k, v in products.items()}})
+
     def log(self, window: StepStats, window_iters: int, elapsed: float, grad_norm: float | None) -> None:
         """The iteration line and its metrics record, over the ``window`` of iterations since the last."""
         run, state = self.run, self.state
@@ -348,6 +374,7 @@ class Trainer:
             int(window["tokens"]),
             int(window["shared_pairs"]),
             int(window["separated_pairs"]),
+            int(window["vision_tokens"]),
         )
         tflops = flops / elapsed / dist.get_world_size() / 1e12
         record = {
@@ -412,7 +439,12 @@ class Trainer:
         window_start = time.perf_counter()
         first_iteration = state.iteration + 1
         while state.iteration < run.train_iters:
-            stats, grad_norm = self.train_step()
+            batches = [next(self.train_data) for _ in range(self.num_micro)]
+            if self.gradient_probe and (state.iteration + 1) % run.grad_conflict_interval == 0:
+                measure_start = time.perf_counter()
+                self._measure_grad_conflict(state.iteration + 1, batches)
+                window_start += time.perf_counter() - measure_start  # not training time either
+            stats, grad_norm = self.train_step(batches)
             step_end = time.perf_counter()
             window.values += stats.values
             window_iters += 1

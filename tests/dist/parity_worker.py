@@ -15,6 +15,13 @@ import torch
 
 from megatron_unix.training import distributed
 
+VARIANTS = {
+    "unix": {},
+    "hardmoe": dict(layer_variant="hardmoe", decoder_sparse_step=2, vision_encode_layers=0, vision_decode_layers=0),
+    "mot": dict(layer_variant="mot", ffn_vision_size=80, vision_encode_layers=0, vision_decode_layers=0),
+}
+"""The model of each layer variant (spec §9), on TINY_MODEL's shape."""
+
 
 def grad_norm(model_chunks: list[torch.nn.Module]) -> float:
     """L2 norm of all gradients, each parameter counted once across TP, PP and tied copies: an
@@ -48,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batches", default="mixed", choices=["mixed", "split-modality"])
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--overlap-grad-reduce", action="store_true")
+    parser.add_argument("--variant", default="unix", choices=list(VARIANTS))
     args = parser.parse_args()
 
     distributed.initialize(args.tp, args.pp, seed=7)
@@ -63,7 +71,7 @@ def main() -> None:
     from megatron_unix.training.step import forward_step
 
     config = make_config(
-        **TINY_MODEL,
+        **{**TINY_MODEL, **VARIANTS[args.variant]},
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         sequence_parallel=args.sp,

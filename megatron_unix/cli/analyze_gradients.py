@@ -1,0 +1,446 @@
+"""Gradient conflict between text and image-text data, per layer and weight group (spec §7).
+
+    python tools/analyze_gradients.py --load ckpt/shared/iter_0010000 ckpt/unix/iter_0010000 \\
+        --text-data data/text --mm-data data/pairs --batches 64 --output-dir analysis/grad
+    torchrun --nproc-per-node 8 tools/analyze_gradients.py --load ckpt/unix --tensor-model-parallel-size 2 ...
+    python tools/analyze_gradients.py --mode modality-loss --load ckpt/unix/iter_0000100 \\
+        --data-path 0.5 data/text 0.5 data/pairs --batches 4 --output-dir analysis/cos
+
+conflict (default): per checkpoint, the training-loss gradient summed over --batches text-only global
+batches (g_text), over as many image-text ones (g_mm), and over the two halves A and B of their rows
+shuffled together with --seed; similarity = cos(g_text, g_mm), baseline = cos(g_A, g_B), conflict =
+-(similarity - baseline). Groups q, k, v, o, gate, up, down per layer and vision.q ... for the vision
+copies of separated layers (their similarity is empty: text-only data gives them no gradient).
+Writes grad_conflict.csv (checkpoint, group, layer, similarity, baseline, conflict), grad_conflict.json
+and grad_conflict_GROUP.png (conflict against layer, a line per checkpoint).
+
+modality-loss: on each of --batches global batches of --data-path, from --consumed-samples on (default:
+the checkpoint's data position, so ``--load SAVE/iter_N`` measures the batch of iteration N+1 exactly
+as pretrain_unix.py --grad-conflict-interval does), the cosine between the gradients of the text-target
+and vision-target parts of the loss. Writes modality_cosine.csv (checkpoint, iteration, group, layer,
+similarity) and modality_cosine.json.
+
+Data, batch and sequence settings default to the (first) checkpoint's run. Runs at any TP/PP under
+torchrun (data parallel over the remaining ranks). Exit status: 0 ok, 2 refused (a flag or file, named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_unix.cli import out_of_range
+from megatron_unix.files import write_text_atomically
+
+MODES = ("conflict", "modality-loss")
+CONFLICT_COLUMNS = ("checkpoint", "group", "layer", "similarity", "baseline", "conflict")
+MODALITY_COLUMNS = ("checkpoint", "iteration", "group", "layer", "similarity")
+RUN_DEFAULTS = dict(seq_length=None, micro_batch_size=1, global_batch_size=None, seed=1234, split="969,30,1")
+"""Settings taken from the checkpoint's run when not given (these defaults where it records none)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.epilog = __doc__.split("\n\n", 1)[1]
+    p.add_argument(
+        "--load", nargs="+", required=True, help="Megatron checkpoints: save directories or iter_* directories"
+    )
+    p.add_argument("--mode", choices=MODES, default="conflict", help="what to measure (default: conflict)")
+    p.add_argument(
+        "--text-data", nargs="+", help="conflict: text-only dataset prefixes, optionally weighted (w1 p1 w2 p2)"
+    )
+    p.add_argument("--mm-data", nargs="+", help="conflict: image-text dataset prefixes, optionally weighted")
+    p.add_argument(
+        "--data-path",
+        nargs="+",
+        help="modality-loss: dataset prefixes as pretrain_unix.py --data-path (default: the run's)",
+    )
+    p.add_argument("--batches", type=int, default=8, help="global batches per set (default: 8)")
+    p.add_argument(
+        "--consumed-samples", type=int, default=None, help="modality-loss: first sample (default: the checkpoint's)"
+    )
+    p.add_argument("--split", default=None, help="modality-loss: train,valid,test weights (default: the run's)")
+    p.add_argument("--seq-length", type=int, default=None, help="tokens per row (default: the run's)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward pass (default: the run's)")
+    p.add_argument("--global-batch-size", type=int, default=None, help="rows per batch (default: the run's)")
+    p.add_argument("--seed", type=int, default=None, help="data order and the A/B shuffle (default: the run's)")
+    p.add_argument("--tokenizer-model", default=None, help="the data's tokenizer (default: the one the run records)")
+    p.add_argument("--data-cache-path", default=None, help="packing index cache (default: beside the first prefix)")
+    p.add_argument(
+        "--allow-unrecorded-vocabulary", action="store_true", help="accept prefixes without PREFIX_vocab.json"
+    )
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP (default: 1)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP (default: 1)")
+    p.add_argument(
+        "--no-verify-checkpoint",
+        action="store_false",
+        dest="verify_checkpoint",
+        help="load without checking the checkpoints' files against their checksums.json",
+    )
+    p.add_argument("--output-dir", type=Path, required=True, help="CSV, JSON and PNGs go here")
+    return p
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The flags resolved against the first checkpoint's run."""
+
+    mode: str
+    batches: int
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    seed: int
+    split: str
+    tokenizer_model: str
+    long_text: str
+    document_isolation: bool
+    boi: str
+    eoi: str
+    eos: str
+    separator: str | None
+    text_data: list[str] | None
+    mm_data: list[str] | None
+    data_path: list[str] | None
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _resolve(args: argparse.Namespace, run: dict[str, Any]) -> Settings:
+    values = {name: _first(getattr(args, name), run.get(name), default) for name, default in RUN_DEFAULTS.items()}
+    values["global_batch_size"] = values["global_batch_size"] or values["micro_batch_size"]
+    return Settings(
+        mode=args.mode,
+        batches=args.batches,
+        tokenizer_model=_first(args.tokenizer_model, run.get("tokenizer_model")),
+        long_text=run.get("long_text", "truncate"),
+        document_isolation=run.get("document_isolation", True),
+        boi=run.get("boi", "<|vision_start|>"),
+        eoi=run.get("eoi", "<|vision_end|>"),
+        eos=run.get("eos", "<|endoftext|>"),
+        separator=run.get("separator"),
+        text_data=args.text_data,
+        mm_data=args.mm_data,
+        data_path=None if args.mode == "conflict" else _first(args.data_path, run.get("data_path")),
+        **values,
+    )
+
+
+def _refusal(args: argparse.Namespace, settings: Settings, world_size: int) -> str | None:
+    """What is wrong with the flags, checked before any process group exists."""
+    from megatron_unix.data.indexed import require_files
+    from megatron_unix.training.arguments import data_prefixes
+
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    dp = world_size // model_parallel if world_size % model_parallel == 0 else 0
+    problem = out_of_range(
+        args,
+        [
+            ("--batches", args.batches >= 1),
+            ("--consumed-samples", args.consumed_samples is None or args.consumed_samples >= 0),
+            ("--tensor-model-parallel-size", args.tensor_model_parallel_size >= 1 and dp >= 1),
+            ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size >= 1 and dp >= 1),
+        ],
+    )
+    if problem:
+        return problem
+    if settings.seq_length is None:
+        return "--seq-length must be given (the checkpoint records none)"
+    if settings.tokenizer_model is None:
+        return "--tokenizer-model must be given (the checkpoint records none)"
+    if settings.global_batch_size % (settings.micro_batch_size * dp):
+        return (
+            f"--global-batch-size ({settings.global_batch_size}) must be divisible by --micro-batch-size "
+            f"({settings.micro_batch_size}) x data-parallel size ({dp})"
+        )
+    needed = ("--text-data", "--mm-data") if args.mode == "conflict" else ("--data-path",)
+    for flag in needed:
+        value = getattr(settings, flag[2:].replace("-", "_"))
+        if not value:
+            return f"{flag} must name dataset prefixes in --mode {args.mode}" + (
+                " (the checkpoint records none)" if flag == "--data-path" else ""
+            )
+        for prefix in data_prefixes(value):
+            try:
+                require_files(prefix)
+            except FileNotFoundError as error:
+                return f"{flag} {prefix}: {error}"
+    return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    """As given on the command line: the label in tables and plots."""
+    path: Path
+    common: dict[str, Any]
+
+    @property
+    def iteration(self) -> int:
+        return self.common["iteration"]
+
+
+def _checkpoints(args: argparse.Namespace) -> list[Checkpoint]:
+    from megatron_unix.training.checkpointing import find_checkpoint, read_common
+
+    found = []
+    for given in args.load:
+        path = find_checkpoint(given) if Path(given).exists() else None
+        if path is None:
+            raise FileNotFoundError(f"--load {given}: no checkpoint there")
+        common = read_common(path, args.verify_checkpoint)
+        if "model_args" not in common:
+            raise ValueError(f"--load {given}: {path} has no model_args (not written by this stack)")
+        found.append(Checkpoint(given, path, common))
+    return found
+
+
+class Progress:
+    """Global batches done of all the run will do, their rate and the ETA, one line each (rank 0)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        import torch.distributed as dist
+
+        self.done += 1
+        if dist.get_rank() == 0:
+            rate = self.done / (time.perf_counter() - self.start)
+            eta = datetime.timedelta(seconds=round((self.total - self.done) / rate))
+            print(f" {what}: {self.done}/{self.total} global batches | {rate:.3f} batches/s | ETA {eta}", flush=True)
+
+
+class Data:
+    """Rows of the datasets and this rank's micro-batches of their global batches."""
+
+    def __init__(self, settings: Settings, tokenizer, cache_path: str | None) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.settings, self.tokenizer, self.cache_path = settings, tokenizer, cache_path
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.num_micro = settings.global_batch_size // (settings.micro_batch_size * self.dp)
+
+    def rows(self, data_path: list[str], split: str, count: int):
+        from megatron_unix.data.dataset import build_datasets
+        from megatron_unix.training.arguments import data_prefixes
+
+        s = self.settings
+        cache = self.cache_path or str(Path(data_prefixes(data_path)[0]).parent / "cache")
+        train, _, _ = build_datasets(
+            data_path, split, s.seq_length, s.seed, self.tokenizer, (count, 0, 0), cache, s.long_text
+        )
+        return train
+
+    def global_batches(self, rows, first_sample: int, count: int) -> Iterator[list[dict]]:
+        from megatron_unix.training.data import micro_batches
+
+        data = micro_batches(rows, first_sample, self.settings.micro_batch_size, self.dp_rank, self.dp)
+        for _ in range(count):
+            yield [next(data) for _ in range(self.num_micro)]
+
+
+def _tokenizer(settings: Settings, arch: dict[str, Any]):
+    from megatron_unix.data.tokenizer import MultimodalTokenizer
+
+    return MultimodalTokenizer.from_pretrained(
+        settings.tokenizer_model,
+        codebook_size=arch["vq_codebook_size"],
+        boi=settings.boi,
+        eoi=settings.eoi,
+        eos=settings.eos,
+        separator=settings.separator or None,
+        vq_offset=arch["vq_offset"],
+    )
+
+
+def _model(checkpoint: Checkpoint, settings: Settings, verify: bool):
+    """The checkpoint's model at this run's TP/PP, wrapped in Megatron DDP as training wraps it."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_unix.model import build_model
+    from megatron_unix.model.config import ModelArguments
+    from megatron_unix.training import checkpointing
+    from megatron_unix.training.gradient_conflict import GradientProbe
+    from megatron_unix.training.setup import wrap_model
+
+    arch = ModelArguments.from_dict(checkpoint.common["model_args"])
+    config = arch.config(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+        document_isolation=settings.document_isolation,
+    )
+    ddp = wrap_model(config, build_model(config, arch.vocab_size, settings.seq_length))
+    checkpointing.load(checkpoint.path, ddp, load_rng=False, verify=verify)
+    ddp.train()
+    return ddp, GradientProbe(ddp, config)
+
+
+def _conflict(args, settings: Settings, checkpoints: list[Checkpoint], data: Data) -> list[dict[str, Any]]:
+    import torch
+    from torch.utils.data import ConcatDataset, Subset
+
+    from megatron_unix.training.gradient_conflict import data_conflict
+
+    count = settings.batches * settings.global_batch_size
+    text = Subset(data.rows(settings.text_data, "100,0,0", count), range(count))
+    mm = Subset(data.rows(settings.mm_data, "100,0,0", count), range(count))
+    order = torch.randperm(2 * count, generator=torch.Generator().manual_seed(settings.seed)).tolist()
+    union = ConcatDataset([text, mm])
+    rows = {"text": text, "mm": mm, "A": Subset(union, order[:count]), "B": Subset(union, order[count:])}
+    progress = Progress(4 * settings.batches * len(checkpoints))
+    results = []
+    for checkpoint in checkpoints:
+        ddp, probe = _model(checkpoint, settings, args.verify_checkpoint)
+        sets = {name: data.global_batches(dataset, 0, settings.batches) for name, dataset in rows.items()}
+        for row in data_conflict(probe, ddp, sets, lambda name, label=checkpoint.name: progress(f"{label} {name}")):
+            results.append({"checkpoint": checkpoint.name, **row})
+    return results
+
+
+def _modality_loss(args, settings: Settings, checkpoints: list[Checkpoint], data: Data) -> list[dict[str, Any]]:
+    from megatron_unix.training.gradient_conflict import modality_products
+
+    gbs = settings.global_batch_size
+    starts = [
+        args.consumed_samples if args.consumed_samples is not None else c.common.get("consumed_train_samples", 0)
+        for c in checkpoints
+    ]
+    rows = data.rows(settings.data_path, settings.split, max(starts) + settings.batches * gbs)
+    progress = Progress(settings.batches * len(checkpoints))
+    results = []
+    for checkpoint, start in zip(checkpoints, starts):
+        ddp, probe = _model(checkpoint, settings, args.verify_checkpoint)
+        for j, micro_batches in enumerate(data.global_batches(rows, start, settings.batches)):
+            iteration = start // gbs + j + 1
+            for (layer, group), value in modality_products(probe, ddp, micro_batches).items():
+                results.append(
+                    dict(
+                        checkpoint=checkpoint.name,
+                        iteration=iteration,
+                        group=group,
+                        layer=layer,
+                        similarity=value.cosine,
+                    )
+                )
+            progress(f"{checkpoint.name} iteration {iteration}")
+    return results
+
+
+def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if row[k] is None else row[k]) for k in columns} for row in rows)
+    return out.getvalue()
+
+
+def _plot_conflict(rows: list[dict[str, Any]], checkpoints: list[Checkpoint], group: str, path: Path) -> bool:
+    """Conflict against layer, a line per checkpoint (as the paper's figures); False when the group has
+    no conflict value (a vision copy: text-only data gives it no gradient)."""
+    from megatron_unix.plotting import PALETTE, Curve, render_lines
+
+    curves = []
+    for i, checkpoint in enumerate(checkpoints):
+        points = [
+            (r["layer"], r["conflict"])
+            for r in rows
+            if r["checkpoint"] == checkpoint.name and r["group"] == group and r["conflict"] is not None
+        ]
+        if points:
+            colour, style = PALETTE[i % len(PALETTE)], ("solid", "dashed")[i % 2]
+            curves.append(Curve(checkpoint.name, points, colour, style))
+    if curves:
+        title = f"gradient conflict, {group}: -(cos(text, multimodal) - cos(A, B))"
+        render_lines(curves, path, title, "layer", "gradient conflict", whole_x=True, y_from_zero=False)
+    return bool(curves)
+
+
+def write_outputs(
+    output_dir: Path, settings: Settings, checkpoints: list[Checkpoint], rows: list[dict[str, Any]]
+) -> list[Path]:
+    """CSV, JSON and (conflict) one PNG per group, each written atomically; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem, columns = (
+        ("grad_conflict", CONFLICT_COLUMNS) if settings.mode == "conflict" else ("modality_cosine", MODALITY_COLUMNS)
+    )
+    record = {
+        "settings": asdict(settings),
+        "checkpoints": [{"name": c.name, "path": str(c.path), "iteration": c.iteration} for c in checkpoints],
+        "rows": rows,
+    }
+    written = [output_dir / f"{stem}.csv", output_dir / f"{stem}.json"]
+    write_text_atomically(written[0], _csv(rows, columns))
+    write_text_atomically(written[1], json.dumps(record, indent=1) + "\n")
+    if settings.mode == "conflict":
+        for group in dict.fromkeys(row["group"] for row in rows):
+            path = output_dir / f"{stem}_{group}.png"
+            if _plot_conflict(rows, checkpoints, group, path):
+                written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_unix.training.arguments import world_size_from_env
+
+    try:
+        checkpoints = _checkpoints(args)
+        settings = _resolve(args, checkpoints[0].common.get("args") or {})
+        problem = _refusal(args, settings, world_size_from_env())
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return _run(args, settings, checkpoints)
+
+
+def _run(args: argparse.Namespace, settings: Settings, checkpoints: list[Checkpoint]) -> int:
+    import torch.distributed as dist
+
+    from megatron_unix.data.indexed import check_vocabulary
+    from megatron_unix.training import distributed
+    from megatron_unix.training.arguments import data_prefixes
+
+    distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, settings.seed)
+    try:
+        tokenizer = _tokenizer(settings, checkpoints[0].common["model_args"])
+        for data_path in (
+            (settings.text_data, settings.mm_data) if settings.mode == "conflict" else (settings.data_path,)
+        ):
+            for prefix in data_prefixes(data_path):
+                check_vocabulary(
+                    prefix, tokenizer.model_config_fields(), settings.tokenizer_model, args.allow_unrecorded_vocabulary
+                )
+    except (OSError, ValueError) as error:  # the same on every rank
+        if dist.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    data = Data(settings, tokenizer, args.data_cache_path)
+    measure = _conflict if settings.mode == "conflict" else _modality_loss
+    rows = measure(args, settings, checkpoints, data)
+    if dist.get_rank() == 0:
+        for path in write_outputs(args.output_dir, settings, checkpoints, rows):
+            print(f" wrote {path}", flush=True)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
