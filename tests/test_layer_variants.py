@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import build_tiny, hf_weights, logits, reference_cfg
-from safetensors import safe_open
 from safetensors.torch import save_file
+from test_convert import read_tensors
 from tiny import TINY_VOCAB, make_batch
 from unix_reference import hardmoe_forward, mot_forward
 
@@ -187,14 +187,6 @@ def _reference_dir(root: Path, tokenizer_dir: Path, variant: str) -> Path:
     return root
 
 
-def _read(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
-
-
 @pytest.mark.parametrize("variant", ["hardmoe", "mot"])
 def test_reference_checkpoint_round_trip_is_bit_exact(megatron_single, hf_tokenizer_dir, tmp_path, variant):
     """Import of the reference's safetensors + config.json, export again: the same tensors bit for bit
@@ -208,7 +200,7 @@ def test_reference_checkpoint_round_trip_is_bit_exact(megatron_single, hf_tokeni
     assert (config.vision_encode_layers, config.vision_decode_layers) == (0, 0)
     export_hf(tmp_path / "megatron", tmp_path / "exported", max_shard_size="40KB")
 
-    src, out = _read(source), _read(tmp_path / "exported")
+    src, out = read_tensors(source), read_tensors(tmp_path / "exported")
     dropped = {n for n in src if ".vis_o_proj." in n}
     assert bool(dropped) == (variant == "mot")
     assert set(out) == set(src) - dropped
@@ -223,7 +215,7 @@ def test_reference_checkpoint_with_a_foreign_tensor_is_refused(megatron_single, 
     from megatron_unix.conversion.hf_io import ConversionError
 
     source = _reference_dir(tmp_path / "reference", hf_tokenizer_dir, "hardmoe")
-    tensors = _read(source)
+    tensors = read_tensors(source)
     tensors["model.layers.0.mlp.vis_down_proj.weight"] = tensors["model.layers.1.mlp.vis_down_proj.weight"].clone()
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.vis_down_proj\.weight is not part"):
