@@ -4,8 +4,10 @@ written whole or not at all (a reader never sees half a file, a crash keeps the 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -60,3 +62,11 @@ def settings_mismatch(
         return None
     diffs = "; ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
     return f"{path} was written with other settings ({diffs}): {remedy}"
+
+
+def stat_digest(files: Iterable[Path]) -> str:
+    """A digest of the files' resolved names, sizes and modification times: what tells a resumed output
+    that the model or data behind it was rewritten in place (reading every byte of a checkpoint would
+    cost more than the check is worth)."""
+    stats = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]

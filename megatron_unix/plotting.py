@@ -104,7 +104,6 @@ def render_lines(
     if not points:
         raise ValueError(f"nothing to plot in {output}: no curve has a point")
     x_low, x_high = _range([x for x, _ in points], from_zero=True)
-    x_low = min(x for x, _ in points) if x_low > 0 else x_low
     y_low, y_high = _range([y for _, y in points], from_zero=y_from_zero)
     image = Image.new("RGB", (size[0] * SCALE, size[1] * SCALE), "white")
     draw = ImageDraw.Draw(image)

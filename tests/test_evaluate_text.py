@@ -108,6 +108,7 @@ def test_accuracy_equals_scoring_every_choice_directly(checkpoints, remote):
         (section["tiny_choice"]["acc"] + section["tiny_choice_caption"]["acc"]) / 2
     )
     assert {section[task]["acc"] for task in PROMPTS} != {0.0} and set(section) == {*PROMPTS, "tiny_group"}
+    assert section["tiny_group"]["subtasks"] == sorted(PROMPTS)  # so reports show the group alone
 
 
 def test_plain_qwen3_scores_text_as_the_remote_code(checkpoints, remote, capfd):
@@ -125,8 +126,10 @@ def test_megatron_checkpoint_scores_as_its_export(checkpoints, remote):
     for task in PROMPTS:
         torch.testing.assert_close(loglikelihoods(out, task), loglikelihoods(remote, task), rtol=1e-5, atol=1e-5)
     assert text_section(out) == text_section(remote)
-    checkpoint = json.loads((out / "results.json").read_text())["checkpoint"]
-    assert (checkpoint["format"], checkpoint["iteration"]) == ("megatron", 0)
+    results, export = (json.loads((folder / "results.json").read_text()) for folder in (out, remote))
+    assert (results["sources"]["text"]["format"], results["checkpoint"]["iteration"]) == ("megatron", 0)
+    # the export records the checkpoint it came from: both are one model, evaluated into one folder
+    assert export["checkpoint"] == results["checkpoint"] and export["sources"]["text"]["format"] == "hf"
 
 
 def test_rerun_reads_answers_from_the_cache(checkpoints, remote, capfd):

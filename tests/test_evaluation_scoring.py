@@ -77,6 +77,19 @@ def test_missing_file_names_file_and_expected_name(tmp_path):
         load_benchmark(tmp_path, "MME")
 
 
+def test_benchmark_without_questions_is_refused(tmp_path):
+    """Scoring nothing would put 0% beside the paper: a header alone, or only bad rows skipped, is an error."""
+    write_tsv(tmp_path / "MMBench_DEV_EN.tsv", MMB_HEADER, [])
+    with pytest.raises(BenchmarkError, match=r"MMBench_DEV_EN\.tsv: no questions$"):
+        load_benchmark(tmp_path, "MMBench_DEV_EN")
+    write_tsv(tmp_path / "MMBench_DEV_EN.tsv", MMB_HEADER, [[7, "", "", "cat", "dog", "", "", "A", "cp", "x", "i"]])
+    with pytest.raises(BenchmarkError, match=r"no questions \(1 bad rows skipped\)"):
+        load_benchmark(tmp_path, "MMBench_DEV_EN", skip_bad=True)
+    (tmp_path / "m.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl: no prompts"):
+        read_geneval_prompts(tmp_path / "m.jsonl")
+
+
 @pytest.mark.parametrize(
     "row, message",
     [
@@ -255,6 +268,11 @@ def test_geneval_layout_and_resume(tmp_path):
     (out / "00001" / "samples" / "0002.png").unlink()  # as if killed mid-prompt
     again = write_geneval(read_geneval_prompts(metadata), out, fake_painter(calls))
     assert (again.painted, again.resumed) == (1, 1) and calls[-1] == "a photo of a red dog"
+    lines[0]["prompt"] = "a photo of a tabby cat"  # the prompt file changed: that folder is painted anew
+    metadata.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    changed = write_geneval(read_geneval_prompts(metadata), out, fake_painter(calls))
+    assert (changed.painted, changed.resumed) == (1, 1) and calls[-1] == "a photo of a tabby cat"
+    assert json.loads((out / "00000" / "metadata.jsonl").read_text()) == lines[0]
 
 
 def test_geneval_bad_metadata_line_names_line(tmp_path):

@@ -44,11 +44,19 @@ def vqgan_flags_error(args: argparse.Namespace, required: bool) -> str | None:
     return None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, megatron_only: bool = False) -> None:
-    """The checkpoint to evaluate: an HF directory (``--hf``) or a Megatron one (``--load``)."""
+def missing_path(paths: Iterable[tuple[str, str | Path | None]]) -> str | None:
+    """``FLAG PATH: no such file or directory`` for the first given ``(flag, path)`` that does not exist."""
+    for flag, path in paths:
+        if path is not None and not Path(path).exists():
+            return f"{flag} {path}: no such file or directory"
+    return None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model to run: an HF directory (``--hf``) or a Megatron checkpoint (``--load``), its tokenizer,
+    device and seed (the generation and evaluation programs)."""
     source = parser.add_mutually_exclusive_group(required=True)
-    if not megatron_only:
-        source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
+    source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
     source.add_argument("--load", help="Megatron checkpoint: save directory or iter_* directory")
     parser.add_argument("--tokenizer", help="text tokenizer (default: the HF directory's, or the one --load records)")
     parser.add_argument(

@@ -6,10 +6,12 @@
     python tools/evaluate.py generation --hf hf/run --geneval-prompts evaluation_metadata.jsonl --vqgan vqgan/ --output-dir eval/run
     python tools/evaluate.py report eval/run-* --output-dir eval/summary
 
-Each subcommand adds its section to ``OUTPUT_DIR/results.json`` (written atomically; other sections are
-kept) and rewrites ``OUTPUT_DIR/results.md``, the checkpoint beside the paper's Table 4. Interrupted runs
-resume: finished items are read back, not redone. ``report`` gathers several output folders into one
-table and a plot of loss and scores against tokens seen. Exit status: 0 ok, 2 refused (a flag or file, named).
+One --output-dir per checkpoint: a Megatron checkpoint and its export (export-hf records where it came
+from) share one. Each subcommand adds its section to ``OUTPUT_DIR/results.json`` (written atomically under
+a lock; other sections are kept) and rewrites ``OUTPUT_DIR/results.md``, the checkpoint beside the paper's
+Table 4. Interrupted runs resume: finished items are read back, not redone. ``report`` gathers several
+output folders into report.json, report.md and plots of loss and scores against tokens seen (loss.png,
+scores.png). Exit status: 0 ok, 2 refused (a flag or file, named).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.cli import vqgan_flags_error
+from megatron_unix.cli import missing_path, vqgan_flags_error
 
 SUBCOMMANDS = {
     "loss": "megatron_unix.cli.evaluate_loss",
@@ -43,41 +45,40 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
-    """What results.json records about the evaluated checkpoint; ``iteration`` and ``tokens_seen``
-    come from a Megatron checkpoint's common record when the flags do not give them. Refuses an
-    ``--output-dir`` holding another checkpoint's results, before any work."""
+    """What results.json records about the evaluated model: ``checkpoint`` identifies it (a Megatron
+    ``iter_*`` folder; an HF export by the checkpoint it was exported from, when it records one, else by
+    its own folder), so the checkpoint and its export share one --output-dir; ``source`` and ``format``
+    say what this subcommand read; ``iteration`` and ``tokens_seen`` where known (``--tokens-seen``
+    overrides). Refuses an ``--output-dir`` holding another checkpoint's results, before any work."""
     from megatron_unix.evaluation.results import check_owner
 
-    source = getattr(args, "hf", None) or args.load
-    record: dict[str, Any] = {
-        "source": str(Path(source).resolve()),
-        "format": "hf" if getattr(args, "hf", None) else "megatron",
-    }
-    if args.name:
-        record["name"] = args.name
-    if record["format"] == "megatron":
-        from megatron_unix.training.checkpointing import find_checkpoint, read_common
+    hf = getattr(args, "hf", None)
+    source = str(Path(hf or args.load).resolve())
+    record: dict[str, Any] = {"source": source, "format": "hf" if hf else "megatron", "checkpoint": source}
+    if hf:
+        from megatron_unix.conversion.hf_io import read_origin
+
+        record.update({k: v for k, v in (read_origin(hf) or {}).items() if v is not None})
+    else:
+        from megatron_unix.training.checkpointing import find_checkpoint, read_common, tokens_seen
 
         found = find_checkpoint(args.load)
         if found is None:
             raise ValueError(f"--load {args.load}: no checkpoint there")
         common = read_common(found, verify=False)
-        record["iteration"] = common["iteration"]
-        seq_length = (common.get("args") or {}).get("seq_length")
-        if seq_length:
-            record["tokens_seen"] = common.get("consumed_train_samples", 0) * seq_length
+        record.update(checkpoint=str(found.resolve()), iteration=common["iteration"], tokens_seen=tokens_seen(common))
+    if args.name:
+        record["name"] = args.name
     if args.tokens_seen is not None:
         record["tokens_seen"] = args.tokens_seen
     check_owner(args.output_dir, record)
-    return record
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def check_paths(args: argparse.Namespace, flags: Iterable[str]) -> None:
     """Refuse a path flag naming nothing, before anything is loaded."""
-    for flag in flags:
-        path = getattr(args, flag[2:].replace("-", "_"), None)
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"{flag} {path}: no such file or directory")
+    if message := missing_path((flag, getattr(args, flag[2:].replace("-", "_"), None)) for flag in flags):
+        raise ValueError(message)
 
 
 MODEL_PATHS = ("--hf", "--load", "--tokenizer", "--vqgan", "--vqgan-config", "--vqgan-checkpoint")
@@ -108,11 +109,13 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def model_settings(args: argparse.Namespace, record: dict[str, Any], vqgan: Any) -> dict[str, Any]:
     """What decides a model's outputs besides the benchmark's own options: resumed outputs must share it."""
+    from megatron_unix.files import stat_digest
     from megatron_unix.inference.images import vqgan_fingerprint
 
     return {
-        "checkpoint": record["source"],
-        "iteration": record.get("iteration"),
+        "checkpoint": record["checkpoint"],
+        "source": record["source"],
+        "files": stat_digest(Path(record["source"]).iterdir()),  # a checkpoint rewritten in place
         "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
         "vqgan": vqgan_fingerprint(vqgan),
     }

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"evaluate generation: error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:  # a scorer command failed; the images are complete
+    except layouts.ScorerError as error:  # the images are complete
         print(f"evaluate generation: error: {error}", file=sys.stderr)
         return 1
     for name, entry in section.items():

@@ -1,11 +1,12 @@
 """``tools/evaluate.py loss``: validation loss and perplexity per modality of a Megatron checkpoint.
 
-It is the training loop's own validation (``Trainer.evaluate``) on the checkpoint's weights: the same
-packed validation split of the same data, the same batches and the same reduction, so at the flags the
-run trained with it prints the number the run logged when it saved that checkpoint (after the
-checkpoint's first validation, the run had moved on to later validation batches: compare with the
-first). Data, split, sequence length, batch sizes, seed and tokenizer default to the checkpoint's record;
-any of them can be given. Runs at any TP/PP (``torchrun --nproc-per-node N tools/evaluate.py loss ...``).
+It is the training loop's own validation (``Trainer.evaluate``) on the checkpoint's weights: the packed
+validation split of the same data, the same batches, the same reduction. It evaluates the split's first
+``--eval-iters`` global batches, the same for every checkpoint, so checkpoints compare; these are the
+batches a run validates on first, so for the checkpoint of that iteration (the first ``--eval-interval``)
+it prints the number the run logged. Data, split, sequence length, batch sizes, seed and tokenizer
+default to the checkpoint's record; any of them can be given (``--split 0,1,0`` validates on a
+held-out prefix of its own). Runs at any TP/PP (``torchrun --nproc-per-node N tools/evaluate.py loss ...``).
 """
 
 from __future__ import annotations

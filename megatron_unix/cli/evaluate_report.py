@@ -12,7 +12,7 @@ HELP = "gather the results of several checkpoints: tables beside the paper, loss
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="output folders of the other subcommands")
-    parser.add_argument("--output-dir", type=Path, required=True, help="results.json, results.md, loss.png, scores.png")
+    parser.add_argument("--output-dir", type=Path, required=True, help="report.json, report.md, loss.png, scores.png")
     parser.add_argument("--title", default="Uni-X evaluation", help="plot title")
 
 
@@ -24,19 +24,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         checkpoints = [CheckpointResults.read(folder) for folder in args.folders]
         checkpoints.sort(key=lambda c: (c.tokens_seen or 0, c.iteration or 0))
+        names = [c.name for c in checkpoints]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            clashes = [str(c.folder) for c in checkpoints if c.name in twice]
+            raise ValueError(
+                f"checkpoints named alike ({', '.join(twice)}: {', '.join(clashes)}): evaluate with --name"
+            )
         args.output_dir.mkdir(parents=True, exist_ok=True)
         plots = render_progress(checkpoints, args.output_dir, args.title)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     table = markdown_table({c.name: c.summary for c in checkpoints}) + "\n" + progress_table(checkpoints)
-    write_text_atomically(args.output_dir / "results.md", table)
+    write_text_atomically(args.output_dir / "report.md", table)
     records = [
         {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
         | {"summary": c.summary, "scores": c.scores, "losses": c.losses}
         for c in checkpoints
     ]
-    write_results(args.output_dir / "results.json", {"checkpoints": records})
+    write_results(args.output_dir / "report.json", {"checkpoints": records})
     print(table, end="")
     for path in plots:
         print(f"plot {path}")

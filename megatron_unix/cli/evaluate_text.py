@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_unix.cli import add_model_arguments, out_of_range
+from megatron_unix.cli import add_model_arguments, missing_path, out_of_range
 from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record
 from megatron_unix.evaluation import text
 
@@ -102,9 +102,8 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError("--as-qwen3 loads an HF directory: give --hf")
     paths = [("--hf", args.hf), ("--load", args.load), ("--tokenizer", args.tokenizer)]
     paths += [("--include-path", path) for path in args.include_path]
-    for flag, path in paths:
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"{flag} {path}: no such file or directory")
+    if message := missing_path(paths):
+        raise ValueError(message)
 
 
 def hf_tokenizer(path: str | Path, flag: str) -> Any:

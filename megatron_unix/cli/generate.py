@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, out_of_range, vqgan_flags_error
+from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, missing_path, out_of_range, vqgan_flags_error
 
 if TYPE_CHECKING:
     import torch
@@ -102,10 +102,7 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
         ("--vqgan-checkpoint", args.vqgan_checkpoint),
         *(("--image", path) for path in args.image),
     ]
-    for flag, path in paths:
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"{flag} {path}: no such file or directory")
-    if message := vqgan_flags_error(args, required=False):
+    if message := missing_path(paths) or vqgan_flags_error(args, required=False):
         raise ValueError(message)
     if args.mode == "i2t":
         if not args.image:

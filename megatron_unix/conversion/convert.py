@@ -36,6 +36,7 @@ from megatron_unix.conversion.hf_config import (
     unix_fields,
 )
 from megatron_unix.conversion.hf_io import (
+    ORIGIN,
     ConversionError,
     HFCheckpoint,
     LazyTensors,
@@ -68,6 +69,7 @@ from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 from megatron_unix.model import build_model, make_config, padded_vocab_size
 from megatron_unix.model.config import ModelArguments, UniXConfig
 from megatron_unix.training import checkpointing
+from megatron_unix.training.checkpointing import tokens_seen
 
 MAX_SEQUENCE_LENGTH = 4096
 """Only rotary caching depends on it; the weights do not."""
@@ -473,6 +475,7 @@ def export_hf(
         )
         write_json(staging / "config.json", config_json)
         write_json(staging / "generation_config.json", generation_config_json(config_json, interchange))
+        write_json(staging / ORIGIN, _origin(load, common))
         if config.layer_variant == "unix":  # the remote code builds Uni-X only
             copy_remote_code(staging)
         write_model_card(staging, config_json)
@@ -490,6 +493,15 @@ def export_hf(
     if verify:
         _verify_export(model, config, vocab_size, out)
     return out
+
+
+def _origin(load: str | Path, common: dict[str, Any]) -> dict[str, Any]:
+    checkpoint = checkpointing.find_checkpoint(load)
+    return {
+        "checkpoint": str(checkpoint.resolve()),
+        "iteration": common["iteration"],
+        "tokens_seen": tokens_seen(common),
+    }
 
 
 def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, out: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -80,6 +81,17 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: a JSON {type(value).__name__}, not an object")
     return value
+
+
+ORIGIN = "megatron_checkpoint.json"
+"""In an export: the Megatron checkpoint it was written from (``checkpoint``, ``iteration``,
+``tokens_seen``), so that evaluations of the export and of the checkpoint are known to be of one model."""
+
+
+def read_origin(directory: str | Path) -> dict[str, Any] | None:
+    """An export's :data:`ORIGIN` record, or None (a reference checkpoint, an export from before it)."""
+    path = Path(directory) / ORIGIN
+    return read_json(path) if path.is_file() else None
 
 
 def has_tokenizer(directory: str | Path) -> bool:

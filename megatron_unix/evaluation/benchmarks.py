@@ -129,7 +129,11 @@ def load_benchmark(folder: str | Path, name: str, skip_bad: bool = False) -> Ben
     missing = [c for c in spec.required if c not in header]
     if missing:
         raise BenchmarkError(f"{path}: header lacks column(s) {', '.join(missing)} (VLMEvalKit's {spec.filename})")
-    return _parse_rows(spec, path, header, body, skip_bad)
+    benchmark = _parse_rows(spec, path, header, body, skip_bad)
+    if not benchmark.items:  # a score of nothing would read as 0% beside the paper
+        skipped = f" ({len(benchmark.skipped)} bad rows skipped)" if benchmark.skipped else ""
+        raise BenchmarkError(f"{path}: no questions{skipped}")
+    return benchmark
 
 
 def _parse_rows(spec: BenchmarkSpec, path: Path, header: list[str], body: list[list[str]], skip_bad: bool) -> Benchmark:

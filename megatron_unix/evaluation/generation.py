@@ -96,16 +96,20 @@ def paint_benchmarks(
 
 
 def score(runs: dict[str, layouts.GenerationRun], run_scorers: bool, log: IO[str] | None = None) -> dict[str, dict]:
-    """The results.json section: per benchmark its folder and scorer commands, and the scores when
+    """The results.json section: per benchmark its folder and scorer commands, and the scores: read back
+    when the scorer's output is newer than every image (nothing painted since), else computed when
     ``run_scorers`` and the scorer's packages are importable here (else ``"scored": false``)."""
     section = {}
     for name, run in runs.items():
         entry: dict[str, Any] = {"folder": str(run.outdir.resolve()), "commands": run.commands, "scored": False}
         if run.missing:
             entry["missing_packages"] = run.missing
-        if run_scorers and not run.missing:
+        read = layouts.read_geneval_scores if name == "geneval" else layouts.read_dpg_scores
+        record = layouts.record_path(run.outdir)
+        if run.painted == 0 and run.scores.is_file() and run.scores.stat().st_mtime >= record.stat().st_mtime:
+            entry |= read(run.scores) | {"scored": True}
+        elif run_scorers and not run.missing:
             layouts.run_commands(run.commands, log)
-            read = layouts.read_geneval_scores if name == "geneval" else layouts.read_dpg_scores
             entry |= read(run.scores) | {"scored": True}
         section[name] = entry
     return section

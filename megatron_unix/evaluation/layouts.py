@@ -33,8 +33,8 @@ from typing import IO, Any
 from PIL import Image
 
 from megatron_unix.data.preprocess_report import ProgressLine
-from megatron_unix.evaluation.report import settings_mismatch, write_results
-from megatron_unix.files import write_atomically, write_text_atomically
+from megatron_unix.evaluation.report import write_results
+from megatron_unix.files import settings_mismatch, write_atomically, write_text_atomically
 from megatron_unix.inference.images import image_grid
 from megatron_unix.platform import has_module
 
@@ -83,6 +83,8 @@ def read_geneval_prompts(path: str | Path) -> list[dict]:
         except ValueError as error:
             raise ValueError(f"{path}:{number}: not a GenEval metadata line ({error})") from None
         records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts")
     return records
 
 
@@ -182,11 +184,12 @@ def _paint_all(
     settings: Mapping[str, Any],
     log: IO[str],
 ) -> None:
-    """Paint the jobs not done (or done without recorded seeds), ``batch`` at a time, recording the seeds
-    after each batch so that a kill loses one batch at most."""
+    """Paint the jobs not done (or done without recorded seeds, or for another prompt text: a prompt file
+    that changed), ``batch`` at a time, recording seeds and prompts after each batch so that a kill loses
+    one batch at most."""
     run.outdir.mkdir(parents=True, exist_ok=True)
     path = record_path(run.outdir)
-    record = {"settings": json.loads(json.dumps(dict(settings))), "seeds": {}}
+    record = {"settings": json.loads(json.dumps(dict(settings))), "seeds": {}, "prompts": {}}
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
@@ -195,8 +198,12 @@ def _paint_all(
             raise ValueError(f"{path}: not a record of this program ({error}): remove it to paint again") from None
         if message := settings_mismatch(run.outdir, stored["settings"], record["settings"]):
             raise ValueError(message)
-        record["seeds"] = stored["seeds"]
-    todo = [job for job in jobs if not (job.done and job.key in record["seeds"])]
+        record["seeds"], record["prompts"] = stored["seeds"], stored.get("prompts", {})
+    todo = [
+        job
+        for job in jobs
+        if not (job.done and job.key in record["seeds"] and record["prompts"].get(job.key) == job.prompt)
+    ]
     run.resumed = len(jobs) - len(todo)
     progress = ProgressLine(f"{run.outdir.name} prompts", max(batch, len(todo) // 20), log)
     pending = iter(todo)
@@ -210,6 +217,7 @@ def _paint_all(
                 )
             job.write(painting)
             record["seeds"][job.key] = list(seeds)
+            record["prompts"][job.key] = job.prompt
         write_results(path, record)
         run.painted += len(chunk)
         rate = run.painted / max(progress.elapsed(), 1e-9)
@@ -250,12 +258,16 @@ def dpg_commands(
     ]
 
 
+class ScorerError(RuntimeError):
+    """A scorer command failed (the images are complete: run it again by hand or with --run-scorers)."""
+
+
 def run_commands(commands: Sequence[str], log: IO[str] | None = None) -> None:
     """Run scorer commands in a shell, in order; a failing one is an error naming it."""
     for command in commands:
         print(f"[scorer] {command}", file=log or sys.stderr, flush=True)
         if subprocess.run(command, shell=True).returncode:
-            raise RuntimeError(f"scorer command failed: {command}")
+            raise ScorerError(f"scorer command failed: {command}")
 
 
 def read_geneval_scores(path: Path) -> dict:

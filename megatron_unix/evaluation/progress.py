@@ -16,12 +16,14 @@ LOSSES = {"validation text": "text_loss", "validation vision": "vision_loss"}
 
 
 def headlines(sections: Mapping[str, Any]) -> dict[str, float]:
-    """Each benchmark's headline score in percent: lm-eval tasks' ``acc``, the understanding benchmarks'
-    overall accuracy (MME's perception sum is in points: left to the table), GenEval's and DPG-Bench's
-    overall score."""
+    """Each benchmark's headline score in percent: lm-eval tasks' ``acc`` (groups, not their subtasks:
+    mmlu, not its 57 subjects), the understanding benchmarks' overall accuracy (MME's perception sum is in
+    points: left to the table), GenEval's overall score and DPG-Bench's score."""
     scores = {}
-    for task, metrics in sorted((sections.get("text") or {}).items()):
-        if (value := lookup(metrics, ("acc",))) is not None:
+    text = sections.get("text") or {}
+    subtasks = {name for metrics in text.values() for name in metrics.get("subtasks", ())}
+    for task, metrics in sorted(text.items()):
+        if task not in subtasks and (value := lookup(metrics, ("acc",))) is not None:
             scores[task] = 100 * value
     for name, result in sorted((sections.get("understanding") or {}).items()):
         value = lookup(result, ("overall",))
@@ -31,7 +33,7 @@ def headlines(sections: Mapping[str, Any]) -> dict[str, float]:
     generation = sections.get("generation") or {}
     if (value := lookup(generation, ("geneval", "overall"))) is not None:
         scores["GenEval"] = 100 * value
-    if (value := lookup(generation, ("dpg", "overall"))) is not None:
+    if (value := lookup(generation, ("dpg", "score"))) is not None:
         scores["DPG-Bench"] = value
     return scores
 

@@ -3,6 +3,7 @@ paper-comparable summary (``MMLU``, ``GenEval``, ``MMB`` in percent) derived fro
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from megatron_unix.files import write_text_atomically
 
 RESULTS = "results.json"
 TABLE = "results.md"
+LOCK = ".results.lock"
 
 SUMMARY: dict[str, tuple[tuple[str, ...], float]] = {
     "MMLU": (("text", "mmlu", "acc"), 100.0),
@@ -50,11 +52,16 @@ def summary(sections: Mapping[str, Any]) -> dict[str, float]:
     return {metric: value * SUMMARY[metric][1] for metric, value in found.items() if value is not None}
 
 
+IDENTITY = ("checkpoint", "iteration", "tokens_seen", "name")
+"""What ``results.json``'s ``checkpoint`` record holds; each section's ``source`` and ``format`` go to
+``sources`` (one checkpoint, evaluated through its export and itself)."""
+
+
 def check_owner(output_dir: str | Path, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The folder's results, refused when they belong to another checkpoint (checked before a long run)."""
     results = read_results(output_dir)
     known = results.get("checkpoint") or {}
-    for key in ("source", "iteration"):
+    for key in ("checkpoint", "iteration"):
         if key in known and key in checkpoint and known[key] != checkpoint[key]:
             raise ValueError(
                 f"{Path(output_dir) / RESULTS} holds results of {key}={known[key]!r}, not {checkpoint[key]!r}: "
@@ -74,8 +81,19 @@ def update_results(
     in ``values``: benchmarks scored by an earlier run stay), record what was evaluated, recompute the
     summary, and rewrite results.json and results.md atomically."""
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / LOCK, "w") as lock:  # subcommands running side by side into one folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _update(output_dir, section, values, checkpoint, merge)
+
+
+def _update(
+    output_dir: Path, section: str, values: Mapping[str, Any], checkpoint: Mapping[str, Any], merge: bool
+) -> dict:
     results = check_owner(output_dir, checkpoint)
-    results["checkpoint"] = {**(results.get("checkpoint") or {}), **checkpoint}
+    identity = {k: v for k, v in checkpoint.items() if k in IDENTITY}
+    results["checkpoint"] = {**(results.get("checkpoint") or {}), **identity}
+    results.setdefault("sources", {})[section] = {k: checkpoint[k] for k in ("source", "format") if k in checkpoint}
     results["sections"][section] = {**(results["sections"].get(section, {}) if merge else {}), **values}
     results["summary"] = summary(results["sections"])
     write_results(output_dir / RESULTS, results)

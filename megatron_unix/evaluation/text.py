@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.files import write_text_atomically
+from megatron_unix.files import stat_digest, write_text_atomically
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "winogrande", "boolq", "mmlu")
 """The paper's text evaluation, 0-shot: MMLU is its Table 4 column, the others its text table."""
@@ -75,8 +75,9 @@ def cache_prefix(output_dir: Path, identity: Mapping[str, Any], files: Iterable[
     digest of ``identity`` (loader, source, tokenizer, dtype) and of ``files``' names, sizes and mtimes.
     lm-eval keys cached answers by request text alone, so a checkpoint overwritten in place, another
     loader or precision must not find the answers of the previous one."""
-    stats = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
-    digest = hashlib.sha256(json.dumps([dict(identity), stats], sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps([dict(identity), stat_digest(files)], sort_keys=True, default=str).encode()
+    ).hexdigest()
     return output_dir / CACHE_DIR / f"requests-{digest[:16]}"
 
 
@@ -114,11 +115,12 @@ def run_tasks(
     )
 
 
-def metrics(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def metrics(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{task: {metric: value}}`` for every task and group lm-eval reports: its ``"acc,none"`` keys
     without the default filter's suffix (other filters keep theirs), stderr included when numeric
-    ("N/A" is dropped), plus ``samples`` (documents scored) and ``num_fewshot`` where lm-eval gives them."""
-    found: dict[str, dict[str, float]] = {}
+    ("N/A" is dropped), plus ``samples`` (documents scored) and ``num_fewshot`` where lm-eval gives them,
+    and a group's ``subtasks`` (so reports show mmlu, not its 57 subjects beside it)."""
+    found: dict[str, dict[str, Any]] = {}
     for task, values in results["results"].items():
         entry = {
             key.removesuffix(",none"): value
@@ -129,6 +131,8 @@ def metrics(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             entry["samples"] = results["n-samples"][task]["effective"]
         if task in results.get("n-shot", {}):
             entry["num_fewshot"] = results["n-shot"][task]
+        if subtasks := results.get("group_subtasks", {}).get(task):
+            entry["subtasks"] = sorted(subtasks)
         found[task] = entry
     return found
 

@@ -89,6 +89,12 @@ def _require(checkpoint: Path, names: tuple[str, ...]) -> None:
         raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {', '.join(missing)} missing")
 
 
+def tokens_seen(common: dict[str, Any]) -> int | None:
+    """Training tokens behind a checkpoint (consumed samples x packed row length), from its common part."""
+    seq_length = (common.get("args") or {}).get("seq_length")
+    return common.get("consumed_train_samples", 0) * seq_length if seq_length else None
+
+
 def read_common(checkpoint: str | Path, verify: bool = True) -> dict[str, Any]:
     """The checkpoint's non-sharded part (iteration, args, model_args, ...), readable before start-up;
     with ``verify``, its files are checked against the manifest first (locally: no process group needed)."""
