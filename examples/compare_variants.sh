@@ -37,6 +37,7 @@ for name in "${NAMES[@]}"; do
         --weight-decay 0.01 --clip-grad 1.0 --log-interval 5 --eval-interval "$ITERS" --eval-iters 2 \
         --save "$OUT/$name" > "$OUT/$name.log" 2>&1 || { tail -n 20 "$OUT/$name.log" >&2; exit 1; }
     grep -E "^> (Uni-X|HardMoE|MoT) | validation loss" "$OUT/$name.log"
+    grep -E " iteration +$ITERS/" "$OUT/$name.log" | grep -oE "tokens/s: [0-9,]+ \| TFLOP/s/device: [0-9.]+"
 done
 
 echo "== losses per modality (nats per token), first -> last"

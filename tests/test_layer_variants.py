@@ -208,6 +208,13 @@ def test_reference_checkpoint_round_trip_is_bit_exact(megatron_single, hf_tokeni
     before, after = (json.loads((d / "config.json").read_text()) for d in (source, tmp_path / "exported"))
     assert {k: after.get(k) for k in before} == before
     assert "auto_map" not in after and not (tmp_path / "exported" / "modeling_unix.py").exists()
+    from megatron_unix.conversion.hf_io import ConversionError
+    from megatron_unix.inference.loading import load_checkpoint, load_hf
+
+    with pytest.raises(ConversionError, match=f"is a {variant} model .the HF classes here build Uni-X only"):
+        load_hf(tmp_path / "exported")  # not silently run as a Uni-X model with the vision parts ignored
+    with pytest.raises(ValueError, match=f"is a {variant} model"):
+        load_checkpoint(tmp_path / "megatron")
 
 
 def test_reference_checkpoint_with_a_foreign_tensor_is_refused(megatron_single, hf_tokenizer_dir, tmp_path):
@@ -250,7 +257,10 @@ def test_bad_variant_settings_are_refused_by_flag(fields, flag):
 @pytest.mark.parametrize(
     "argv, flag",
     [
-        (["--layer-variant", "mot"], "--vision-encode-layers and --vision-decode-layers must be 0"),
+        (
+            ["--layer-variant", "mot", "--vision-decode-layers", "1"],
+            "--vision-encode-layers and --vision-decode-layers",
+        ),
         (["--decoder-sparse-step", "3"], "--decoder-sparse-step is for --layer-variant hardmoe"),
         (["--layer-variant", "hardmoe", "--decoder-sparse-step", "0", "SPLIT"], "--decoder-sparse-step must be pos"),
         (["--layer-variant", "mot", "--decoder-sparse-step", "2", "SPLIT"], "--decoder-sparse-step is for"),
@@ -266,6 +276,17 @@ def test_bad_variant_flags_are_refused_before_start_up(argv, flag):
     common = ["--model-preset", "tiny", "--seq-length", "32", "--train-iters", "2", "--data-path", "x"]
     with pytest.raises(ValueError, match=flag):
         validate(parse_args([*common, "--tokenizer-model", "t", *argv]), 1)
+
+
+def test_tiny_preset_and_default_modules_of_a_baseline():
+    """The tiny preset's Uni-X split (1:1) is not forced on a baseline, and a baseline defaults to the local
+    modules (Transformer Engine's spec fuses the shared norm into the projections it routes)."""
+    from megatron_unix.training.arguments import parse_args
+
+    args = parse_args(["--model-preset", "tiny", "--train-iters", "1", "--layer-variant", "hardmoe"])
+    assert (args.vision_encode_layers, args.vision_decode_layers, args.transformer_impl) == (0, 0, "local")
+    unix = parse_args(["--model-preset", "tiny", "--train-iters", "1"])
+    assert (unix.vision_encode_layers, unix.vision_decode_layers) == (1, 1)
 
 
 def test_flops_count_each_variants_real_compute():
@@ -323,3 +344,37 @@ def test_checkpoints_without_variant_fields_are_unix():
     stored.update(layernorm_epsilon=1e-6, separator_ids=[], vocab_size=TINY_VOCAB)
     arch = ModelArguments.from_dict(stored)
     assert (arch.layer_variant, arch.config(transformer_impl="local").ffn_vision_size) == ("unix", 96)
+
+
+@pytest.mark.parametrize("variant", ["hardmoe", "mot"])
+def test_baseline_starts_from_a_text_model(megatron_single, hf_tokenizer_dir, tmp_path, variant):
+    """import-hf --layer-variant from a Qwen3 text model, as the reference starts its baselines: with the
+    vision parts copied from their text twins, every token (BOI, id 1, is routed to them) is computed as
+    the text model computes it; fresh vision parts differ from their twins."""
+    from test_convert import CODES, make_source, options, tokenizer_length
+
+    from megatron_unix.conversion.convert import import_hf, load_megatron
+    from megatron_unix.conversion.hf_io import model_class
+    from megatron_unix.conversion.mappings import megatron_to_hf, vision_twins
+    from megatron_unix.conversion.verify import megatron_logits
+
+    source = make_source(tmp_path / "source", hf_tokenizer_dir, "qwen3", tie=True, dtype=torch.float32)
+    flags = dict(vision_encode_layers=0, vision_decode_layers=0, layer_variant=variant)
+    import_hf(source, tmp_path / "copy", options(**flags))
+    model, config, _ = load_megatron(tmp_path / "copy")
+    assert config.layer_variant == variant and vision_twins(config)
+    text_vocab = tokenizer_length(hf_tokenizer_dir)
+    tokens = torch.randint(1, text_vocab, (2, 40), generator=torch.Generator().manual_seed(5))
+    tokens[:, ::7] = 1  # BOI: through the vision parts
+    original = model_class("qwen3", unix=False).from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = original(input_ids=tokens).logits
+    for row in range(2):
+        got = megatron_logits(model, tokens[row], text_vocab + CODES)[:, : want.shape[-1]]
+        torch.testing.assert_close(got, want[row], rtol=1e-5, atol=1e-5)
+    import_hf(source, tmp_path / "random", options(**flags, vision_init="random"))
+    fresh, config, _ = load_megatron(tmp_path / "random")
+    weights = megatron_to_hf(dict(fresh.named_parameters()), config, text_vocab + CODES)
+    for vision, twin in vision_twins(config):
+        if twin in weights and not vision.endswith("norm.weight"):  # (q/k/v biases only in qwen2 style)
+            assert not torch.equal(weights[vision], weights[twin]), vision

@@ -268,7 +268,8 @@ def _tokenizer(settings: Settings, arch: dict[str, Any]):
 
 
 def _model(checkpoint: Checkpoint, settings: Settings, verify: bool):
-    """The checkpoint's model at this run's TP/PP, wrapped in Megatron DDP as training wraps it."""
+    """The checkpoint's model at this run's TP/PP in fp32 (a bf16 run's in-training values agree
+    approximately, an fp32 run's exactly), wrapped in Megatron DDP as training wraps it."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -284,6 +285,7 @@ def _model(checkpoint: Checkpoint, settings: Settings, verify: bool):
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32,
         document_isolation=settings.document_isolation,
+        **({"transformer_impl": "local"} if arch.layer_variant != "unix" else {}),  # as training builds them
     )
     ddp = wrap_model(config, build_model(config, arch.vocab_size, settings.seq_length))
     checkpointing.load(checkpoint.path, ddp, load_rng=False, verify=verify)

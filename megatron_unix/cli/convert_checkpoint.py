@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help="vision copy of layer i = text layer i, or fresh (norms 1, N(0, 0.02))",
     )
+    imp.add_argument(
+        "--layer-variant",
+        choices=["unix", "hardmoe", "mot"],
+        default="unix",
+        help="text sources: Uni-X, or a baseline of spec §9 (hardmoe: a vision MLP every --decoder-sparse-step "
+        "layers; mot: vision q/k/v, QK norms and MLP in every layer), its vision parts as --vision-init says",
+    )
+    imp.add_argument(
+        "--decoder-sparse-step", type=int, default=2, help="hardmoe: layer i has a vision MLP iff (i+1) %% K == 0"
+    )
     imp.add_argument("--vq-codebook-size", type=int, default=None, help=f"text sources; default {CODEBOOK_SIZE}")
     imp.add_argument("--vq-offset", type=int, default=None, help="default: length of the tokenizer in --hf-dir")
     imp.add_argument(
@@ -78,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vision_encode_layers=args.vision_encode_layers,
                 vision_decode_layers=args.vision_decode_layers,
                 vision_init=args.vision_init,
+                layer_variant=args.layer_variant,
+                decoder_sparse_step=args.decoder_sparse_step,
                 vq_codebook_size=args.vq_codebook_size,
                 vq_offset=args.vq_offset,
                 layer_style=args.layer_style,

@@ -53,6 +53,7 @@ from megatron_unix.conversion.mappings import (
     iter_hf_to_megatron,
     layer_prefixes,
     megatron_to_hf,
+    vision_twins,
 )
 from megatron_unix.conversion.verify import (
     BF16,
@@ -90,6 +91,9 @@ class ImportOptions:
     vision_encode_layers: int | None = None
     vision_decode_layers: int | None = None
     vision_init: str = "copy"
+    layer_variant: str = "unix"
+    """Text sources: Uni-X, or a baseline of spec §9 whose vision parts start as ``vision_init`` says."""
+    decoder_sparse_step: int = 2
     vq_codebook_size: int | None = None
     vq_offset: int | None = None
     layer_style: str | None = None
@@ -167,6 +171,8 @@ def _target_config(
             "vq_codebook_size": options.codebook,
             "vision_encode_layers": options.vision_encode_layers or 0,
             "vision_decode_layers": options.vision_decode_layers or 0,
+            "layer_variant": options.layer_variant,
+            "decoder_sparse_step": options.decoder_sparse_step,
         }
         vocab_size = hf.vocab_size + options.codebook
     style = options.layer_style or source.style
@@ -204,6 +210,15 @@ def _random_like(load: Callable[[], torch.Tensor], name: str, seed: int, std: fl
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
+def _vision_part(
+    twin: Callable[[], torch.Tensor], name: str, config: UniXConfig, options: ImportOptions
+) -> Callable[[], torch.Tensor]:
+    """A vision tensor started from a text model: its text ``twin`` (``--vision-init copy``) or fresh."""
+    if options.vision_init == "copy":
+        return twin
+    return partial(_random_like, twin, name, options.seed, config.init_method_std)
+
+
 def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, options: ImportOptions) -> LazyTensors:
     """The converted model's tensors under HF names, each computed from the source on access."""
     drop_bias = source.style == "qwen2" and layer_style(config) == "qwen3"
@@ -232,12 +247,12 @@ def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, op
             continue
         twin = text_prefix[meg_prefix[: -len("vision.")]]
         for name in [n for n in thunks if n.startswith(twin)]:
-            target = hf_prefix + name[len(twin) :]
-            thunks[target] = (
-                thunks[name]
-                if options.vision_init == "copy"
-                else partial(_random_like, thunks[name], target, options.seed, config.init_method_std)
+            thunks[hf_prefix + name[len(twin) :]] = _vision_part(
+                thunks[name], hf_prefix + name[len(twin) :], config, options
             )
+    for target, twin in vision_twins(config):  # the baselines' vision projections and MLPs
+        if twin in thunks:
+            thunks[target] = _vision_part(thunks[twin], target, config, options)
     return LazyTensors(thunks)
 
 
@@ -284,9 +299,10 @@ def import_hf(
     )
     tokenizer = _source_tokenizer(source, options)
     config, vocab_size = _target_config(source, options, tokenizer)
-    if config.layer_variant == "unix":
+    baseline_source = source.kind == "unix" and config.layer_variant != "unix"
+    if not baseline_source:
         source.validate()
-    elif verify:
+    if verify and config.layer_variant != "unix":
         raise ConversionError(_NO_HF_MODEL.format(config.layer_variant))
     log(
         f"target: {_describe(config, vocab_size)}"
@@ -294,7 +310,7 @@ def import_hf(
     )
     weights = import_weights(source, config, vocab_size, options)
     model = build_model(config, vocab_size, MAX_SEQUENCE_LENGTH)
-    if config.layer_variant != "unix":
+    if baseline_source:
         _validate_by_table(source, model, config, vocab_size)
     load_weights(model, weights, config, vocab_size)
     run_args: dict[str, Any] = {

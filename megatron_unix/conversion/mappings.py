@@ -122,6 +122,21 @@ def all_mappings(config: UniXConfig) -> list[Mapping]:
     return table
 
 
+def vision_twins(config: UniXConfig) -> list[tuple[str, str]]:
+    """(HF name of a baseline's vision tensor, HF name of its text twin) for every layer with vision parts:
+    the twin is the text mapping of the same Megatron tensor without ``vision.`` (what a vision part is
+    initialised from when a baseline starts from a text model)."""
+    text = {m.megatron: m for m in LAYER_MAPPINGS}
+    pairs = []
+    for i in range(config.num_layers):
+        if not config.has_vision_copy(i):
+            continue
+        for m in VARIANT_VISION_MAPPINGS.get(config.layer_variant, ()):
+            twin = text[m.megatron.replace("vision.", "")]
+            pairs += [(f"model.layers.{i}.{v}", f"model.layers.{i}.{t}") for v, t in zip(m.hf, twin.hf)]
+    return pairs
+
+
 def dropped_on_import(config: UniXConfig) -> list[str]:
     """The HF names of :data:`DROPPED_ON_IMPORT` for every layer of this config."""
     return [

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 
 from megatron_unix.conversion import convert
 from megatron_unix.conversion.convert import load_megatron
-from megatron_unix.conversion.hf_config import INTERCHANGE, unix_fields
+from megatron_unix.conversion.hf_config import INTERCHANGE, layer_variant, unix_fields
 from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class
 from megatron_unix.conversion.hf_remote.configuration_unix import unix_field
 from megatron_unix.conversion.hf_remote.modeling_unix import separator_ids
@@ -30,6 +30,10 @@ from megatron_unix.conversion.mappings import megatron_to_hf
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
 from megatron_unix.inference.sampling import VocabLayout
 from megatron_unix.model.config import UniXConfig
+
+NO_HF_CODE = (
+    "the HF classes here build Uni-X only; the reference's modeling/moe_qwen.py and mot_qwen.py run the baselines"
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ def load_hf(
     if source.kind != "unix":
         raise ConversionError(f"--hf {directory}: config.json has no num_vision_encode_layers: not a Uni-X model")
     config = source.config
+    if (variant := layer_variant(config)) != "unix":
+        raise ConversionError(f"--hf {directory} is a {variant} model ({NO_HF_CODE})")
     if tokenizer is None and has_tokenizer(directory):
         tokenizer = directory
     missing = f"--tokenizer {tokenizer}: no such file" if tokenizer else f"--hf {directory} has no tokenizer files"
@@ -129,6 +135,8 @@ def load_checkpoint(
     ``tokenizer`` defaults to the one the checkpoint records."""
     device = device or default_device()
     megatron, config, common = load_megatron(path, verify)
+    if config.layer_variant != "unix":
+        raise ValueError(f"--load {path} is a {config.layer_variant} model ({NO_HF_CODE})")
     run_args = common.get("args") or {}
     recorded = run_args.get("tokenizer_model")
     missing = (

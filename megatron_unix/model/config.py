@@ -224,6 +224,11 @@ class ModelArguments:
     layer_variant: str = "unix"
     decoder_sparse_step: int = 2
     ffn_vision_size: int | None = None
+    """None: the text FFN width (stored resolved, so that a resume naming that width agrees)."""
+
+    def __post_init__(self) -> None:
+        if self.ffn_vision_size is None:
+            object.__setattr__(self, "ffn_vision_size", self.ffn_hidden_size)
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> ModelArguments:

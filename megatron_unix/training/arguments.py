@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="every this many iterations, log per layer and weight group the cosine between the gradients of "
         "the text-target and vision-target parts of the loss on that iteration's batch (grad_cos/layerNN/GROUP); "
-        "costs 2 extra forward-backward passes over the batch on those iterations (about 3x their time), "
-        "the training itself is unchanged (default: 0, off)",
+        "costs 2 extra forward-backward passes over the batch on those iterations (about 3x their time) and "
+        "an fp32 copy of the analysed layers' gradients (4 bytes per layer parameter / TP / PP); the training "
+        "itself is unchanged (default: 0, off)",
     )
     return p
 
@@ -333,14 +334,16 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
     parser = build_parser()
     parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
+    baseline = args.layer_variant in ("hardmoe", "mot")
     if args.transformer_impl is None:
         from megatron_unix import platform
 
-        args.transformer_impl = platform.default_transformer_impl()
+        # the baselines' routed projections take the shared norm apart: local modules (TE fuses them)
+        args.transformer_impl = "local" if baseline else platform.default_transformer_impl()
     if args.model_preset == "tiny":
         for name, value in TINY_PRESET.items():
             if getattr(args, name) is None:
-                setattr(args, name, value)
+                setattr(args, name, 0 if baseline and name.startswith("vision_") else value)
     return args
 
 
@@ -436,6 +439,12 @@ def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | 
         raise ValueError("--bf16 needs a GPU: Megatron's mixed-precision optimizer is CUDA-only (CPU runs fp32)")
     if args.use_distributed_optimizer and not _has_cuda():
         raise ValueError("--use-distributed-optimizer needs a GPU (Megatron's distributed optimizer is CUDA-only)")
+    if args.grad_conflict_interval and args.use_distributed_optimizer and dp > 1:
+        raise ValueError(
+            "--grad-conflict-interval needs every rank's whole reduced gradient: the distributed optimizer only "
+            "reduce-scatters it (use it without --use-distributed-optimizer, or measure offline with "
+            "tools/analyze_gradients.py)"
+        )
 
 
 def _check_layer_variant(args: argparse.Namespace, shape: dict[str, Any]) -> None:
