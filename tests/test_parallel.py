@@ -56,25 +56,19 @@ def test_parallel_run_matches_single_process(single, layout):
     torch.testing.assert_close(got["logits"], base["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_single_modality_micro_batches_under_ddp_overlap(single):
-    """DP=2 with overlap_grad_reduce: one rank sees only text, the other only images. No hang,
-    and the averaged gradient equals one process running both micro-batches."""
-    root, _ = single
+def check_single_modality_ranks_under_ddp_overlap(root: Path, *flags: str) -> None:
+    """DP=2 with overlap_grad_reduce: one rank sees only text, the other only images. No hang, and the
+    averaged gradient equals one process running both micro-batches."""
     ckpt = str(root / "ckpt")
-    one = torchrun(1, root / "split1.json", "--load", ckpt, "--batches", "split-modality")
-    two = torchrun(
-        2,
-        root / "split2.json",
-        "--load",
-        ckpt,
-        "--batches",
-        "split-modality",
-        "--micro-batches",
-        "1",
-        "--overlap-grad-reduce",
-    )
+    split = ("--load", ckpt, "--batches", "split-modality")
+    one = torchrun(1, root / "split1.json", *split, *flags)
+    two = torchrun(2, root / "split2.json", *split, "--micro-batches", "1", "--overlap-grad-reduce", *flags)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+
+
+def test_single_modality_micro_batches_under_ddp_overlap(single):
+    check_single_modality_ranks_under_ddp_overlap(single[0])
 
 
 @pytest.fixture(scope="module", params=["hardmoe", "mot"])
@@ -95,23 +89,6 @@ def test_layer_variant_under_tp_sp_and_pp_matches_single_process(variant_single)
 
 
 def test_layer_variant_single_modality_micro_batches_under_ddp_overlap(variant_single):
-    """DP=2 with overlap_grad_reduce for HardMoE / MoT: one rank sees only text, the other only images,
-    so on each rank one copy of every routed module runs on padding alone. No hang, and the averaged
-    gradient equals one process running both micro-batches."""
+    """As for Uni-X: on each rank one copy of every routed module runs on padding alone."""
     root, flags, _ = variant_single
-    ckpt = str(root / "ckpt")
-    one = torchrun(1, root / "split1.json", "--load", ckpt, "--batches", "split-modality", *flags)
-    two = torchrun(
-        2,
-        root / "split2.json",
-        "--load",
-        ckpt,
-        "--batches",
-        "split-modality",
-        "--micro-batches",
-        "1",
-        "--overlap-grad-reduce",
-        *flags,
-    )
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
-    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    check_single_modality_ranks_under_ddp_overlap(root, *flags)

@@ -336,20 +336,7 @@ def _validate_by_table(source: HFCheckpoint, model: torch.nn.Module, config: Uni
     """A baseline's source against what the mapping table makes of the model: every tensor present with
     its shape, nothing else but the unused tensors import drops (the HF-side check builds Uni-X only)."""
     expected = {n: t.shape for n, t in megatron_to_hf(dict(model.named_parameters()), config, vocab_size).items()}
-    where = f"{source.path} ({config.layer_variant})"
-    for name, shape in expected.items():
-        if name not in source.weight_map:
-            raise ConversionError(f"{where}: tensor {name} is missing")
-        if source.shape(name) != shape:
-            raise ConversionError(
-                f"{where}: tensor {name} has shape {list(source.shape(name))}, config.json implies {list(shape)}"
-            )
-    allowed = (
-        set(expected) | set(dropped_on_import(config)) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    )
-    unexpected = [n for n in source.names if n not in allowed]
-    if unexpected:
-        raise ConversionError(f"{where}: tensor {unexpected[0]} is not part of the model config.json describes")
+    source.check_tensors(expected, f"{source.path} ({config.layer_variant})", dropped_on_import(config))
 
 
 def hf_unix_model(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +169,11 @@ class HFCheckpoint:
 
     def validate(self) -> None:
         """Every tensor config.json implies is present with its shape, and nothing else is there."""
-        expected = expected_tensors(self.config, self.kind == "unix")
         where = f"{self.path} (model_type {self.style}{', Uni-X' if self.kind == 'unix' else ''})"
+        self.check_tensors(expected_tensors(self.config, self.kind == "unix"), where)
+
+    def check_tensors(self, expected: Mapping[str, torch.Size], where: str, unused: Iterable[str] = ()) -> None:
+        """Each ``expected`` tensor present with its shape; nothing else but ``unused`` (and a tied head)."""
         for name, shape in expected.items():
             if name not in self.weight_map:
                 raise ConversionError(f"{where}: tensor {name} is missing")
@@ -179,7 +182,8 @@ class HFCheckpoint:
                     f"{where}: tensor {name} has shape {list(self.shape(name))}, config.json implies {list(shape)}"
                 )
         tied_head = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
-        unexpected = [n for n in self.weight_map if n not in expected and n not in tied_head]
+        allowed = {*expected, *tied_head, *unused}
+        unexpected = [n for n in self.weight_map if n not in allowed]
         if unexpected:
             raise ConversionError(
                 f"{where}: tensor {unexpected[0]} is not part of the model config.json describes"
