@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,6 +58,34 @@ def logits(model, config, batch) -> torch.Tensor:
 
     out = stream_forward(model, batch)
     return out[..., :TINY_VOCAB].reshape(*batch["tokens"].shape, TINY_VOCAB)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def check_against_reference(model, config, batch, reference: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+    """The Megatron model (fp32) against a plain-PyTorch ``reference(weights) -> logits`` run on its weights
+    under HF names: logits, the masked mean loss and every gradient, so the key table is checked too (a
+    tensor under the wrong name or layer changes the numbers)."""
+    from megatron_unix.conversion.mappings import megatron_to_hf
+    from megatron_unix.model.forward import stream_forward
+
+    weights = {k: v.detach().clone().requires_grad_(True) for k, v in hf_weights(model, config).items()}
+    expected = reference(weights)
+    assert relative_error(logits(model, config, batch).detach(), expected.detach()) < 1e-5
+    mask = batch["loss_mask"].reshape(-1).float()
+    loss = (stream_forward(model, batch, batch["labels"]).reshape(-1) * mask).sum() / mask.sum()
+    flat = expected.reshape(-1, expected.shape[-1])
+    per_token = torch.nn.functional.cross_entropy(flat, batch["labels"].reshape(-1).long(), reduction="none")
+    ref_loss = (per_token * mask).sum() / mask.sum()
+    loss.backward()
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
+    grads = megatron_to_hf({n: p.grad for n, p in model.named_parameters()}, config, TINY_VOCAB)
+    assert set(grads) == set(weights)
+    for key, grad in grads.items():
+        assert relative_error(grad, weights[key].grad) < 1e-4, key
 
 
 def largest_item(checkpoint: Path) -> tuple[str, int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_tiny, hf_weights, logits, reference_cfg
+from helpers import build_tiny, check_against_reference, reference_cfg
 from safetensors.torch import save_file
 from test_convert import read_tensors
 from tiny import TINY_VOCAB, make_batch
@@ -33,42 +33,13 @@ def _reference_logits(weights, config, batch) -> torch.Tensor:
     return mot_forward(weights, cfg, batch["tokens"], batch["document_ids"])
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def _masked_loss(per_token_or_logits: torch.Tensor, batch, from_logits: bool) -> torch.Tensor:
-    mask = batch["loss_mask"].reshape(-1).to(per_token_or_logits.dtype)
-    if from_logits:
-        flat = per_token_or_logits.reshape(-1, per_token_or_logits.shape[-1])
-        per_token = torch.nn.functional.cross_entropy(flat, batch["labels"].reshape(-1).long(), reduction="none")
-    else:
-        per_token = per_token_or_logits.reshape(-1)
-    return (per_token * mask).sum() / mask.sum()
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_and_gradients_match_reference(megatron_single, name):
     """Megatron (fp32) vs the spec's forward on the HF-keyed export: logits, loss and every gradient,
     so the key table is checked too (a vision tensor under the wrong name or layer changes the logits)."""
-    from megatron_unix.conversion.mappings import megatron_to_hf
-    from megatron_unix.model.forward import stream_forward
-
     model, config = build_tiny(seed=len(name), **NO_SPLIT, **VARIANTS[name])
     batch = make_batch(ROWS, seq=40, seed=len(name))
-    weights = {k: v.detach().clone().requires_grad_(True) for k, v in hf_weights(model, config).items()}
-    expected = _reference_logits(weights, config, batch)
-    assert _relative_error(logits(model, config, batch).detach(), expected.detach()) < 1e-5
-
-    loss = _masked_loss(stream_forward(model, batch, batch["labels"]), batch, from_logits=False)
-    loss.backward()
-    ref_loss = _masked_loss(expected, batch, from_logits=True)
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
-    grads = megatron_to_hf({n: p.grad for n, p in model.named_parameters()}, config, TINY_VOCAB)
-    assert set(grads) == set(weights)
-    for key, grad in grads.items():
-        assert _relative_error(grad, weights[key].grad) < 1e-4, key
+    check_against_reference(model, config, batch, lambda weights: _reference_logits(weights, config, batch))
 
 
 @pytest.mark.parametrize("variant", ["hardmoe", "mot"])
@@ -336,7 +307,7 @@ def test_vision_parts_are_stacked_over_the_layers_that_have_them(megatron_single
 
 
 def test_checkpoints_without_variant_fields_are_unix():
-    from tiny import TINY_MODEL, TINY_VOCAB
+    from tiny import TINY_MODEL
 
     from megatron_unix.model.config import ModelArguments
 

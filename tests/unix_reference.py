@@ -121,15 +121,6 @@ def unix_reference_forward(
     return _forward64(weights, cfg, tokens, document_ids).float()
 
 
-def reference_loss(weights, cfg, tokens, document_ids, labels, loss_mask) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions where loss_mask == 1 (labels[b, s] is the
-    target for position s). Differentiable w.r.t. the tensors in `weights`; fp32 scalar."""
-    logits = _forward64(weights, cfg, tokens, document_ids)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none")
-    mask = loss_mask.reshape(-1).double()
-    return ((ce * mask).sum() / mask.sum()).float()
-
-
 # --------------------------------------------------------------------------------------------------
 # The paper's Table-4 baselines (spec §9), on the reference's HF names: one stack of L layers, every
 # token of a document attends to all earlier tokens of the document (both modalities), and only some
