@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(RunSettings.from_flags(flags, world_size), shape, start, time.time())
         if trainer.valid_data is None:
             raise ValueError(f"--split {flags.split!r} leaves no validation data")
+        trainer.state.iteration = record["iteration"]  # (a weights-only start counts from 0) for the log line
         total = trainer.evaluate()
         if dist.get_rank() == 0:
             values = {
