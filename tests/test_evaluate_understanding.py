@@ -9,6 +9,7 @@ import base64
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def flags(model_dir, vqgan_dir, bench_dir, out, *more) -> list[str]:
 
 def cached_answers(out: Path) -> dict[tuple[str, int], str]:
     lines = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()[1:]]
-    return {(r["benchmark"], r["index"]): r["answer"] for r in lines}
+    return {(r["benchmark"].split("@")[0], r["index"]): r["answer"] for r in lines}  # name@size-mtime
 
 
 def independent_answer(model, tokenizer, vqgan, spec, item) -> str:
@@ -193,6 +194,17 @@ def test_resume_answers_only_the_missing_and_refuses_other_settings(
     assert cli(*flags(model_dir, vqgan_dir, bench_dir, once, "--benchmarks", "MME,SEED")) == 0
     results = [json.loads((d / "results.json").read_text())["sections"] for d in (out, once)]
     assert results[0] == results[1] and cached_answers(out) == cached_answers(once)
+
+    copy = tmp_path / "vlmeval"  # another release of a TSV in the same place: its answers are not reused
+    shutil.copytree(bench_dir, copy)  # (a copy keeps the file times: its answers would be reused)
+    stamp = (copy / "MME.tsv").stat().st_mtime_ns + 10**9
+    os.utime(copy / "MME.tsv", ns=(stamp, stamp))
+    prompts.clear()
+    assert cli(*flags(model_dir, vqgan_dir, copy, out, "--benchmarks", "MME")) == 0
+    assert sum(prompts) == 3
+    prompts.clear()
+    assert cli(*flags(model_dir, vqgan_dir, copy, out, "--benchmarks", "MME")) == 0
+    assert sum(prompts) == 0
 
     capsys.readouterr()
     assert cli(*flags(model_dir, vqgan_dir, bench_dir, out, "--benchmarks", "MME", "--prompt-style", "llava")) == 2

@@ -237,6 +237,10 @@ def test_bad_variant_settings_are_refused_by_flag(fields, flag):
         (["--layer-variant", "mot", "--decoder-sparse-step", "2", "SPLIT"], "--decoder-sparse-step is for"),
         (["--layer-variant", "hardmoe", "--ffn-vision-size", "64", "SPLIT"], "--ffn-vision-size is for"),
         (["--layer-variant", "mot", "--transformer-impl", "transformer_engine", "SPLIT"], "--transformer-impl local"),
+        (
+            ["--layer-variant", "mot", "--ffn-vision-size", "383", "--tensor-model-parallel-size", "2"],
+            "--ffn-vision-size (383)",
+        ),
     ],
 )
 def test_bad_variant_flags_are_refused_before_start_up(argv, flag):

@@ -383,6 +383,11 @@ def test_nonfinite_loss_stops_or_skips(data, tmp_path):
 BAD_SETTINGS = {
     "heads": (["--tensor-model-parallel-size", "3"], 3, "--num-attention-heads"),
     "query-groups": (["--tensor-model-parallel-size", "4", "--num-attention-heads", "8"], 4, "--num-query-groups"),
+    "ffn": (
+        ["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "383"],
+        2,
+        "must divide --ffn-hidden-size (383)",
+    ),
     "global-batch": (["--global-batch-size", "3"], 2, "--global-batch-size"),
     "empty-stage": (["--pipeline-model-parallel-size", "8"], 8, "--pipeline-model-parallel-size"),
     "missing-data": (["--data-path", "/nonexistent/prefix"], 1, "--data-path /nonexistent/prefix"),

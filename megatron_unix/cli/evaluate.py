@@ -123,9 +123,7 @@ def model_settings(args: argparse.Namespace, record: dict[str, Any], vqgan: Any)
 
 def build_parser(commands: dict[str, str] = SUBCOMMANDS) -> argparse.ArgumentParser:
     """The parser with ``commands``' subparsers (importing a subcommand's module imports only its needs)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, module_name in commands.items():
         module = importlib.import_module(module_name)

@@ -50,6 +50,13 @@ def evaluate(
     return {bench.spec.name: evaluate_benchmark(loaded, vqgan, bench, cache, options, log) for bench in benchmarks}
 
 
+def cache_label(bench: Benchmark) -> str:
+    """A benchmark's name in the answer cache, with its file's size and modification time: answers to a
+    file that was replaced (another release of the TSV) are not taken for answers to the new one."""
+    stat = bench.path.stat()
+    return f"{bench.spec.name}@{stat.st_size:x}-{stat.st_mtime_ns:x}"
+
+
 def evaluate_benchmark(
     loaded: LoadedModel,
     vqgan: Any,
@@ -58,7 +65,7 @@ def evaluate_benchmark(
     options: Options,
     log: IO[str] | None = None,
 ) -> dict:
-    name = bench.spec.name
+    name = cache_label(bench)
     items = bench.items[: options.limit]
     pending = [item for item in items if not cache.done((name, item.index))]
     if pending:
@@ -72,10 +79,10 @@ def _answer(
     loaded: LoadedModel, vqgan: Any, todo: Benchmark, cache: AnswerCache, options: Options, log: IO[str]
 ) -> None:
     """Answer every item of ``todo`` (bad images skipped into ``todo.skipped``, shared with the caller's)."""
-    name, total = todo.spec.name, len(todo.items)
+    name, total = cache_label(todo), len(todo.items)
     done_before = len([key for key in cache.answers if key[0] == name])
     every = max(options.batch_size, -(-total // PROGRESS_LINES))
-    progress = ProgressLine(f"{name} answers", every, log)
+    progress = ProgressLine(f"{todo.spec.name} answers", every, log)
     pictures, done = todo.with_images(options.skip_bad), 0
     while batch := list(islice(pictures, options.batch_size)):
         items = [item for item, _ in batch]

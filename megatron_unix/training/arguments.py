@@ -392,6 +392,12 @@ def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | 
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({heads})")
     if groups is not None and groups % tp:
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups ({groups})")
+    for flag, width in (
+        ("--ffn-hidden-size", shape["ffn_hidden_size"]),
+        ("--ffn-vision-size", shape["ffn_vision_size"]),
+    ):
+        if width is not None and width % tp:
+            raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide {flag} ({width})")
     if layers is not None and (layers < pp or layers % pp):
         raise ValueError(
             f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({layers}) so that every stage has layers"
