@@ -239,7 +239,7 @@ def test_bad_variant_settings_are_refused_by_flag(fields, flag):
         (["--layer-variant", "mot", "--transformer-impl", "transformer_engine", "SPLIT"], "--transformer-impl local"),
         (
             ["--layer-variant", "mot", "--ffn-vision-size", "383", "--tensor-model-parallel-size", "2"],
-            "--ffn-vision-size (383)",
+            r"--ffn-vision-size \(383\)",
         ),
     ],
 )
