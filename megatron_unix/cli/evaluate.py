@@ -44,12 +44,15 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
+def checkpoint_record(
+    args: argparse.Namespace, found: Path | None = None, common: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What results.json records about the evaluated model: ``checkpoint`` identifies it (a Megatron
     ``iter_*`` folder; an HF export by the checkpoint it was exported from, when it records one, else by
     its own folder), so the checkpoint and its export share one --output-dir; ``source`` and ``format``
     say what this subcommand read; ``iteration`` and ``tokens_seen`` where known (``--tokens-seen``
-    overrides). Refuses an ``--output-dir`` holding another checkpoint's results, before any work."""
+    overrides). ``found``/``common``: ``--load``'s checkpoint and common part when the caller has read
+    them. Refuses an ``--output-dir`` holding another checkpoint's results, before any work."""
     from megatron_unix.evaluation.results import check_owner
 
     hf = getattr(args, "hf", None)
@@ -62,10 +65,11 @@ def checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from megatron_unix.training.checkpointing import find_checkpoint, read_common, tokens_seen
 
-        found = find_checkpoint(args.load)
         if found is None:
-            raise ValueError(f"--load {args.load}: no checkpoint there")
-        common = read_common(found, verify=False)
+            found = find_checkpoint(args.load)
+            if found is None:
+                raise ValueError(f"--load {args.load}: no checkpoint there")
+            common = read_common(found, verify=False)
         record.update(checkpoint=str(found.resolve()), iteration=common["iteration"], tokens_seen=tokens_seen(common))
     if args.name:
         record["name"] = args.name
@@ -107,6 +111,11 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     return loaded, vqgan
 
 
+def loaded_folder(record: dict[str, Any]) -> Path:
+    """The folder whose files the model is read from: the HF directory, or the Megatron ``iter_*``."""
+    return Path(record["source"] if record["format"] == "hf" else record["checkpoint"])
+
+
 def model_settings(args: argparse.Namespace, record: dict[str, Any], vqgan: Any) -> dict[str, Any]:
     """What decides a model's outputs besides the benchmark's own options: resumed outputs must share it."""
     from megatron_unix.files import stat_digest
@@ -115,7 +124,7 @@ def model_settings(args: argparse.Namespace, record: dict[str, Any], vqgan: Any)
     return {
         "checkpoint": record["checkpoint"],
         "source": record["source"],
-        "files": stat_digest(Path(record["source"]).iterdir()),  # a checkpoint rewritten in place
+        "files": stat_digest(loaded_folder(record).iterdir()),  # a checkpoint rewritten in place
         "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
         "vqgan": vqgan_fingerprint(vqgan),
     }

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if start.checkpoint is None:
             raise ValueError(f"--load {args.load}: no checkpoint there")
-        record = checkpoint_record(args)
+        record = checkpoint_record(args, start.checkpoint, start.common)
         flags = training_flags(args, start.common.get("args") or {})
         if not flags.data_path:
             raise ValueError("--data-path is required: the checkpoint records no data")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_unix.cli import add_model_arguments, missing_path, out_of_range
-from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record
+from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record, loaded_folder
 from megatron_unix.evaluation import text
 
 if TYPE_CHECKING:
@@ -170,11 +170,11 @@ def as_text_lm(source: Any, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def load_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Loaded:
+def load_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, checkpoint: Path) -> Loaded:
+    """``checkpoint``: the ``iter_*`` folder ``--load`` names (its files identify the cached answers)."""
     from megatron_unix.data.tokenizer import HuggingFaceText
     from megatron_unix.inference import loading
     from megatron_unix.training import distributed
-    from megatron_unix.training.checkpointing import find_checkpoint
 
     distributed.initialize(1, 1, seed=args.seed)
     loaded = loading.load_checkpoint(args.load, args.tokenizer, device, dtype, verify=args.verify_checkpoint)
@@ -183,7 +183,6 @@ def load_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.d
             f"--load {args.load}: its tokenizer {loaded.tokenizer.path} is a SentencePiece model; "
             "lm-eval needs a Hugging Face tokenizer directory: give --tokenizer"
         )
-    checkpoint = find_checkpoint(args.load)
     log(f"model: {checkpoint} converted in memory, {dtype}, {device}")
     identity = dict(loader="megatron", source=checkpoint.resolve(), tokenizer=Path(loaded.tokenizer.path).resolve())
     return Loaded(loaded.model, loaded.tokenizer.model, identity, list(checkpoint.iterdir()))
@@ -204,15 +203,16 @@ def lm_eval_model(loaded: Loaded, batch_size: int) -> Any:
         logger.setLevel(level)
 
 
-def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict[str, Any]:
-    """Load the model, run lm-eval with the request cache in --output-dir; lm-eval's results."""
+def evaluate(args: argparse.Namespace, tasks: list[str], record: dict[str, Any]) -> dict[str, Any]:
+    """Load the model (``record``: its :func:`checkpoint_record`), run lm-eval with the request cache in
+    --output-dir; lm-eval's results."""
     import torch
 
     from megatron_unix.inference.loading import default_device, default_dtype
 
     device = torch.device(args.device) if args.device else default_device()
     dtype = default_dtype(device)
-    loaded = (load_hf if args.hf else load_megatron)(args, device, dtype)
+    loaded = load_hf(args, device, dtype) if args.hf else load_megatron(args, device, dtype, loaded_folder(record))
     cache = text.cache_prefix(args.output_dir, {**loaded.identity, "dtype": str(dtype)}, loaded.files)
     log(f"request cache {cache}_rank0.db: {text.cached_answers(cache)} answers stored")
     lm = lm_eval_model(loaded, args.batch_size)
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"lm-eval {text.require_lm_eval()}: {', '.join(tasks)}, {args.num_fewshot}-shot")
         record = checkpoint_record(args)
         text.check_tasks(tasks, args.include_path)
-        results = evaluate(args, tasks)
+        results = evaluate(args, tasks, record)
         update_results(args.output_dir, SECTION, text.metrics(results), record, merge=True)
         print(text.table(results), flush=True)
         log(f"results: {args.output_dir / 'results.json'} (section {SECTION!r})")
