@@ -376,12 +376,14 @@ def dataset_entropy(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     spill_dir: str | Path | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    opened: tuple[Layout, int] | None = None,
 ) -> DatasetEntropy:
     """H_1..H_max_n of text tokens and of image codes of dataset ``prefix`` (:func:`open_dataset`
     refuses bad input); runs are spilled under a temporary directory in ``spill_dir`` (default: the
-    system's), removed at the end; ``on_chunk`` is told each chunk's token count (progress)."""
+    system's), removed at the end; ``on_chunk`` is told each chunk's token count (progress); ``opened``:
+    what :func:`open_dataset` gave the caller (its checks read every index once, not twice)."""
     prefix = str(prefix)
-    layout, tokens = open_dataset(prefix)
+    layout, tokens = opened or open_dataset(prefix)
     result = DatasetEntropy(prefix, tokens, dict.fromkeys(MODALITIES, 0))
     with tempfile.TemporaryDirectory(prefix=".conditional-entropy-", dir=spill_dir) as temporary:
         counter = NgramCounter(max_n, {m: layout.bits(m) for m in MODALITIES}, memory_budget, Path(temporary))

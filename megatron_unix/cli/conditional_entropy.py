@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = labels(args.data_path)
     try:
-        total = sum(open_dataset(prefix)[1] for prefix in args.data_path)
+        opened = [open_dataset(prefix) for prefix in args.data_path]  # every dataset refused or accepted first
+        total = sum(tokens for _, tokens in opened)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         progress, done = ProgressLine("tokens", args.log_interval, sys.stderr), 0
 
@@ -138,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
         results = {
             name: dataset_entropy(
-                prefix, args.max_n, args.memory_budget_mb << 20, args.temp_dir or args.output_dir, counted
+                prefix, args.max_n, args.memory_budget_mb << 20, args.temp_dir or args.output_dir, counted, dataset
             )
-            for name, prefix in zip(names, args.data_path)
+            for name, prefix, dataset in zip(names, args.data_path, opened)
         }
         write_outputs(results, args.max_n, args.output_dir)
     except (OSError, ValueError) as error:

@@ -28,6 +28,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset, IndexedDatasetBuilder
 
 from megatron_unix import platform
+from megatron_unix.files import changed_keys
 
 LOSSMASK_SUFFIX = "_lossmask"
 VISION_SUFFIX = "_vision.npy"
@@ -102,7 +103,7 @@ def check_vocabulary(
             f"--tokenizer-model {tokenizer_name}"
         )
     if stored is not None and stored != expected:
-        keys = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+        keys = changed_keys(stored, expected)
         differ = ", ".join(f"{k} {stored.get(k)} vs {expected.get(k)}" for k in keys)
         remedy = (
             "pass --separator with the token the data routes as vision (earlier versions made "
