@@ -88,12 +88,6 @@ class UniXConfig(TransformerConfig):
         """Whether global layer ``layer_index`` (0-based) holds a vision copy."""
         return layer_index < self.vision_encode_layers or layer_index >= self.num_layers - self.vision_decode_layers
 
-    def separated_index(self, layer_index: int) -> int:
-        """Index of a separated layer among all separated layers: encode 0..N-1, then decode."""
-        if layer_index < self.vision_encode_layers:
-            return layer_index
-        return self.vision_encode_layers + layer_index - (self.num_layers - self.vision_decode_layers)
-
     @property
     def num_separated_layers(self) -> int:
         return self.vision_encode_layers + self.vision_decode_layers

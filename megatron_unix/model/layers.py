@@ -111,7 +111,6 @@ class SeparatedTransformerLayer(TransformerLayer):
             layer_number=layer_number,
             **kwargs,
         )
-        self.separated_index = config.separated_index(self.layer_number - 1)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         routes = routes_of(kwargs.get("packed_seq_params"), "a separated Uni-X layer")
@@ -138,7 +137,12 @@ class SeparatedTransformerLayer(TransformerLayer):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         parts = {"vision.": self.vision}
         return with_vision_stacked(
-            state, parts, prefix, self.separated_index, self.config.num_separated_layers, metadata
+            state,
+            parts,
+            prefix,
+            self.config.vision_copy_index(self.layer_number - 1),
+            self.config.num_vision_copy_layers,
+            metadata,
         )
 
 

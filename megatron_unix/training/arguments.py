@@ -363,6 +363,8 @@ def architecture_flags(args: argparse.Namespace, stored: dict[str, Any] | None) 
         shape[name] = next(
             (v for v in (given, stored.get(name), ARCHITECTURE_DEFAULTS.get(name)) if v is not None), None
         )
+    if shape["ffn_vision_size"] is None:  # the vision MLPs are as wide as the text MLP unless MoT says
+        shape["ffn_vision_size"] = shape["ffn_hidden_size"]
     return shape
 
 
@@ -388,17 +390,17 @@ def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | 
         )
     heads, groups, layers = shape["num_attention_heads"], shape["num_query_groups"], shape["num_layers"]
     _check_layer_variant(args, shape)
-    if heads is not None and heads % tp:
+    if heads % tp:
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-attention-heads ({heads})")
-    if groups is not None and groups % tp:
+    if groups % tp:
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups ({groups})")
     for flag, width in (
         ("--ffn-hidden-size", shape["ffn_hidden_size"]),
         ("--ffn-vision-size", shape["ffn_vision_size"]),
     ):
-        if width is not None and width % tp:
+        if width % tp:
             raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide {flag} ({width})")
-    if layers is not None and (layers < pp or layers % pp):
+    if layers < pp or layers % pp:
         raise ValueError(
             f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({layers}) so that every stage has layers"
         )
@@ -463,7 +465,7 @@ def _check_layer_variant(args: argparse.Namespace, shape: dict[str, Any]) -> Non
     check_layer_variant(
         variant,
         shape["decoder_sparse_step"],
-        shape["ffn_vision_size"] or shape["ffn_hidden_size"],
+        shape["ffn_vision_size"],
         shape["vision_encode_layers"] + shape["vision_decode_layers"],
         shape["num_layers"],
         shape["ffn_hidden_size"],
