@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_evaluation_scoring import write_tsv
 from test_generate import CODES, make_unix_dir
 
 from megatron_unix.cli import evaluate_understanding
@@ -33,13 +34,6 @@ def png_b64(seed: int) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy(), "RGB").save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(header)
-        writer.writerows([[str(v) for v in row] for row in rows])
 
 
 def write_benchmarks(folder: Path) -> Path:

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         check(args)
         geneval = layouts.read_geneval_prompts(args.geneval_prompts) if args.geneval_prompts else None
         dpg = layouts.read_dpg_prompts(args.dpg_prompts) if args.dpg_prompts else None
-        if dpg is not None and args.samples_per_prompt > layouts.DPG_MAX_SAMPLES:
-            raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: DPG-Bench takes at most 4 (a 2x2 grid)")
+        if dpg is not None:
+            layouts.check_dpg_samples(args.samples_per_prompt)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         record = checkpoint_record(args)
         loaded, vqgan = load_models(args)

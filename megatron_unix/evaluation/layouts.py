@@ -138,6 +138,14 @@ def _write_geneval_prompt(folder: Path, pngs: list[Path], record: dict, painting
         write_atomically(png, partial(image.save, format="PNG"))
 
 
+def check_dpg_samples(samples: int) -> None:
+    """DPG-Bench's scorer crops a fixed 2x2 grid: 1 to 4 samples per prompt."""
+    if not 1 <= samples <= DPG_MAX_SAMPLES:
+        raise ValueError(
+            f"--samples-per-prompt {samples}: DPG-Bench takes at most {DPG_MAX_SAMPLES} (a 2x2 grid), at least 1"
+        )
+
+
 def write_dpg(
     prompts: Mapping[str, str],
     outdir: str | Path,
@@ -150,8 +158,7 @@ def write_dpg(
 ) -> GenerationRun:
     """Paint the prompts missing from ``outdir``, one 2x2 grid PNG each (at most 4 samples); the scoring
     command names ELLA's ``checkout``."""
-    if not 1 <= samples <= DPG_MAX_SAMPLES:
-        raise ValueError(f"--samples-per-prompt {samples}: DPG-Bench scores 1 to {DPG_MAX_SAMPLES} samples per prompt")
+    check_dpg_samples(samples)
     run = GenerationRun(Path(outdir))
     jobs = []
     for number, (stem, prompt) in enumerate(prompts.items()):

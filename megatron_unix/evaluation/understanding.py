@@ -69,17 +69,18 @@ def evaluate_benchmark(
     items = bench.items[: options.limit]
     pending = [item for item in items if not cache.done((name, item.index))]
     if pending:
-        _answer(loaded, vqgan, dataclasses.replace(bench, items=pending), cache, options, log or sys.stderr)
+        _answer(loaded, vqgan, dataclasses.replace(bench, items=pending), name, cache, options, log or sys.stderr)
     answered = [item for item in items if cache.done((name, item.index))]
     scores = SCORERS[bench.spec.scorer](answered, cache.for_benchmark(name))
     return {**scores, "answered": len(answered), "skipped": len(bench.skipped)}
 
 
 def _answer(
-    loaded: LoadedModel, vqgan: Any, todo: Benchmark, cache: AnswerCache, options: Options, log: IO[str]
+    loaded: LoadedModel, vqgan: Any, todo: Benchmark, name: str, cache: AnswerCache, options: Options, log: IO[str]
 ) -> None:
-    """Answer every item of ``todo`` (bad images skipped into ``todo.skipped``, shared with the caller's)."""
-    name, total = cache_label(todo), len(todo.items)
+    """Answer every item of ``todo`` under its cache label ``name`` (bad images skipped into
+    ``todo.skipped``, shared with the caller's)."""
+    total = len(todo.items)
     done_before = len([key for key in cache.answers if key[0] == name])
     every = max(options.batch_size, -(-total // PROGRESS_LINES))
     progress = ProgressLine(f"{todo.spec.name} answers", every, log)
