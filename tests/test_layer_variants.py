@@ -253,15 +253,22 @@ def test_bad_variant_flags_are_refused_before_start_up(argv, flag):
         validate(parse_args([*common, "--tokenizer-model", "t", *argv]), 1)
 
 
-def test_tiny_preset_and_default_modules_of_a_baseline():
+def test_tiny_preset_and_default_modules_of_a_baseline(monkeypatch):
     """The tiny preset's Uni-X split (1:1) is not forced on a baseline, and a baseline defaults to the local
-    modules (Transformer Engine's spec fuses the shared norm into the projections it routes)."""
-    from megatron_unix.training.arguments import parse_args
+    modules (Transformer Engine's spec fuses the shared norm into the projections it routes), also when the
+    variant comes from the checkpoint being resumed, on a machine whose default is Transformer Engine."""
+    from megatron_unix import platform
+    from megatron_unix.training.arguments import architecture_flags, parse_args, transformer_impl
 
     args = parse_args(["--model-preset", "tiny", "--train-iters", "1", "--layer-variant", "hardmoe"])
-    assert (args.vision_encode_layers, args.vision_decode_layers, args.transformer_impl) == (0, 0, "local")
+    assert (args.vision_encode_layers, args.vision_decode_layers) == (0, 0)
+    assert transformer_impl(args, architecture_flags(args, None)) == "local"
     unix = parse_args(["--model-preset", "tiny", "--train-iters", "1"])
     assert (unix.vision_encode_layers, unix.vision_decode_layers) == (1, 1)
+    monkeypatch.setattr(platform, "default_transformer_impl", lambda: "transformer_engine")
+    resumed = parse_args(["--train-iters", "1"])
+    assert transformer_impl(resumed, architecture_flags(resumed, {"layer_variant": "mot"})) == "local"
+    assert transformer_impl(resumed, architecture_flags(resumed, {"layer_variant": "unix"})) == "transformer_engine"
 
 
 def test_flops_count_each_variants_real_compute():

@@ -274,7 +274,7 @@ def _model(checkpoint: Checkpoint, settings: Settings, verify: bool):
     from megatron.core import parallel_state as ps
 
     from megatron_unix.model import build_model
-    from megatron_unix.model.config import ModelArguments
+    from megatron_unix.model.config import ModelArguments, default_transformer_impl
     from megatron_unix.training import checkpointing
     from megatron_unix.training.gradient_conflict import GradientProbe
     from megatron_unix.training.setup import wrap_model
@@ -285,7 +285,7 @@ def _model(checkpoint: Checkpoint, settings: Settings, verify: bool):
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32,
         document_isolation=settings.document_isolation,
-        **({"transformer_impl": "local"} if arch.layer_variant != "unix" else {}),  # as training builds them
+        transformer_impl=default_transformer_impl(arch.layer_variant),  # as training builds them
     )
     ddp = wrap_model(config, build_model(config, arch.vocab_size, settings.seq_length))
     checkpointing.load(checkpoint.path, ddp, load_rng=False, verify=verify)

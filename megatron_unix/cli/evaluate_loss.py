@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         shape = architecture_flags(flags, start.model_args)
         world_size = world_size_from_env()
         validate(flags, world_size, shape)
-        trainer = Trainer(RunSettings.from_flags(flags, world_size), shape, start, time.time())
+        trainer = Trainer(RunSettings.from_flags(flags, world_size, shape), shape, start, time.time())
         if trainer.valid_data is None:
             raise ValueError(f"--split {flags.split!r} leaves no validation data")
         trainer.state.iteration = record["iteration"]  # (a weights-only start counts from 0) for the log line

@@ -170,13 +170,20 @@ QWEN_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def default_transformer_impl(layer_variant: str = "unix") -> str:
+    """The layer modules when none are asked for: the platform's (TE on a GPU machine that has it) for
+    Uni-X; Megatron's local modules for the baselines, whose routed projections take the shared norm
+    apart (TE's spec fuses it into them)."""
+    return platform.default_transformer_impl() if layer_variant == "unix" else "local"
+
+
 def make_config(**fields: Any) -> UniXConfig:
     """A UniXConfig with Qwen's layer choices and this machine's safe defaults under ``fields``."""
     # cuda_graph_scope=[]: the whole layer, as megatron-core's default "full", which it deprecates with a warning
     merged = {
         **QWEN_DEFAULTS,
         "cuda_graph_scope": [],
-        "transformer_impl": platform.default_transformer_impl(),
+        "transformer_impl": default_transformer_impl(fields.get("layer_variant", "unix")),
         **platform.config_defaults(),
         **fields,
     }

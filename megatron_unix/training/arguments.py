@@ -328,18 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> argparse.Namespace:
-    """Parsed flags with the machine-dependent default (``--transformer-impl``) resolved, so that the
-    checkpoint's args record what ran; ``defaults`` replace the parser's (a tool that starts from a
-    checkpoint's recorded run)."""
+    """Parsed flags with the tiny preset applied; ``defaults`` replace the parser's (a tool that starts from
+    a checkpoint's recorded run). ``--transformer-impl`` stays None when not given: its default depends on
+    the merged architecture (:func:`transformer_impl`), and the run records what it resolved to."""
     parser = build_parser()
     parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
     baseline = args.layer_variant in ("hardmoe", "mot")
-    if args.transformer_impl is None:
-        from megatron_unix import platform
-
-        # the baselines' routed projections take the shared norm apart: local modules (TE fuses them)
-        args.transformer_impl = "local" if baseline else platform.default_transformer_impl()
     if args.model_preset == "tiny":
         for name, value in TINY_PRESET.items():
             if getattr(args, name) is None:
@@ -469,8 +464,16 @@ def _check_layer_variant(args: argparse.Namespace, shape: dict[str, Any]) -> Non
         shape["vision_encode_layers"] + shape["vision_decode_layers"],
         shape["num_layers"],
         shape["ffn_hidden_size"],
-        args.transformer_impl,
+        transformer_impl(args, shape),
     )
+
+
+def transformer_impl(args: argparse.Namespace, shape: dict[str, Any]) -> str:
+    """``--transformer-impl``, else the default for the merged architecture's layer variant (the variant
+    may come from the checkpoint, so the default is decided here, not when the flags are parsed)."""
+    from megatron_unix.model.config import default_transformer_impl
+
+    return args.transformer_impl or default_transformer_impl(shape["layer_variant"])
 
 
 def _check_ranges(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 from megatron_unix.model.config import ModelArguments
-from megatron_unix.training.arguments import data_prefixes
+from megatron_unix.training.arguments import data_prefixes, transformer_impl
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,11 @@ class RunSettings:
     grad_conflict_interval: int
 
     @classmethod
-    def from_flags(cls, args: argparse.Namespace, world_size: int) -> RunSettings:
-        """The settings of parsed flags, with the data-parallel default of ``--global-batch-size``."""
+    def from_flags(cls, args: argparse.Namespace, world_size: int, shape: dict[str, Any]) -> RunSettings:
+        """The settings of parsed flags, with the data-parallel default of ``--global-batch-size`` and the
+        layer modules' default for the merged architecture ``shape`` (:func:`architecture_flags`)."""
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        values["transformer_impl"] = transformer_impl(args, shape)
         data_parallel = world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
         values["global_batch_size"] = args.global_batch_size or args.micro_batch_size * data_parallel
         return cls(**values)

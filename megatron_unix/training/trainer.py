@@ -104,7 +104,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     shape = architecture_flags(args, start.model_args)
     world_size = world_size_from_env()
     validate(args, world_size, shape)
-    run = RunSettings.from_flags(args, world_size)
+    run = RunSettings.from_flags(args, world_size, shape)
     trainer = Trainer(run, shape, start, start_time)
     return trainer.train()
 

@@ -55,8 +55,9 @@ def logits_at(checkpoint: Path, tp: int, pp: int) -> torch.Tensor | None:
             str(pp),
         ]
     )
-    arch = ModelArguments.from_dict(architecture_flags(args, checkpointing.read_common(checkpoint)["model_args"]))
-    run = RunSettings.from_flags(args, tp * pp)
+    shape = architecture_flags(args, checkpointing.read_common(checkpoint)["model_args"])
+    arch = ModelArguments.from_dict(shape)
+    run = RunSettings.from_flags(args, tp * pp, shape)
     config = setup.model_config(run, arch)
     model = setup.build(run, config, arch.vocab_size)
     checkpointing.load(checkpoint, model, load_rng=False)
