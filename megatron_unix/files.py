@@ -40,9 +40,9 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], durable: b
         temporary.unlink(missing_ok=True)
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
+def write_text_atomically(path: str | Path, text: str, durable: bool = False) -> None:
     """``text`` (UTF-8) as the whole content of ``path``, or nothing (:func:`write_atomically`)."""
-    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"), durable)
 
 
 def changed_keys(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

@@ -42,6 +42,7 @@ def main() -> None:
     distributed.initialize(1, 1, seed=1)
     from megatron_unix.data.synthetic import Layout, make_batch, random_rows
     from megatron_unix.model import build_model, make_config
+    from megatron_unix.model.builder import parameter_counts
     from megatron_unix.model.forward import stream_forward
     from megatron_unix.training import metrics
 
@@ -72,7 +73,7 @@ def main() -> None:
     # 2. the 1.5B 9:5 shape, forward + backward.
     config = make_config(**UNIX_1_5B, bf16=True)
     model = build_model(config, VOCAB, args.seq_length).cuda().bfloat16()
-    params = sum(p.numel() for p in model.parameters())
+    params, vision = parameter_counts(model)
     torch.cuda.reset_peak_memory_stats()
     for i in range(args.iters + 1):
         if i == 1:
@@ -84,7 +85,7 @@ def main() -> None:
     seconds = (time.perf_counter() - start) / args.iters
     tokens_per_s = args.seq_length / seconds
     # Every token passes one copy of each layer: count the dense model's weights (plus the output head).
-    active = params - config.num_separated_layers * sum(p.numel() for p in model.decoder.layers[0].vision.parameters())
+    active = params - vision
     tflops = 6 * active * args.seq_length / seconds / 1e12
     mfu = f"{tflops / peak:.1%}" if peak else "n/a (unknown GPU)"
     print(

@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from megatron_unix.data.preprocess import PreprocessError, in_order, read_blocks
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
-from megatron_unix.files import settings_mismatch, write_atomically
+from megatron_unix.files import settings_mismatch, write_text_atomically
 from megatron_unix.image.transforms import crop_bytes, normalize
 from megatron_unix.image.vqgan import VQGAN
 from megatron_unix.platform import leftovers_of_dead_processes
@@ -324,7 +324,7 @@ class ResumableOutput:
         os.fsync(self.file.fileno())
         record = {"settings": self.settings, "consumed": consumed, "bytes": self.file.tell(), **summary.record()}
         text = json.dumps(record)
-        write_atomically(self.progress, lambda temporary: temporary.write_text(text), durable=True)
+        write_text_atomically(self.progress, text, durable=True)
 
     def finish(self) -> None:
         self.file.close()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_unix.files import write_atomically
+from megatron_unix.files import write_atomically, write_text_atomically
 from megatron_unix.platform import leftovers_of_dead_processes
 
 CONFIG_FILE = "config.json"
@@ -334,7 +334,7 @@ class VQGAN(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
         text = json.dumps(asdict(self.config), indent=2) + "\n"
-        write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+        write_text_atomically(directory / CONFIG_FILE, text)
 
     @classmethod
     def load(
