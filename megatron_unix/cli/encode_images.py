@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_unix.data.preprocess import expand_inputs
     from megatron_unix.image.encode import EncodeError, Filters, encode_images, folder_items, jsonl_items
     from megatron_unix.image.vqgan import VQGAN
-    from megatron_unix.inference.loading import default_device
+    from megatron_unix.inference.loading import device_of
 
     try:
         inputs = expand_inputs(args.input) if args.input else []
-        device = torch.device(args.device) if args.device else default_device()
+        device = device_of(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncodeError(f"--device {args.device}: no GPU is available")
         model = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)

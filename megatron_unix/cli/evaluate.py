@@ -97,14 +97,13 @@ def check_model_flags(args: argparse.Namespace) -> None:
 
 def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(LoadedModel, VQGAN)`` on ``--device``; a VQGAN of another codebook than the model's is refused."""
-    import torch
 
     from megatron_unix.cli.generate import load_model
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference.images import check_codebook
-    from megatron_unix.inference.loading import default_device
+    from megatron_unix.inference.loading import device_of
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = device_of(args.device)
     vqgan = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
     loaded = load_model(args, device)
     check_codebook(vqgan, loaded.layout.codebook_size)

@@ -206,11 +206,10 @@ def lm_eval_model(loaded: Loaded, batch_size: int) -> Any:
 def evaluate(args: argparse.Namespace, tasks: list[str], record: dict[str, Any]) -> dict[str, Any]:
     """Load the model (``record``: its :func:`checkpoint_record`), run lm-eval with the request cache in
     --output-dir; lm-eval's results."""
-    import torch
 
-    from megatron_unix.inference.loading import default_device, default_dtype
+    from megatron_unix.inference.loading import default_dtype, device_of
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = device_of(args.device)
     dtype = default_dtype(device)
     loaded = load_hf(args, device, dtype) if args.hf else load_megatron(args, device, dtype, loaded_folder(record))
     cache = text.cache_prefix(args.output_dir, {**loaded.identity, "dtype": str(dtype)}, loaded.files)

@@ -265,15 +265,14 @@ def run_text(
 
 
 def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str, Any]]:
-    import torch
 
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference import generate
     from megatron_unix.inference.images import check_codebook, encode_files
-    from megatron_unix.inference.loading import default_device
+    from megatron_unix.inference.loading import device_of
 
     params = sampling(args)
-    device = torch.device(args.device) if args.device else default_device()
+    device = device_of(args.device)
     vqgan = None
     if args.vqgan or args.vqgan_config:
         vqgan = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)

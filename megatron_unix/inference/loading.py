@@ -48,6 +48,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_of(flag: str | None) -> torch.device:
+    """The programs' ``--device``: as given, else cuda when available, else cpu."""
+    return torch.device(flag) if flag else default_device()
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (the checkpoints' dtype); fp32 on CPU, where bf16 matmuls are slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
