@@ -13,14 +13,18 @@ from megatron_unix.evaluation.progress import headlines
 from megatron_unix.evaluation.results import read_results, update_results
 
 TEXT = {"mmlu": {"acc": 0.25, "acc_stderr": 0.01}, "arc_easy": {"acc": 0.40, "acc_norm": 0.38}}
-UNDERSTANDING = {"MMBench_DEV_EN": {"overall": 31.5}, "POPE": {"overall": {"accuracy": 70.0, "f1": 68.0}}}
+UNDERSTANDING = {
+    "MMBench_DEV_EN": {"overall": 31.5, "scoring": "reference"},
+    "POPE": {"overall": {"accuracy": 70.0, "f1": 68.0}},
+}
 
 
-def write_checkpoint(folder, name, tokens, text_acc, vision_loss, source="/ckpt/run"):
+def write_checkpoint(folder, name, tokens, text_acc, vision_loss, source="/ckpt/run", scoring="reference"):
     checkpoint = {"name": name, "checkpoint": source, "source": source, "format": "megatron", "tokens_seen": tokens}
     update_results(folder, "loss", {"text_loss": 3.0 - text_acc, "vision_loss": vision_loss}, checkpoint)
     update_results(folder, "text", {**TEXT, "mmlu": {"acc": text_acc}}, checkpoint)
-    update_results(folder, "understanding", UNDERSTANDING, checkpoint)
+    mmb = {**UNDERSTANDING["MMBench_DEV_EN"], "scoring": scoring}
+    update_results(folder, "understanding", {**UNDERSTANDING, "MMBench_DEV_EN": mmb}, checkpoint)
 
 
 def test_sections_merge_and_the_summary_is_in_percent(tmp_path):
@@ -64,6 +68,19 @@ def test_report_orders_by_tokens_and_plots_loss_and_scores(tmp_path, capsys):
         with Image.open(out / plot) as image:
             assert image.size == (900, 540) and len(image.getcolors(1 << 20)) > 10
     assert "plot " in capsys.readouterr().out
+
+
+def test_report_says_which_checkpoint_mmb_is_not_read_as_the_paper(tmp_path, capsys):
+    write_checkpoint(tmp_path / "ours", "ours", 1e9, 0.3, 7.0, scoring="vlmevalkit")
+    write_checkpoint(tmp_path / "theirs", "theirs", 2e9, 0.3, 7.0)
+    assert "| ours | 30.0 | - | 31.5 † | - |" in (tmp_path / "ours" / "results.md").read_text()
+    out = tmp_path / "summary"
+    assert main(["report", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--output-dir", str(out)]) == 0
+    table = (out / "report.md").read_text()
+    assert "MMB [paper: reference reading; †: vlmevalkit]" in table
+    assert "| ours | 30.0 | - | 31.5 † | - |" in table and "| theirs | 30.0 | - | 31.5 | - |" in table
+    records = json.loads((out / "report.json").read_text())["checkpoints"]
+    assert [r["mmb_reading"] for r in records] == ["vlmevalkit", "reference"]
 
 
 def test_report_refuses_folders_without_results_or_positions(tmp_path, capsys):

@@ -24,6 +24,7 @@ from megatron_unix.evaluation import understanding
 from megatron_unix.evaluation.benchmarks import BENCHMARKS, load_benchmark
 from megatron_unix.evaluation.prompts import item_prompt
 from megatron_unix.evaluation.scoring import SCORERS
+from megatron_unix.evaluation.scoring_reference import SCORERS as REFERENCE_SCORERS
 
 MAX_NEW = 4
 ALL = "MME,POPE,MMBench,SEED"
@@ -158,8 +159,8 @@ def test_answers_are_the_greedy_decode_and_scores_the_scorers(model_dir, vqgan_d
             expected = independent_answer(loaded.model, loaded.tokenizer, vqgan, bench.spec, item)
             assert answers[(name, item.index)] == expected, (name, item.index)
         by_index = {index: answers[(name, index)] for (b, index) in answers if b == name}
-        expected_scores = SCORERS[BENCHMARKS[name].scorer](bench.items, by_index)
-        assert scores == {**expected_scores, "answered": len(bench.items), "skipped": 0}
+        expected_scores = REFERENCE_SCORERS[BENCHMARKS[name].scorer](bench.items, by_index)
+        assert scores == {**expected_scores, "answered": len(bench.items), "skipped": 0, "scoring": "reference"}
     codes = [vqgan.encode(to_pixels(item.image(), 16)[None])[0] for item in load_benchmark(bench_dir, "POPE").items]
     assert all(len(set(c.tolist())) > 4 for c in codes) and not torch.equal(codes[0], codes[1])
     assert len(set(answers.values())) > 1
@@ -204,6 +205,38 @@ def test_resume_answers_only_the_missing_and_refuses_other_settings(
     assert cli(*flags(model_dir, vqgan_dir, bench_dir, out, "--benchmarks", "MME", "--prompt-style", "llava")) == 2
     error = capsys.readouterr().err
     assert "written with other settings (prompt_style: 'reference' there, 'llava' now)" in error
+
+
+def test_scorings_do_not_share_answers_to_other_prompts(model_dir, vqgan_dir, bench_dir, tmp_path, monkeypatch, capsys):
+    prompts: list[str] = []
+    item_prompt_of = understanding.item_prompt
+
+    def recording(spec, item, style):
+        prompts.append(style)
+        return item_prompt_of(spec, item, style)
+
+    monkeypatch.setattr(understanding, "item_prompt", recording)
+    out = tmp_path / "eval"
+    assert cli(*flags(model_dir, vqgan_dir, bench_dir, out, "--benchmarks", "SEED")) == 0
+    assert prompts == ["reference"] * 3
+    # VLMEvalKit's scoring prompts VLMEvalKit's way: the reference's answers are not reused for it
+    base = ["--hf", str(model_dir), "--vqgan", str(vqgan_dir), "--benchmark-dir", str(bench_dir), "--device", "cpu"]
+    assert cli(*base, "--output-dir", str(out), "--benchmarks", "SEED", "--scoring", "vlmevalkit") == 2
+    assert "prompt_style: 'reference' there, 'vlmevalkit' now" in capsys.readouterr().err
+    # the same prompts and cap asked for explicitly: the same answers, read VLMEvalKit's way
+    prompts.clear()
+    same = ["--prompt-style", "reference", "--scoring", "vlmevalkit"]
+    assert cli(*flags(model_dir, vqgan_dir, bench_dir, out, "--benchmarks", "SEED", *same)) == 0
+    assert prompts == []
+    seed = json.loads((out / "results.json").read_text())["sections"]["understanding"]["SEEDBench_IMG"]
+    answers = {index: text for (name, index), text in cached_answers(out).items()}
+    expected = SCORERS["seed"](load_benchmark(bench_dir, "SEEDBench_IMG").items, answers)
+    assert seed == {**expected, "answered": 3, "skipped": 0, "scoring": "vlmevalkit"}
+    # the reference's cap: 3 new tokens when --max-new-tokens is not given
+    fresh = tmp_path / "capped"
+    assert cli(*base, "--output-dir", str(fresh), "--benchmarks", "SEED") == 0
+    settings = json.loads((fresh / "answers.jsonl").read_text().splitlines()[0])["settings"]
+    assert (settings["max_new_tokens"], settings["prompt_style"]) == (3, "reference")
 
 
 @pytest.mark.parametrize("broken", ["row", "image"])

@@ -140,7 +140,7 @@ def test_prompts():
     assert multiple_choice_prompt("What?", options, style="llava") == (
         "\nWhat?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."
     )
-    assert multiple_choice_prompt("What?", options, hint="h") == (
+    assert multiple_choice_prompt("What?", options, hint="h", style="vlmevalkit") == (
         "\nHint: h\nQuestion: What?\nOptions:\nA. cat\nB. dog\n"
         "Please select the correct answer from the options above. \n\n" + ANSWER_CUE
     )
@@ -309,9 +309,10 @@ def test_results_json_and_markdown(tmp_path):
     write_results(path, {"ckpt": {"MMB": 32.0}})
     assert json.loads(path.read_text()) == {"ckpt": {"MMB": 32.0}}
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary left
-    table = markdown_table({"iter_1000": {"MMLU": 49.0, "GenEval": 40.0, "MMB": 31.0}, "iter_500": {"MMB": 29.0}})
+    checkpoints = {"iter_1000": {"MMLU": 49.0, "GenEval": 40.0, "MMB": 31.0}, "iter_500": {"MMB": 29.0}}
+    table = markdown_table(checkpoints, readings={"iter_1000": "reference", "iter_500": "reference"})
     lines = table.splitlines()
-    assert lines[0] == "| model | MMLU | GenEval | MMB | avg |"
+    assert lines[0] == "| model | MMLU | GenEval | MMB [reference reading] | avg |"
     assert "| Uni-X 9:5 (paper) | 50.1 | 43.3 | 31.5 | 41.6 |" in lines
     assert lines[-2] == "| iter_1000 | 49.0 | 40.0 | 31.0 | 40.0 |"  # (49 + 40 + 31) / 3 = 40.0
     assert lines[-1] == "| iter_500 | - | - | 29.0 | - |"
@@ -364,3 +365,17 @@ def test_answer_cache_bad_middle_line_names_line(tmp_path):
     path.write_text('{"benchmark": "MME", "index": 1, "answer": "Yes"}\n')  # a cache without settings
     with pytest.raises(ValueError, match=r"answers\.jsonl:1: no settings record"):
         AnswerCache(path, SETTINGS)
+
+
+def test_markdown_marks_an_mmb_not_read_as_the_paper():
+    checkpoints = {"a": {"MMB": 31.0}, "b": {"MMB": 29.0}, "c": {"MMLU": 40.0}}
+    lines = markdown_table(checkpoints, readings={"a": "reference", "b": "vlmevalkit"}).splitlines()
+    assert lines[0] == "| model | MMLU | GenEval | MMB [paper: reference reading; †: vlmevalkit] | avg |"
+    assert "| a | - | - | 31.0 | - |" in lines and "| b | - | - | 29.0 † | - |" in lines
+    assert "| c | 40.0 | - | - | - |" in lines  # no MMB: nothing to mark
+    assert (
+        lines[-1].startswith("† MMB reading vlmevalkit, not the paper's")
+        and "not comparable with the paper's rows" in lines[-1]
+    )
+    unrecorded = markdown_table({"old": {"MMB": 30.0}}).splitlines()
+    assert "not recorded" in unrecorded[0] and "| old | - | - | 30.0 † | - |" in unrecorded

@@ -35,11 +35,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    table = markdown_table({c.name: c.summary for c in checkpoints}) + "\n" + progress_table(checkpoints)
+    readings = {c.name: c.mmb_reading for c in checkpoints}
+    table = markdown_table({c.name: c.summary for c in checkpoints}, readings=readings)
+    table += "\n" + progress_table(checkpoints)
     write_text_atomically(args.output_dir / "report.md", table)
     records = [
         {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
-        | {"summary": c.summary, "scores": c.scores, "losses": c.losses}
+        | {"summary": c.summary, "mmb_reading": c.mmb_reading, "scores": c.scores, "losses": c.losses}
         for c in checkpoints
     ]
     write_results(args.output_dir / "report.json", {"checkpoints": records})

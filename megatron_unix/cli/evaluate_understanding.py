@@ -1,5 +1,6 @@
 """``tools/evaluate.py understanding``: VLMEvalKit's MME, POPE, MMBench and SEED from local TSVs, answered
-greedily after the reference's prompt, scored as VLMEvalKit's exact matching does.
+greedily and read one of two ways (--scoring): as the reference's ``eval_vqa.py`` read them for the paper,
+or as VLMEvalKit's exact matching reads them.
 
 Answers go to ``OUTPUT_DIR/answers.jsonl`` as they come; a rerun answers only what is missing (a larger
 --limit extends a run), and refuses a cache made with another checkpoint, tokenizer, VQGAN, prompt style
@@ -40,8 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, help="only the first N questions of each benchmark (a rerun extends it)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per forward batch")
-    parser.add_argument("--prompt-style", choices=("reference", "llava"), default="reference")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (greedy)")
+    parser.add_argument(
+        "--scoring",
+        choices=("reference", "vlmevalkit"),
+        default="reference",
+        help="how answers are prompted, capped and read. reference (default): as the reference's "
+        "evaluation/eval_vqa.py did for the paper's numbers (its prompts, at most 3 new tokens, first A-D "
+        "anywhere, unclear yes/no read as no, SEED as the mean of its categories), the only reading "
+        "comparable with the paper's table; vlmevalkit: VLMEvalKit's prompt and exact-matching rules, "
+        "comparable with the VLMEvalKit leaderboards, not with the paper",
+    )
+    parser.add_argument(
+        "--prompt-style", choices=("reference", "vlmevalkit", "llava"), help="default: that of --scoring"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="answer length cap (greedy); default 3 under --scoring reference, else 16"
+    )
     parser.add_argument(
         "--skip-bad-rows", action="store_true", help="leave out (and count) rows or images that cannot be read"
     )
@@ -65,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_unix.evaluation.report import AnswerCache
     from megatron_unix.evaluation.results import update_results
 
+    args.prompt_style = args.prompt_style or args.scoring
+    if args.max_new_tokens is None:
+        args.max_new_tokens = understanding.MAX_NEW_TOKENS[args.scoring]
     try:
         names = benchmark_names(args.benchmarks)
         checks = (
@@ -81,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         record = checkpoint_record(args)
         loaded, vqgan = load_models(args)
         settings = model_settings(args, record, vqgan)
-        settings |= {"prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens}
+        settings |= {"prompts": understanding.PROMPTS, "prompt_style": args.prompt_style}
+        settings |= {"max_new_tokens": args.max_new_tokens}
         options = understanding.Options(
-            args.prompt_style, args.max_new_tokens, args.batch_size, args.limit, args.skip_bad_rows
+            args.scoring, args.prompt_style, args.max_new_tokens, args.batch_size, args.limit, args.skip_bad_rows
         )
         with AnswerCache(args.output_dir / ANSWERS, settings) as cache:
             values = understanding.evaluate(loaded, vqgan, benchmarks, cache, options)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.evaluation.results import RESULTS, lookup, read_results
+from megatron_unix.evaluation.results import RESULTS, lookup, mmb_reading, read_results
 from megatron_unix.plotting import PALETTE, Curve, render_lines
 
 LOSSES = {"validation text": "text_loss", "validation vision": "vision_loss"}
@@ -47,6 +47,8 @@ class CheckpointResults:
     summary: dict[str, float]
     scores: dict[str, float]
     losses: dict[str, float]
+    mmb_reading: str | None = None
+    """The ``--scoring`` that read MMB (None: not recorded)."""
 
     @classmethod
     def read(cls, folder: str | Path) -> CheckpointResults:
@@ -64,6 +66,7 @@ class CheckpointResults:
             dict(results.get("summary") or {}),
             headlines(sections),
             {label: value for label, value in losses.items() if value is not None},
+            mmb_reading(sections),
         )
 
 

@@ -29,20 +29,43 @@ def write_results(path: str | Path, results: Mapping) -> None:
     write_text_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
+PAPER_READING = "reference"
+"""How the paper's MMB numbers were read: by the reference's own ``eval_vqa.py`` (spec §10)."""
+
+
 def markdown_table(
     checkpoints: Mapping[str, Mapping[str, float]],
     paper: Mapping[str, Mapping[str, float]] = PAPER,
     metrics: Sequence[str] = TABLE4_METRICS,
+    readings: Mapping[str, str | None] | None = None,
 ) -> str:
     """One row per paper model, then one per checkpoint; ``avg`` of a checkpoint is the mean of
-    ``metrics`` when it has them all. Missing numbers show as "-"."""
-    rows = [f"| model | {' | '.join(metrics)} | avg |", "|---" * (len(metrics) + 2) + "|"]
+    ``metrics`` when it has them all. Missing numbers show as "-". ``readings``: the ``--scoring`` that
+    read each checkpoint's MMB (None: not recorded). The header names the reading; an MMB read otherwise
+    than the paper's is marked "†" and said so under the table, never set silently beside the paper's."""
+    readings = readings or {}
+    other = {
+        name: readings.get(name) or "not recorded"
+        for name, values in checkpoints.items()
+        if "MMB" in values and readings.get(name) != PAPER_READING
+    }
+    kinds = ", ".join(sorted(set(other.values())))
+    labels = {m: m for m in metrics} | {
+        "MMB": f"MMB [{PAPER_READING} reading]" if not other else f"MMB [paper: {PAPER_READING} reading; †: {kinds}]"
+    }
+    rows = [f"| model | {' | '.join(labels[m] for m in metrics)} | avg |", "|---" * (len(metrics) + 2) + "|"]
     for name, values in [*paper.items(), *checkpoints.items()]:
         average = values.get("avg")
         if average is None and all(m in values for m in metrics):
             average = sum(values[m] for m in metrics) / len(metrics)
-        cells = [_cell(values.get(m)) for m in metrics] + [_cell(average)]
-        rows.append(f"| {name} | {' | '.join(cells)} |")
+        cells = [_cell(values.get(m)) + (" †" if m == "MMB" and name in other else "") for m in metrics]
+        rows.append(f"| {name} | {' | '.join(cells + [_cell(average)])} |")
+    if other:
+        rows += [
+            "",
+            f"† MMB reading {kinds}, not the paper's (the reference's eval_vqa.py): not comparable with the "
+            "paper's rows; tools/evaluate.py understanding --scoring reference reads answers as the paper did.",
+        ]
     return "\n".join(rows) + "\n"
 
 

@@ -39,6 +39,12 @@ def read_results(output_dir: str | Path) -> dict[str, Any]:
     return results
 
 
+def mmb_reading(sections: Mapping[str, Any]) -> str | None:
+    """The ``--scoring`` that read the summary's MMB (None: not recorded, or no MMB)."""
+    record = (sections.get("understanding") or {}).get(SUMMARY["MMB"][0][1]) or {}
+    return record.get("scoring") if isinstance(record, Mapping) else None
+
+
 def lookup(tree: Any, path: tuple[str, ...]) -> float | None:
     """The number at ``path`` in nested mappings, else None."""
     for key in path:
@@ -98,5 +104,6 @@ def _update(
     results["summary"] = summary(results["sections"])
     write_results(output_dir / RESULTS, results)
     name = results["checkpoint"].get("name") or output_dir.name
-    write_text_atomically(output_dir / TABLE, markdown_table({name: results["summary"]}))
+    table = markdown_table({name: results["summary"]}, readings={name: mmb_reading(results["sections"])})
+    write_text_atomically(output_dir / TABLE, table)
     return results

@@ -1,6 +1,8 @@
 """Understanding benchmarks on a loaded model: each question's image through the VQGAN, the reference's
 prompt after it as an I2T sample (spec §3: ``[BOI][codes][EOI]`` + prompt), a short greedy answer, kept
-in the :class:`AnswerCache` as it comes (a rerun answers only what is missing), then VLMEvalKit's score.
+in the :class:`AnswerCache` as it comes (a rerun answers only what is missing), then scored by one of
+two readings: the reference's own (``scoring_reference``, the paper's numbers) or VLMEvalKit's
+exact matching (``scoring``).
 """
 
 from __future__ import annotations
@@ -13,24 +15,32 @@ from itertools import islice
 from typing import IO, Any
 
 from megatron_unix.data.preprocess_report import ProgressLine
+from megatron_unix.evaluation import scoring, scoring_reference
 from megatron_unix.evaluation.benchmarks import Benchmark
 from megatron_unix.evaluation.prompts import item_prompt
 from megatron_unix.evaluation.report import AnswerCache
-from megatron_unix.evaluation.scoring import SCORERS
 from megatron_unix.inference.generate import generate_text, i2t_prompt
 from megatron_unix.inference.images import encode_images
 from megatron_unix.inference.loading import LoadedModel
 from megatron_unix.inference.sampling import SamplingParams
 
 GREEDY = SamplingParams(greedy=True)
+SCORINGS = {"reference": scoring_reference.SCORERS, "vlmevalkit": scoring.SCORERS}
+"""Scoring name -> its scorers by ``BenchmarkSpec.scorer``."""
+MAX_NEW_TOKENS = {"reference": 3, "vlmevalkit": 16}
+"""Answer length cap by scoring: the reference's server answers at most 3 tokens (``eval_template.py``)."""
+PROMPTS = "2"
+"""Version of the prompt styles, recorded with the answers: before it, ``"reference"`` named VLMEvalKit's
+prompt (now ``"vlmevalkit"``), so a cache of that time must not be taken for answers to today's prompts."""
 PROGRESS_LINES = 20
 """About this many progress lines per benchmark."""
 
 
 @dataclass(frozen=True)
 class Options:
+    scoring: str = "reference"
     prompt_style: str = "reference"
-    max_new_tokens: int = 16
+    max_new_tokens: int = MAX_NEW_TOKENS["reference"]
     batch_size: int = 8
     limit: int | None = None
     """Only the first ``limit`` questions of each benchmark."""
@@ -46,7 +56,8 @@ def evaluate(
     options: Options,
     log: IO[str] | None = None,
 ) -> dict[str, dict]:
-    """``{benchmark name: scores}``: the scorer's output plus ``answered`` and ``skipped`` counts."""
+    """``{benchmark name: scores}``: the scorer's output plus ``answered`` and ``skipped`` counts and the
+    ``scoring`` that read the answers."""
     return {bench.spec.name: evaluate_benchmark(loaded, vqgan, bench, cache, options, log) for bench in benchmarks}
 
 
@@ -71,8 +82,8 @@ def evaluate_benchmark(
     if pending:
         _answer(loaded, vqgan, dataclasses.replace(bench, items=pending), name, cache, options, log or sys.stderr)
     answered = [item for item in items if cache.done((name, item.index))]
-    scores = SCORERS[bench.spec.scorer](answered, cache.for_benchmark(name))
-    return {**scores, "answered": len(answered), "skipped": len(bench.skipped)}
+    scores = SCORINGS[options.scoring][bench.spec.scorer](answered, cache.for_benchmark(name))
+    return {**scores, "answered": len(answered), "skipped": len(bench.skipped), "scoring": options.scoring}
 
 
 def _answer(
