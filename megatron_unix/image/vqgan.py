@@ -9,7 +9,6 @@ no straight-through gradients.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -307,18 +306,17 @@ class VQGAN(nn.Module):
         checkpoint: str | Path,
         device: str | torch.device = "cpu",
     ) -> VQGAN:
-        """Chameleon's release files (``tokenizer/vqgan.yaml``, ``tokenizer/vqgan.ckpt``), in fp32; the
-        discriminator and perceptual-loss tensors (``loss.*``) are dropped."""
+        """Chameleon's release files (``tokenizer/vqgan.yaml``, ``tokenizer/vqgan.ckpt``: a Lightning-era
+        checkpoint, read through :mod:`lightning_checkpoint`'s allow-list), in fp32; the discriminator and
+        perceptual-loss tensors (``loss.*``) are dropped."""
+        from megatron_unix.image.lightning_checkpoint import CheckpointError, load_state_dict
+
         model = cls(VQGANConfig.from_chameleon_yaml(config_yaml))
         try:
-            stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise VQGANError(f"{checkpoint}: no such file") from e
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            raise VQGANError(f"{checkpoint}: not a readable tensor checkpoint ({type(e).__name__}: {e})") from e
-        if not isinstance(stored, dict) or not isinstance(stored.get("state_dict"), dict):
-            raise VQGANError(f"{checkpoint}: no 'state_dict' in it (is it a taming/Chameleon vqgan.ckpt?)")
-        state = {k: v for k, v in stored["state_dict"].items() if not k.startswith("loss.")}
+            stored = load_state_dict(checkpoint)
+        except CheckpointError as e:
+            raise VQGANError(str(e)) from None
+        state = {k: v for k, v in stored.items() if not k.startswith("loss.")}
         return model._load(state, str(checkpoint)).to(device, torch.float32)
 
     def save_pretrained(self, directory: str | Path) -> None:
