@@ -330,9 +330,11 @@ def test_checkpoints_without_variant_fields_are_unix():
 
 @pytest.mark.parametrize("variant", ["hardmoe", "mot"])
 def test_baseline_starts_from_a_text_model(megatron_single, hf_tokenizer_dir, tmp_path, variant):
-    """import-hf --layer-variant from a Qwen3 text model, as the reference starts its baselines: with the
-    vision parts copied from their text twins, every token (BOI, id 1, is routed to them) is computed as
-    the text model computes it; fresh vision parts differ from their twins."""
+    """import-hf --layer-variant from a Qwen3 text model. By default as the reference starts its baselines:
+    its HardMoE and MoT classes have no init_vision_weights (only Uni-X's has), so the vision parts keep
+    HF's fresh init: norms 1, matrices N(0, initializer_range), none equal to its text twin. With
+    --vision-init copy the vision parts are their text twins, and every token (BOI, id 1, is routed to
+    them) is computed as the text model computes it."""
     from test_convert import CODES, make_source, options, tokenizer_length
 
     from megatron_unix.conversion.convert import import_hf, load_megatron
@@ -341,11 +343,27 @@ def test_baseline_starts_from_a_text_model(megatron_single, hf_tokenizer_dir, tm
     from megatron_unix.conversion.verify import megatron_logits
 
     source = make_source(tmp_path / "source", hf_tokenizer_dir, "qwen3", tie=True, dtype=torch.float32)
+    std = json.loads((source / "config.json").read_text())["initializer_range"]
     flags = dict(vision_encode_layers=0, vision_decode_layers=0, layer_variant=variant)
-    import_hf(source, tmp_path / "copy", options(**flags))
+    import_hf(source, tmp_path / "default", options(**flags))
+    fresh, config, _ = load_megatron(tmp_path / "default")
+    text_vocab = tokenizer_length(hf_tokenizer_dir)
+    weights = megatron_to_hf(dict(fresh.named_parameters()), config, text_vocab + CODES)
+    matrices = []
+    for vision, twin in vision_twins(config):
+        if twin not in weights:
+            continue
+        if vision.endswith("norm.weight"):
+            assert torch.equal(weights[vision], torch.ones_like(weights[vision])), vision
+        else:
+            assert not torch.equal(weights[vision], weights[twin]), vision
+            matrices.append(weights[vision].flatten())
+    values = torch.cat(matrices)
+    assert abs(values.mean().item()) < 0.1 * std and values.std().item() == pytest.approx(std, rel=0.05)
+
+    import_hf(source, tmp_path / "copy", options(**flags, vision_init="copy"))
     model, config, _ = load_megatron(tmp_path / "copy")
     assert config.layer_variant == variant and vision_twins(config)
-    text_vocab = tokenizer_length(hf_tokenizer_dir)
     tokens = torch.randint(1, text_vocab, (2, 40), generator=torch.Generator().manual_seed(5))
     tokens[:, ::7] = 1  # BOI: through the vision parts
     original = model_class("qwen3", unix=False).from_pretrained(source, dtype=torch.float32).eval()
@@ -354,9 +372,3 @@ def test_baseline_starts_from_a_text_model(megatron_single, hf_tokenizer_dir, tm
     for row in range(2):
         got = megatron_logits(model, tokens[row], text_vocab + CODES)[:, : want.shape[-1]]
         torch.testing.assert_close(got, want[row], rtol=1e-5, atol=1e-5)
-    import_hf(source, tmp_path / "random", options(**flags, vision_init="random"))
-    fresh, config, _ = load_megatron(tmp_path / "random")
-    weights = megatron_to_hf(dict(fresh.named_parameters()), config, text_vocab + CODES)
-    for vision, twin in vision_twins(config):
-        if twin in weights and not vision.endswith("norm.weight"):  # (q/k/v biases only in qwen2 style)
-            assert not torch.equal(weights[vision], weights[twin]), vision

@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--vision-init",
         choices=["copy", "random"],
-        default="copy",
-        help="vision copy of layer i = text layer i, or fresh (norms 1, N(0, 0.02))",
+        default=None,
+        help="text sources: the vision parts start as copies of their text twins (copy) or fresh (random: norms 1, "
+        "biases 0, N(0, initializer_range)); default as the reference starts the variant: copy for unix, "
+        "random for hardmoe and mot (the reference's baseline classes have no init_vision_weights)",
     )
     imp.add_argument(
         "--layer-variant",

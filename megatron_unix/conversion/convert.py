@@ -90,7 +90,8 @@ class ImportOptions:
 
     vision_encode_layers: int | None = None
     vision_decode_layers: int | None = None
-    vision_init: str = "copy"
+    vision_init: str | None = None
+    """``copy`` or ``random``; None: as the reference starts the variant (:meth:`vision_start`)."""
     layer_variant: str = "unix"
     """Text sources: Uni-X, or a baseline of spec §9 whose vision parts start as ``vision_init`` says."""
     decoder_sparse_step: int = 2
@@ -105,6 +106,14 @@ class ImportOptions:
     def codebook(self) -> int:
         """Codebook size for a text source."""
         return self.vq_codebook_size or CODEBOOK_SIZE
+
+    def vision_start(self) -> str:
+        """How a text source's vision parts start. The reference copies the text layers into Uni-X's vision
+        layers (``init_vision_weights``, run by ``train.py`` with ``init_vision_with_text``); its HardMoE
+        and MoT classes have no such method, so their vision parts keep HF's fresh init (spec §9)."""
+        if self.vision_init is not None:
+            return self.vision_init
+        return "copy" if self.layer_variant == "unix" else "random"
 
 
 # ----------------------------------------------------------------------------------------- import
@@ -211,12 +220,12 @@ def _random_like(load: Callable[[], torch.Tensor], name: str, seed: int, std: fl
 
 
 def _vision_part(
-    twin: Callable[[], torch.Tensor], name: str, config: UniXConfig, options: ImportOptions
+    twin: Callable[[], torch.Tensor], name: str, std: float, options: ImportOptions
 ) -> Callable[[], torch.Tensor]:
-    """A vision tensor started from a text model: its text ``twin`` (``--vision-init copy``) or fresh."""
-    if options.vision_init == "copy":
+    """A vision tensor started from a text model: its text ``twin`` (copy) or fresh at ``std``."""
+    if options.vision_start() == "copy":
         return twin
-    return partial(_random_like, twin, name, options.seed, config.init_method_std)
+    return partial(_random_like, twin, name, options.seed, std)
 
 
 def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, options: ImportOptions) -> LazyTensors:
@@ -240,6 +249,7 @@ def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, op
     for name in HF_VOCAB_TENSORS:
         if name in thunks:
             thunks[name] = partial(_with_mean_rows, thunks[name], vocab_size)
+    std = getattr(source.config, "initializer_range", config.init_method_std)  # as HF's _init_weights
     text_prefix: dict[str, str] = {}
     for meg_prefix, hf_prefix in layer_prefixes(config):
         if not meg_prefix.endswith(".vision."):
@@ -248,11 +258,11 @@ def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, op
         twin = text_prefix[meg_prefix[: -len("vision.")]]
         for name in [n for n in thunks if n.startswith(twin)]:
             thunks[hf_prefix + name[len(twin) :]] = _vision_part(
-                thunks[name], hf_prefix + name[len(twin) :], config, options
+                thunks[name], hf_prefix + name[len(twin) :], std, options
             )
     for target, twin in vision_twins(config):  # the baselines' vision projections and MLPs
         if twin in thunks:
-            thunks[target] = _vision_part(thunks[twin], target, config, options)
+            thunks[target] = _vision_part(thunks[twin], target, std, options)
     return LazyTensors(thunks)
 
 
@@ -306,7 +316,7 @@ def import_hf(
         raise ConversionError(_NO_HF_MODEL.format(config.layer_variant))
     log(
         f"target: {_describe(config, vocab_size)}"
-        + ("" if source.kind == "unix" else f", vision copies: {options.vision_init}")
+        + ("" if source.kind == "unix" else f", vision parts start: {options.vision_start()}")
     )
     weights = import_weights(source, config, vocab_size, options)
     model = build_model(config, vocab_size, MAX_SEQUENCE_LENGTH)
