@@ -18,9 +18,14 @@ Which n-grams count (documents as the ``.idx`` stores them, tokens in order):
   not cut it: its codes form one stream in raster order.
 - An n-gram is n consecutive tokens of one modality's stream within one segment: text n-grams never
   reach across an image or a document, image n-grams never across images.
-  (The reference's ``tools/cal_entropy.py`` keeps n-grams within a sequence too, unless it concatenates
-  the sequences as its paper code path did, and divides by the count of every (n-1)-gram, also a
-  sequence's last one, which starts no n-gram.)
+
+The reference's ``tools/cal_entropy.py`` (what the paper's Figure 3 was computed with) has no such
+segments: both its functions concatenate all the sequences given (text documents; images' code lists)
+into one stream, so its n-grams run across documents and across images. Its first function
+(``calculate_ngram_conditional_entropy``) counts a prefix as every (n-1)-gram of that stream, the last
+one too, which starts no n-gram; its ``_optimized`` variant counts the prefixes of the n-grams, as here.
+``reference_definition`` reproduces the first: each modality's stream as one segment over the whole
+dataset, and the last (n-1)-gram's prefix count one higher.
 
 Streaming: documents are read from the memory-mapped ``.bin`` in chunks; each chunk's n-grams are
 packed into fixed-width keys (ids big-endian in uint64 words, ``64 // bits`` ids a word, so the words'
@@ -264,8 +269,10 @@ class NgramCounter:
             self.runs.setdefault(key, []).append(path)
         self.pending_bytes, self.spills = 0, self.spills + 1
 
-    def entropy(self, modality: str, n: int) -> Entropy:
-        """Merge what was counted of ``modality``'s n-grams (its runs are deleted after)."""
+    def entropy(self, modality: str, n: int, every_prefix: bool = False) -> Entropy:
+        """Merge what was counted of ``modality``'s n-grams (its runs are deleted after). ``every_prefix``:
+        a prefix's count is that of every (n-1)-gram of the stream, the stream's last (n-1)-gram (which
+        starts no n-gram) included, as the reference's first function counts (its n-grams in one segment)."""
         paths = self.runs.pop((modality, n), [])
         runs = [
             (
@@ -279,12 +286,16 @@ class NgramCounter:
         block = max(MIN_BLOCK, self.memory_budget // 2 // (3 * max(1, len(runs)) * (8 * words + 8)))
         joint, prefixes = _CountsOfCounts(), _CountsOfCounts()
         mask, last, last_count = _prefix_mask(n, self.bits[modality]), None, 0
+        final = self._final_prefix(modality, n, mask) if every_prefix else None
+        final_count = 0
         for keys, counts in _merged(runs, block):
             joint.add(counts)
             prefix = keys.copy()
             prefix[-1] &= mask  # sorted keys have sorted prefixes: one prefix's n-grams are adjacent
             starts = _group_starts(prefix)
             sums = np.add.reduceat(counts, starts)
+            if final is not None:
+                final_count += int(sums[(prefix[:, starts] == final[:, None]).all(axis=0)].sum())
             if last is not None and last == tuple(prefix[:, 0].tolist()):
                 sums[0] += last_count
             elif last is not None:
@@ -297,8 +308,19 @@ class NgramCounter:
             path.with_suffix(".keys.npy").unlink()
             path.with_suffix(".counts.npy").unlink()
         total = joint.total_count()
-        bits = (prefixes.c_log2_c() - joint.c_log2_c()) / total if total else None
+        # every_prefix: the n-grams after the final (n-1)-gram divide by its count + 1, not its count
+        extra = final_count * math.log2((final_count + 1) / final_count) if final_count else 0.0
+        bits = (prefixes.c_log2_c() - joint.c_log2_c() + extra) / total if total else None
         return Entropy(n, total, sum(joint.values()), bits)
+
+    def _final_prefix(self, modality: str, n: int, mask: np.uint64) -> np.ndarray | None:
+        """The key (as a prefix key of n-grams) of the stream's last n-1 ids, if it has that many."""
+        tail = self.tails[modality][0]
+        if n < 2 or len(tail) < n - 1:
+            return None
+        key = _words(np.concatenate([tail[len(tail) - n + 1 :], np.zeros(1, np.uint64)]), n, self.bits[modality])
+        key[-1] &= mask
+        return key[:, 0]
 
 
 class _Segmenter:
@@ -377,11 +399,13 @@ def dataset_entropy(
     spill_dir: str | Path | None = None,
     on_chunk: Callable[[int], None] | None = None,
     opened: tuple[Layout, int] | None = None,
+    reference_definition: bool = False,
 ) -> DatasetEntropy:
     """H_1..H_max_n of text tokens and of image codes of dataset ``prefix`` (:func:`open_dataset`
     refuses bad input); runs are spilled under a temporary directory in ``spill_dir`` (default: the
     system's), removed at the end; ``on_chunk`` is told each chunk's token count (progress); ``opened``:
-    what :func:`open_dataset` gave the caller (its checks read every index once, not twice)."""
+    what :func:`open_dataset` gave the caller (its checks read every index once, not twice);
+    ``reference_definition``: count as the reference's first function does (module docstring)."""
     prefix = str(prefix)
     layout, tokens = opened or open_dataset(prefix)
     result = DatasetEntropy(prefix, tokens, dict.fromkeys(MODALITIES, 0))
@@ -390,11 +414,13 @@ def dataset_entropy(
         segmenter = _Segmenter(layout)
         for chunk, starts in _chunks(prefix, max(MIN_BLOCK, memory_budget // CHUNK_BYTES_PER_TOKEN)):
             for modality, (values, segments) in segmenter.split(chunk, starts).items():
-                counter.add(modality, values, segments)
+                counter.add(modality, values, np.zeros_like(segments) if reference_definition else segments)
                 result.modality_tokens[modality] += len(values)
             if on_chunk:
                 on_chunk(len(chunk))
-        result.entropies = {m: [counter.entropy(m, n) for n in range(1, max_n + 1)] for m in MODALITIES}
+        result.entropies = {
+            m: [counter.entropy(m, n, reference_definition) for n in range(1, max_n + 1)] for m in MODALITIES
+        }
         result.spilled_runs = counter.spills
     return result
 

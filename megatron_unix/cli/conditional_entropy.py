@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-budget-mb", type=int, default=1024, help="memory to count in (default 1024)")
     p.add_argument("--temp-dir", type=Path, help="where spilled runs go (default: --output-dir)")
     p.add_argument("--log-interval", type=int, default=20_000_000, help="tokens between progress lines")
+    p.add_argument(
+        "--reference-definition",
+        action="store_true",
+        help="count as the reference's tools/cal_entropy.py (the paper's Figure 3): each modality's sequences "
+        "concatenated (n-grams across documents and images), a prefix counted as every (n-1)-gram",
+    )
     args = p.parse_args(argv)
     refuse_out_of_range(
         p,
@@ -73,7 +79,9 @@ def rows(results: dict[str, DatasetEntropy]) -> list[dict]:
     ]
 
 
-def write_outputs(results: dict[str, DatasetEntropy], max_n: int, output_dir: Path) -> None:
+def write_outputs(
+    results: dict[str, DatasetEntropy], max_n: int, output_dir: Path, definition: str = "segments"
+) -> None:
     table = io.StringIO()
     writer = csv.DictWriter(table, COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -81,6 +89,7 @@ def write_outputs(results: dict[str, DatasetEntropy], max_n: int, output_dir: Pa
     write_text_atomically(output_dir / "entropy.csv", table.getvalue())
     record = {
         "max_n": max_n,
+        "definition": definition,
         "datasets": [
             {
                 "dataset": label,
@@ -139,11 +148,18 @@ def main(argv: list[str] | None = None) -> int:
 
         results = {
             name: dataset_entropy(
-                prefix, args.max_n, args.memory_budget_mb << 20, args.temp_dir or args.output_dir, counted, dataset
+                prefix,
+                args.max_n,
+                args.memory_budget_mb << 20,
+                args.temp_dir or args.output_dir,
+                counted,
+                dataset,
+                args.reference_definition,
             )
             for name, prefix, dataset in zip(names, args.data_path, opened)
         }
-        write_outputs(results, args.max_n, args.output_dir)
+        definition = "reference" if args.reference_definition else "segments"
+        write_outputs(results, args.max_n, args.output_dir, definition)
     except (OSError, ValueError) as error:
         print(f"conditional_entropy.py: error: {error}", file=sys.stderr)
         return 2
