@@ -26,6 +26,7 @@ from megatron_unix.inference.sampling import (
     VocabLayout,
     derived_seed,
     draw,
+    generators,
     guided,
     image_logits,
     restrict,
@@ -219,6 +220,35 @@ def test_every_image_is_its_codes_then_eoi(request, fixture):
         assert tokens[:-1] == layout.image_tokens([c - layout.vq_offset for c in codes])  # separators in place
         assert tokens.count(layout.separator_id) == (3 if fixture == "sep" else 0)
         assert len(set(codes)) > 1
+
+
+@pytest.mark.parametrize("params", [GREEDY, T2I], ids=["greedy", "sampled"])
+def test_guidance_scale_one_runs_no_unconditional_rows(sep, params):
+    """At s = 1 only the prompts' rows are forwarded, and the codes are those of guidance computed with
+    the unconditional rows (u + 1 * (c - u), each row alone, no cache), drawn from the same generators."""
+    model, layout, tok = sep.model, sep.layout, sep.tokenizer
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        got = images(sep, CAPTIONS, [3, 4], params, cfg_scale=1.0)
+    finally:
+        hook.remove()
+    assert rows and set(rows) == {len(CAPTIONS)}  # never the 2n rows of guidance
+    for caption, seed, codes in zip(CAPTIONS, [3, 4], got):
+        cond, uncond = t2i_prompt(tok, layout, caption), unconditional_prompt(tok, layout)
+        rngs, expected = generators([seed], "cpu"), []
+        with torch.no_grad():
+            for forced in layout.image_schedule(CODES_PER_IMAGE):
+                if forced:
+                    token = layout.separator_id
+                else:
+                    c, u = (model(torch.tensor([seq]), use_cache=False).logits[:, -1].float() for seq in (cond, uncond))
+                    token = layout.vq_offset + int(draw(image_logits(c, u, 1.0, layout), params, rngs).item())
+                expected.append(token)
+                cond, uncond = cond + [token], uncond + [token]
+        assert codes == expected + [layout.eoi_id]
 
 
 def test_batch_and_padding_change_no_sample(sep):

@@ -7,7 +7,7 @@ the VQGAN's encode and decode.
 
 The model is a random HF Uni-X model (remote-code classes) of the given shape; prompts are random text
 ids + BOI. Tokens/s counts generated image tokens (codes and separators) of all images of a batch; each
-image is two rows (conditional and unconditional). "recompute" forwards the whole sequence at every
+image is two rows (conditional and unconditional), one with --cfg-scale 1. "recompute" forwards the whole sequence at every
 step (``use_cache=False``), the cost the cache removes. bf16 on a GPU, fp32 on CPU.
 """
 

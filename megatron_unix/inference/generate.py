@@ -128,12 +128,14 @@ def generate_images(
 ) -> list[list[int]]:
     """Spec §6 text-to-image: rows ``[prompts; unconditional x n]``; each step mixes the raw logits
     with guidance, keeps the VQ ids only, samples one token per image and appends it to both of its
-    rows. Returns per image the generated ids: ``codes_per_image`` codes (with the forced separators
-    of the layout in place) and EOI."""
+    rows. A scale of 1 leaves the conditional logits as they are: the unconditional rows are not run
+    (as the reference runs them only when s > 1), half the work. Returns per image the generated ids:
+    ``codes_per_image`` codes (with the forced separators of the layout in place) and EOI."""
     if codes_per_image < 1:
         raise ValueError(f"--codes-per-image must be >= 1, got {codes_per_image}")
-    n = len(prompts)
-    decoder = Decoder(model, [*prompts, *[unconditional] * n], layout.eos_id, use_cache)
+    n, guide = len(prompts), cfg_scale != 1
+    rows = [*prompts, *[unconditional] * n] if guide else list(prompts)
+    decoder = Decoder(model, rows, layout.eos_id, use_cache)
     rngs = generators(seeds, decoder.device)
     schedule = layout.image_schedule(codes_per_image)
     columns = []
@@ -141,12 +143,13 @@ def generate_images(
         if forced:
             tokens = torch.full((n,), layout.separator_id, device=decoder.device)
         else:
-            cond, uncond = decoder.logits().split(n)
+            logits = decoder.logits()
+            cond, uncond = logits.split(n) if guide else (logits, None)
             tokens = layout.vq_offset + draw(image_logits(cond, uncond, cfg_scale, layout), params, rngs)
         columns.append(tokens)
         if on_step:
             on_step()
         if step < len(schedule) - 1:
-            decoder.append(tokens.repeat(2))
+            decoder.append(tokens.repeat(len(rows) // n))
     eoi = torch.full((n, 1), layout.eoi_id, device=decoder.device)
     return torch.cat([torch.stack(columns, dim=1), eoi], dim=1).tolist()

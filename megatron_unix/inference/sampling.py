@@ -103,11 +103,13 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
-def image_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float, layout: VocabLayout) -> torch.Tensor:
-    """Spec §6 image step up to sampling: guidance on the raw logits, then the VQ ids only, as the
-    ``[rows, codebook]`` columns of code 0.. (every other id masked to -inf could never be drawn: dropping
-    its column samples the same, and spares top-k/top-p a vocabulary 20x the codebook)."""
-    return guided(cond, uncond, scale)[:, layout.vq_offset : layout.vq_offset + layout.codebook_size]
+def image_logits(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, layout: VocabLayout) -> torch.Tensor:
+    """Spec §6 image step up to sampling: guidance on the raw logits (none without ``uncond``: a scale of
+    1 leaves ``cond``), then the VQ ids only, as the ``[rows, codebook]`` columns of code 0.. (every other
+    id masked to -inf could never be drawn: dropping its column samples the same, and spares top-k/top-p
+    a vocabulary 20x the codebook)."""
+    mixed = cond if uncond is None else guided(cond, uncond, scale)
+    return mixed[:, layout.vq_offset : layout.vq_offset + layout.codebook_size]
 
 
 def restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
