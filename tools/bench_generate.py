@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_unix.data.vocabulary import QWEN25_VQ_OFFSET
 from megatron_unix.inference.generate import generate_images
 from megatron_unix.inference.loading import default_device, default_dtype
-from megatron_unix.data.vocabulary import QWEN25_VQ_OFFSET
 from megatron_unix.inference.sampling import SamplingParams, VocabLayout
 from megatron_unix.training.arguments import UNIX_1_5B
 
@@ -127,7 +127,9 @@ def t2i_tokens_per_second(
     g = torch.Generator().manual_seed(seed)
 
     def run(use_cache: bool, codes: int) -> None:
-        prompts = [torch.randint(100, text_vocab - 100, (prompt_length - 1,), generator=g).tolist() for _ in range(batch)]
+        prompts = [
+            torch.randint(100, text_vocab - 100, (prompt_length - 1,), generator=g).tolist() for _ in range(batch)
+        ]
         generate_images(
             model,
             layout,
@@ -158,7 +160,14 @@ def bench_generation(args: argparse.Namespace, shape: dict[str, int], device: to
     for batch in args.batch_sizes:
         rates = [
             t2i_tokens_per_second(
-                model, text, args.codebook_size, batch, args.codes_per_image, use_cache, args.prompt_length, args.cfg_scale
+                model,
+                text,
+                args.codebook_size,
+                batch,
+                args.codes_per_image,
+                use_cache,
+                args.prompt_length,
+                args.cfg_scale,
             )
             for use_cache in (True, False)
         ]
