@@ -594,7 +594,7 @@ class Run:
         self.summary: dict[str, Any] = dict(
             mode="smoke (CPU, tiny sizes)" if smoke else "gpu", work=str(work), steps={}, started=time.time()
         )
-        self.on_gpu = False
+        self.on_gpu = not smoke  # a GPU run refuses to go on without one (the setup step)
 
     # output
     def log(self, text: str) -> None:
@@ -688,7 +688,6 @@ class Run:
 
     def step_setup(self, budget: float, checks: list[Check]) -> dict[str, Any]:
         figures = self.child("setup", budget)
-        self.on_gpu = figures["cuda"] and not self.smoke
         if not self.smoke and not figures["cuda"]:
             raise StepError("no CUDA GPU here: run with --smoke")
         return figures
