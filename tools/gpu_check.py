@@ -4,7 +4,7 @@ GPU, in one run that must work the first time on a machine lent for minutes; ``-
 on the CPU at tiny sizes (CI does: tests/test_gpu_check.py).
 
     python tools/gpu_check.py --out DIR                 # the GPU run (DIR defaults to $OUT)
-    python tools/gpu_check.py --smoke --out DIR         # every step on the CPU, tiny sizes, ~2 minutes
+    python tools/gpu_check.py --smoke --out DIR         # every step on the CPU, tiny sizes: minutes on 2 cores
     python tools/gpu_check.py --steps throughput fit_3b --work W   # rerun some steps (setup reused from W)
 
 The lent machine (one H200; Python 3.12, torch 2.11, transformers 5.17; no megatron-core, Transformer
@@ -754,15 +754,19 @@ class Run:
                     training_flags(s, self.work, variant, s.train_model, s.warmup + s.timed, metrics), budget / 4
                 )
                 figures[variant] = throughput_of(iteration_records(metrics), s.warmup)
-            except StepError as error:
+            except StepError as error:  # the other variants are still measured
                 errors.append(f"{variant}: {error}")
+                self.say(f"   {variant}: {error}")
                 continue
             self.say(f"   {variant}: {_show(figures[variant])}")
         shared = figures.get("shared", {}).get("tokens_per_s")
         for variant, paper in PAPER_RATIOS.items():
             if shared and variant in figures:
-                figures[variant]["ratio_to_shared"] = figures[variant]["tokens_per_s"] / shared
+                figures[variant].update(ratio_to_shared=figures[variant]["tokens_per_s"] / shared, paper_ratio=paper)
                 self.say(f"   {variant} / shared: {figures[variant]['ratio_to_shared']:.3f} (paper {paper})")
+        if errors:
+            figures["errors"] = errors
+        checks.append(Check("variants measured", len(VARIANTS) - len(errors), f"== {len(VARIANTS)}", not errors, True))
         unix = figures.get("unix")
         if self.on_gpu and unix:
             checks += [
@@ -774,8 +778,6 @@ class Run:
                 checks.append(
                     Check("Uni-X / shared", unix["ratio_to_shared"], ">= 1.00", unix["ratio_to_shared"] >= 1, False)
                 )
-        if errors:
-            raise StepError("; ".join(errors) + f" (measured: {_show({k: v for k, v in figures.items()})})")
         return figures
 
     def step_fit_3b(self, budget: float, checks: list[Check]) -> dict[str, Any]:
