@@ -33,7 +33,7 @@ def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_smoke_run_passes_every_step(tmp_path):
     out = tmp_path / "out"
-    proc = _run("--smoke", "--out", str(out), "--work", str(tmp_path / "work"), timeout=1200)
+    proc = _run("--smoke", "--out", str(out), "--work", str(tmp_path / "work"), timeout=1300)
     summary = json.loads((out / "summary.json").read_text())
     failed = {name: step.get("error") for name, step in summary["steps"].items() if step["status"] != "pass"}
     assert proc.returncode == 0 and not failed, f"{failed}\n{proc.stdout[-3000:]}"

@@ -494,8 +494,10 @@ def child_profile(sizes: Sizes, work: Path, out: Path) -> dict[str, Any]:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profiler:
         step()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     averages = profiler.key_averages()
+    # torch >= 2.4 names the GPU time "device"; older releases only "cuda"
+    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    key = next(name for name in names if hasattr(averages[0], name))
     table = averages.table(sort_by=key, row_limit=40, max_name_column_width=90)
     (out / "profile.txt").write_text(
         f"one training step: --model-preset {sizes.train_model}, seq {sizes.seq}, sorted by {key}\n{table}\n"
@@ -874,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit",
         type=float,
         default=None,
-        help="seconds for the whole run; steps not started by then are errors (default: 570, smoke 600)",
+        help="seconds for the whole run; steps not started by then are errors (default: 570, smoke 1200)",
     )
     p.add_argument("--run-step", choices=sorted(CHILD_STEPS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -902,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     steps = [s for s in STEPS if s in args.steps or (s == "setup" and not (work / "setup.done").exists())]
-    run = Run(sizes, out, work, args.time_limit or (600 if args.smoke else 570), args.smoke)
+    run = Run(sizes, out, work, args.time_limit or (1200 if args.smoke else 570), args.smoke)
     run.say(f"GPU check ({run.summary['mode']}); work folder {work}; out {out}")
     run.say("budget per step (s): " + ", ".join(f"{s} {sizes.budgets[s]}" for s in steps))
     run.say(
