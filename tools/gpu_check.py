@@ -52,6 +52,11 @@ with the budget printed before the run (seconds on one H200; estimates, nothing 
   generation      90  T2I with CFG, KV cache, 1024 codes, random 1.5B Uni-X in bf16, batch 1, 8, 32;
                       the VQGAN (512 px, fp32) encode and decode images/s
 
+The budgets add up to 530 s (under the device tool's 600 s per command); ``--time-limit`` (default 570 s)
+starts no step after it, and summary.json is rewritten after every step, so a run cut short still says
+what it measured. Each step runs in its own process: a crash or an out-of-memory in one leaves the others,
+and every peak-memory figure is that step's alone.
+
 Bounds (only on a GPU; ``--smoke`` checks that every step ran and that CPU-vs-CPU figures agree).
 Hard (a miss fails the step and the exit status): first-iteration loss bf16 vs fp32 within 1% (bf16
 rounds weights and activations to 8 bits of mantissa: ~0.4% per operation, averaging out over the
