@@ -7,6 +7,8 @@ import torch
 from helpers import build_tiny, logits
 from tiny import TEXT_VOCAB, VQ_CODES, make_batch
 
+from megatron_unix.training.arguments import UNIX_1_5B, UNIX_3B
+
 ROWS = [["t2i", "mid", "i2t"], ["text", "image", "t2i"]]
 
 
@@ -127,28 +129,8 @@ def test_attention_backends_agree_on_segments():
 @pytest.mark.parametrize(
     "shape,expected",
     [
-        (
-            dict(
-                num_layers=28,
-                hidden_size=1536,
-                ffn_hidden_size=8960,
-                num_attention_heads=12,
-                vision_encode_layers=9,
-                vision_decode_layers=5,
-            ),
-            2_211_391_488,
-        ),
-        (
-            dict(
-                num_layers=36,
-                hidden_size=2048,
-                ffn_hidden_size=11008,
-                num_attention_heads=16,
-                vision_encode_layers=12,
-                vision_decode_layers=6,
-            ),
-            4_489_977_344,
-        ),
+        (UNIX_1_5B, 2_211_391_488),
+        (UNIX_3B, 4_489_977_344),
         (dict(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12), 1_556_247_040),
     ],
     ids=["unix-1.5b-9:5", "unix-3b-12:6", "shared-1.5b"],
@@ -157,7 +139,8 @@ def test_published_parameter_counts(megatron_single, shape, expected):
     """Spec §1 table (vocab 160128, tied, Qwen3 style); N = M = 0 gives the "text model alone"."""
     from megatron_unix.model import build_model, make_config
 
-    config = make_config(**shape, num_query_groups=2, kv_channels=128, qk_layernorm=True, perform_initialization=False)
+    qwen = dict(num_query_groups=2, kv_channels=128, qk_layernorm=True)
+    config = make_config(**{**qwen, **shape}, perform_initialization=False)
     model = build_model(config, 160128, 128)
     assert sum(p.numel() for p in model.parameters()) == expected
 

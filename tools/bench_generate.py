@@ -19,10 +19,22 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_unix.data.vocabulary import QWEN25_VQ_OFFSET
 from megatron_unix.inference.generate import generate_images
 from megatron_unix.inference.loading import default_device, default_dtype
 from megatron_unix.inference.sampling import SamplingParams, VocabLayout
+from megatron_unix.training.arguments import UNIX_1_5B
 
+SHAPE_FIELDS = (
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vision_encode_layers",
+    "vision_decode_layers",
+)
 PRESETS = {
     "small": dict(
         hidden_size=128,
@@ -35,17 +47,7 @@ PRESETS = {
         vision_decode_layers=1,
         text_vocab=4096,
     ),
-    "unix-1.5b": dict(
-        hidden_size=1536,
-        ffn_hidden_size=8960,
-        num_layers=28,
-        num_attention_heads=12,
-        num_query_groups=2,
-        kv_channels=128,
-        vision_encode_layers=9,
-        vision_decode_layers=5,
-        text_vocab=151665,
-    ),
+    "unix-1.5b": {**{k: UNIX_1_5B[k] for k in SHAPE_FIELDS}, "text_vocab": QWEN25_VQ_OFFSET},
 }
 
 
@@ -104,16 +106,29 @@ def timed(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_generation(args: argparse.Namespace, shape: dict[str, int], device: torch.device) -> None:
-    model = random_model(shape, args.codebook_size, device)
-    text = shape["text_vocab"]
-    layout = VocabLayout(vq_offset=text, codebook_size=args.codebook_size, boi_id=text - 13, eoi_id=text - 12, eos_id=0)
+def t2i_tokens_per_second(
+    model: torch.nn.Module,
+    text_vocab: int,
+    codebook_size: int,
+    batch: int,
+    codes_per_image: int,
+    use_cache: bool = True,
+    prompt_length: int = 16,
+    cfg_scale: float = 4.0,
+    seed: int = 0,
+) -> float:
+    """Generated image tokens per second of ``batch`` images (2 rows each: CFG) with random prompts, after a
+    2-token warm-up of the same batch size."""
+    device = next(model.parameters()).device
+    layout = VocabLayout(
+        vq_offset=text_vocab, codebook_size=codebook_size, boi_id=text_vocab - 13, eoi_id=text_vocab - 12, eos_id=0
+    )
     params = SamplingParams(temperature=0.99, top_k=4096, top_p=0.96)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
 
-    def run(batch: int, use_cache: bool, codes: int) -> None:
+    def run(use_cache: bool, codes: int) -> None:
         prompts = [
-            torch.randint(100, text - 100, (args.prompt_length - 1,), generator=g).tolist() for _ in range(batch)
+            torch.randint(100, text_vocab - 100, (prompt_length - 1,), generator=g).tolist() for _ in range(batch)
         ]
         generate_images(
             model,
@@ -122,11 +137,18 @@ def bench_generation(args: argparse.Namespace, shape: dict[str, int], device: to
             [5, 6, 7, layout.boi_id],
             params,
             list(range(batch)),
-            cfg_scale=args.cfg_scale,
+            cfg_scale=cfg_scale,
             codes_per_image=codes,
             use_cache=use_cache,
         )
 
+    run(True, 2)  # warm-up
+    return batch * codes_per_image / timed(lambda: run(use_cache, codes_per_image), device)
+
+
+def bench_generation(args: argparse.Namespace, shape: dict[str, int], device: torch.device) -> None:
+    model = random_model(shape, args.codebook_size, device)
+    text = shape["text_vocab"]
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     print(
         f"T2I generation: {params_m:.1f}M-parameter random Uni-X (hidden {shape['hidden_size']}, "
@@ -136,27 +158,42 @@ def bench_generation(args: argparse.Namespace, shape: dict[str, int], device: to
     )
     print(f"{'images/batch':>12} {'KV cache tok/s':>15} {'recompute tok/s':>16} {'speed-up':>9}")
     for batch in args.batch_sizes:
-        run(batch, True, 2)  # warm-up
-        rates = []
-        for use_cache in (True, False):
-            seconds = timed(lambda: run(batch, use_cache, args.codes_per_image), device)  # noqa: B023 (called at once)
-            rates.append(batch * args.codes_per_image / seconds)
+        rates = [
+            t2i_tokens_per_second(
+                model,
+                text,
+                args.codebook_size,
+                batch,
+                args.codes_per_image,
+                use_cache,
+                args.prompt_length,
+                args.cfg_scale,
+            )
+            for use_cache in (True, False)
+        ]
         print(f"{batch:>12} {rates[0]:>15.1f} {rates[1]:>16.1f} {rates[0] / rates[1]:>8.1f}x", flush=True)
 
 
-def bench_vqgan(args: argparse.Namespace, device: torch.device) -> None:
+def vqgan_images_per_second(resolution: int, batch: int, device: torch.device, repeats: int = 1) -> tuple[float, float]:
+    """(encode, decode) images/s of a random VQGAN of Chameleon's shape (fp32), after a 1-image warm-up."""
     from megatron_unix.image.vqgan import VQGAN, VQGANConfig
 
-    resolution = args.vqgan_resolution or (512 if device.type == "cuda" else 128)
-    vqgan = VQGAN(VQGANConfig(resolution=resolution)).to(device)  # Chameleon's shape, random weights, fp32
-    batch = args.vqgan_batch_size
+    vqgan = VQGAN(VQGANConfig(resolution=resolution)).to(device)
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     codes = vqgan.encode(pixels[:1])  # warm-up
     vqgan.decode(codes)
-    encode = batch / timed(lambda: vqgan.encode(pixels), device)
-    decode = batch / timed(lambda: vqgan.decode(codes.expand(batch, -1)), device)
+    encode = batch * repeats / timed(lambda: [vqgan.encode(pixels) for _ in range(repeats)], device)
+    codes = codes.expand(batch, -1)
+    decode = batch * repeats / timed(lambda: [vqgan.decode(codes) for _ in range(repeats)], device)
+    return encode, decode
+
+
+def bench_vqgan(args: argparse.Namespace, device: torch.device) -> None:
+    resolution = args.vqgan_resolution or (512 if device.type == "cuda" else 128)
+    encode, decode = vqgan_images_per_second(resolution, args.vqgan_batch_size, device)
+    codes = (resolution // 16) ** 2
     print(
-        f"VQGAN (Chameleon shape, {resolution}x{resolution} -> {vqgan.codes_per_image} codes, batch {batch}, fp32): "
+        f"VQGAN (Chameleon shape, {resolution}x{resolution} -> {codes} codes, batch {args.vqgan_batch_size}, fp32): "
         f"encode {encode:.2f} images/s, decode {decode:.2f} images/s"
     )
 

@@ -4,7 +4,8 @@ One module, ``UniXCoreAttention``, takes Megatron's ``core_attention`` slot. It 
 ``[s, 1, heads, dim]`` (rotary already applied at the tokens' original positions) and the
 :class:`UniXPackedSeqParams` of the stream those tokens form, and dispatches to a backend:
 
-- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention in torch, GPU).
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention in torch, GPU; torch 2.11's signature
+  without ``enable_gqa`` too).
 - ``flash_attn``: ``flash_attn_varlen_func`` when flash-attn is installed (GPU).
 - ``te``: Transformer Engine's fused attention in THD format when TE is installed (GPU).
 - ``sdpa``: ``scaled_dot_product_attention`` with an explicit segment-causal mask (anywhere).
@@ -13,6 +14,8 @@ One module, ``UniXCoreAttention``, takes Megatron's ``core_attention`` slot. It 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from typing import Callable
 
@@ -49,15 +52,20 @@ def sdpa_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: fl
     return out.transpose(0, 1)
 
 
-def varlen_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: float) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
+@functools.cache
+def _accepts_enable_gqa(varlen: Callable) -> bool:
+    """torch 2.13's ``varlen_attn`` takes ``enable_gqa`` and refuses fewer k/v heads without it; torch 2.11's
+    has no such argument and hands k/v to the flash kernel as they are, which serves grouped-query heads
+    itself (each k/v head shared by ``hq / hkv`` query heads)."""
+    return "enable_gqa" in inspect.signature(varlen).parameters
 
-    if dropout:
-        raise ValueError(
-            "the varlen attention backend has no dropout; use --attention-dropout 0 or --attention-backend sdpa"
-        )
+
+def call_varlen(varlen: Callable, q, k, v, params: UniXPackedSeqParams, scale: float) -> torch.Tensor:
+    """Causal attention within the segments through ``varlen`` (``torch.nn.attention.varlen.varlen_attn``
+    of the installed torch), with the arguments its signature has."""
+    gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if _accepts_enable_gqa(varlen) else {}
     cu = params.cu_seqlens_q
-    return varlen_attn(
+    return varlen(
         q,
         k,
         v,
@@ -67,8 +75,18 @@ def varlen_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: 
         params.max_segment_len,
         scale=scale,
         window_size=(-1, 0),
-        enable_gqa=q.shape[1] != k.shape[1],
+        **gqa,
     )
+
+
+def varlen_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: float) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    if dropout:
+        raise ValueError(
+            "the varlen attention backend has no dropout; use --attention-dropout 0 or --attention-backend sdpa"
+        )
+    return call_varlen(varlen_attn, q, k, v, params, scale)
 
 
 def flash_attn_backend(q, k, v, params: UniXPackedSeqParams, scale: float, dropout: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ they are used), so ``pretrain_unix.py --help`` answers at once.
 
 Architecture flags default to ``None``: a run that loads a checkpoint takes them from the
 checkpoint (see :func:`architecture_flags`), a fresh run needs them (or the tiny defaults of
-``--model-preset tiny``). :func:`validate` runs before any process group or model exists, so a bad
+a ``--model-preset``). :func:`validate` runs before any process group or model exists, so a bad
 setting fails in seconds with the flag named.
 """
 
@@ -52,6 +52,30 @@ TINY_PRESET = dict(
     rotary_base=1e6,
     layernorm_epsilon=1e-6,
 )
+
+UNIX_1_5B = dict(
+    TINY_PRESET,
+    num_layers=28,
+    hidden_size=1536,
+    ffn_hidden_size=8960,
+    num_attention_heads=12,
+    num_query_groups=2,
+    kv_channels=128,
+    vision_encode_layers=9,
+    vision_decode_layers=5,
+)
+UNIX_3B = dict(
+    UNIX_1_5B,
+    num_layers=36,
+    hidden_size=2048,
+    ffn_hidden_size=11008,
+    num_attention_heads=16,
+    vision_encode_layers=12,
+    vision_decode_layers=6,
+)
+MODEL_PRESETS = {"tiny": TINY_PRESET, "unix-1.5b": UNIX_1_5B, "unix-3b": UNIX_3B}
+"""``--model-preset``: the tiny CPU model and the published sizes of spec §1 (Qwen2.5 dimensions, Qwen3
+layer style: QK norm, no q/k/v bias, tied embeddings); the one place tools take these shapes from."""
 
 
 def _flag(name: str) -> str:
@@ -132,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--model-preset",
-        choices=["tiny"],
+        choices=sorted(MODEL_PRESETS),
         default=None,
-        help="fill unset architecture flags with a tiny CPU-sized model",
+        help="fill unset architecture flags with a shape: tiny (CPU-sized), or the published Uni-X 1.5B (9:5) "
+        "and 3B (12:6) of Qwen2.5's dimensions",
     )
     g.add_argument(
         "--no-document-isolation",
@@ -328,15 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> argparse.Namespace:
-    """Parsed flags with the tiny preset applied; ``defaults`` replace the parser's (a tool that starts from
+    """Parsed flags with the model preset applied; ``defaults`` replace the parser's (a tool that starts from
     a checkpoint's recorded run). ``--transformer-impl`` stays None when not given: its default depends on
     the merged architecture (:func:`transformer_impl`), and the run records what it resolved to."""
     parser = build_parser()
     parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
     baseline = args.layer_variant in ("hardmoe", "mot")
-    if args.model_preset == "tiny":
-        for name, value in TINY_PRESET.items():
+    if args.model_preset:
+        for name, value in MODEL_PRESETS[args.model_preset].items():
             if getattr(args, name) is None:
                 setattr(args, name, 0 if baseline and name.startswith("vision_") else value)
     return args

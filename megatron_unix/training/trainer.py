@@ -99,14 +99,18 @@ class StartingPoint:
 
 def pretrain(args: argparse.Namespace) -> TrainState:
     """Train as the parsed flags say; returns the final state (for tests and tools)."""
+    return build_trainer(args).train()
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    """The run the parsed flags describe, set up and ready to train (tools/gpu_check.py profiles its steps)."""
     start_time = time.time()
     start = StartingPoint.of(args)
     shape = architecture_flags(args, start.model_args)
     world_size = world_size_from_env()
     validate(args, world_size, shape)
     run = RunSettings.from_flags(args, world_size, shape)
-    trainer = Trainer(run, shape, start, start_time)
-    return trainer.train()
+    return Trainer(run, shape, start, start_time)
 
 
 class Trainer:
