@@ -43,7 +43,7 @@ print(*(p.getsockname()[1] for p in probes))'
 }
 
 write_conf() {
-    local node ports ctld_port slurmd_port hardware memory
+    local node ctld_port slurmd_port hardware memory
     node=$(hostname -s)
     getent hosts "$node" > /dev/null || die "this machine's name ($node) does not resolve: jobs could not reach it"
     read -r ctld_port slurmd_port <<< "$(free_ports)"
@@ -116,6 +116,8 @@ wait_for() { # SECONDS COMMAND...: poll COMMAND every half second until it succe
 }
 
 node_idle() { [ "$(sinfo -h -n "$1" -o %T)" = idle ]; }
+no_jobs() { [ -z "$(squeue -h -o %i)" ]; }
+gone() { ! kill -0 "$1" 2> /dev/null; }
 
 start() {
     [ "$(id -u)" = 0 ] || die "its daemons run as root (SlurmUser=root) and this is not root"
@@ -152,7 +154,7 @@ stop_pid_file() { # NAME: SIGTERM the process in DIR/NAME.pid, SIGKILL it after 
     pid=$(cat "$file")
     if [ -n "$pid" ] && kill -0 "$pid" 2> /dev/null; then
         kill "$pid" 2> /dev/null || true
-        wait_for 20 bash -c "! kill -0 $pid" || kill -9 "$pid" 2> /dev/null || true
+        wait_for 20 gone "$pid" || kill -9 "$pid" 2> /dev/null || true
     fi
     rm -f "$file"
 }
@@ -162,7 +164,7 @@ stop() {
     if [ -f "$DIR/slurmctld.pid" ] && [ -f "$DIR/slurmd.pid" ]; then
         # jobs first, so that no training process outlives the cluster
         scancel --quiet --user root 2> /dev/null || true
-        wait_for 60 bash -c '[ -z "$(squeue -h -t R,CG,PD -o %i)" ]' || true
+        wait_for 60 no_jobs || true
     fi
     stop_pid_file slurmd
     stop_pid_file slurmctld
