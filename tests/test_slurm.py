@@ -4,8 +4,8 @@ unchanged, on CPU: a tiny Qwen3 converted with ``import-hf``, the quickstart dat
 The job runs to its end with its ranks from srun; a job with a short time limit stops on the
 --exit-duration-in-mins its script derived from the job's end, saving; ``scancel --signal=TERM`` saves
 and exits 0, and submitting the script again resumes with the same losses as the job run to its end;
-a missing data prefix fails the job with the message in its output. 6 min 15 s on 2 cores that other
-jobs kept busy, most of it each job's start-up (torch and megatron-core imports in both ranks). The
+a missing data prefix fails the job with the message in its output. 3 min on 2 cores shared with other
+jobs (6 min when they were busier), most of it each job's start-up (torch, megatron-core imports). The
 cluster fixture skips these tests, with the reason, where no cluster can be had (not root, no apt-get,
 a daemon fails). The first test here needs no cluster: the rank variables a batch script and an srun
 step see.
