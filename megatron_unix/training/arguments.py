@@ -393,7 +393,8 @@ def _normalise(value: Any) -> Any:
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    """torchrun's world, else the srun step's tasks (not the job's: the batch script is one process)."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
 
 
 def validate(args: argparse.Namespace, world_size: int, shape: dict[str, Any] | None = None) -> None:

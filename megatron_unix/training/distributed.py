@@ -14,16 +14,27 @@ from megatron_unix import platform
 
 
 def _env_from_slurm() -> None:
-    """Under ``srun`` without torchrun, map SLURM_* onto the torch.distributed variables."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    """In a task of an ``srun`` step without torchrun, map SLURM_* onto the torch.distributed variables.
+    The step's variables, not the job's: the batch script itself (no step) runs one process even in a job of
+    many tasks, and rank 0 runs on the step's first node."""
+    if "RANK" in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
         os.environ["MASTER_ADDR"] = first_slurm_node(nodes)
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def launcher() -> str:
+    """Who started the processes, for the start-up log: torchrun, srun alone, or nobody (one process)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "SLURM_STEP_NUM_TASKS" in os.environ and os.environ.get("RANK") == os.environ.get("SLURM_PROCID"):
+        return "srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID"
+    return "no launcher"
 
 
 def first_slurm_node(nodelist: str) -> str:

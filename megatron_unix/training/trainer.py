@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -132,6 +133,10 @@ class Trainer:
             timeout_minutes=run.distributed_timeout_minutes,
         )
         self.exit_signal = ExitSignal(run.exit_signal_handler)  # before any data-loader worker exists
+        log(
+            f"> world size {dist.get_world_size()} ({distributed.launcher()}), "
+            f"rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        )
         absent = platform.detect_accelerators().absent()
         log(f"> accelerators absent: {', '.join(absent) or 'none'}" + (" (torch fallbacks in use)" if absent else ""))
         self._progress(f"loading the tokenizer {run.tokenizer_model}")
