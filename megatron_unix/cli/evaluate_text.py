@@ -127,6 +127,8 @@ def load_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
         raise ValueError(f"--hf {args.hf} has no tokenizer files: give --tokenizer")
     tokenizer_path = args.tokenizer or args.hf
     tokenizer = hf_tokenizer(tokenizer_path, "--tokenizer" if args.tokenizer else "--hf")
+    if args.tokenizer and source.kind == "unix":  # another tokenizer must fit the model (as for generation)
+        loading.hf_tokenizer(args.hf, source.config, args.tokenizer)
     if args.as_qwen3:
         model, loader = as_text_lm(source, dtype), f"{source.style} text LM"
     elif "AutoModelForCausalLM" in (source.raw.get("auto_map") or {}):
