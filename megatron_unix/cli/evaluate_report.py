@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_unix.evaluation.progress import CheckpointResults, progress_table, render_progress
-    from megatron_unix.evaluation.report import markdown_table, write_results
+    from megatron_unix.evaluation.progress import CheckpointResults, render_progress, tables
+    from megatron_unix.evaluation.report import write_results
     from megatron_unix.files import write_text_atomically
 
     try:
@@ -32,17 +32,17 @@ def run(args: argparse.Namespace) -> int:
             )
         args.output_dir.mkdir(parents=True, exist_ok=True)
         plots = render_progress(checkpoints, args.output_dir, args.title)
+        table = tables(checkpoints)
+        write_text_atomically(args.output_dir / "report.md", table)
+        records = [
+            {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
+            | {"summary": c.summary, "scores": c.scores, "losses": c.losses}
+            for c in checkpoints
+        ]
+        write_results(args.output_dir / "report.json", {"checkpoints": records})
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"evaluate report: error: {error}", file=sys.stderr, flush=True)
         return 2
-    table = markdown_table({c.name: c.summary for c in checkpoints}) + "\n" + progress_table(checkpoints)
-    write_text_atomically(args.output_dir / "report.md", table)
-    records = [
-        {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
-        | {"summary": c.summary, "scores": c.scores, "losses": c.losses}
-        for c in checkpoints
-    ]
-    write_results(args.output_dir / "report.json", {"checkpoints": records})
     print(table, end="")
     for path in plots:
         print(f"plot {path}")

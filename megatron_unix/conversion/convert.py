@@ -44,6 +44,7 @@ from megatron_unix.conversion.hf_io import (
     copy_tokenizer,
     has_tokenizer,
     model_class,
+    quiet_loading,
     write_model_card,
     write_safetensors,
 )
@@ -513,23 +514,19 @@ def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
     measured is the export (names, layout, rounding of the weights to bf16), not bf16 arithmetic,
     which flips near-tied greedy tokens of a correct conversion (random image codes have many)."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     text_tokenizer = load_text_tokenizer(out) if has_tokenizer(out) else None
     samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
     reference = {name: megatron_logits(model, tokens, vocab_size) for name, tokens in samples.items()}
-    unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    with quiet_loading():
+        unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     results = [
         compare(f"{name} vs Uni-X HF (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
         for name, tokens in samples.items()
     ]
     del unix
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its report would list every vision tensor, which it ignores by design
-    try:
+    with quiet_loading():  # its report would list every vision tensor, which it ignores by design
         plain = model_class(layer_style(config), unix=False).from_pretrained(out, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     results.append(
         compare(
             f"text vs {type(plain).__name__} (bf16 weights)", reference["text"], hf_logits(plain, samples["text"]), BF16

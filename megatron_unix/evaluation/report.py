@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.files import lock_exclusively, settings_mismatch, write_text_atomically
+from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
 
 TABLE4_METRICS = ("MMLU", "GenEval", "MMB")
 PAPER: dict[str, dict[str, float]] = {
@@ -108,8 +108,11 @@ class AnswerCache:
         return True
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk: a torn last line is cut on the next open
+            raise write_error(error, self.path) from None
 
     def done(self, key: Key) -> bool:
         return _key(key) in self.answers

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.evaluation.report import markdown_table, write_results
+from megatron_unix.evaluation.report import write_results
 from megatron_unix.files import exclusive, write_text_atomically
 
 RESULTS = "results.json"
@@ -94,6 +94,7 @@ def _update(
     results["sections"][section] = {**(results["sections"].get(section, {}) if merge else {}), **values}
     results["summary"] = summary(results["sections"])
     write_results(output_dir / RESULTS, results)
-    name = results["checkpoint"].get("name") or output_dir.name
-    write_text_atomically(output_dir / TABLE, markdown_table({name: results["summary"]}))
+    from megatron_unix.evaluation.progress import CheckpointResults, tables  # (it reads results files)
+
+    write_text_atomically(output_dir / TABLE, tables([CheckpointResults.read(output_dir)]))
     return results

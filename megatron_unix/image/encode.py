@@ -35,7 +35,7 @@ import numpy as np
 
 from megatron_unix.data.preprocess import PreprocessError, in_order, read_blocks
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
-from megatron_unix.files import lock_exclusively, settings_mismatch, write_text_atomically
+from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
 from megatron_unix.image.transforms import BadImage, crop_bytes, normalize, open_image
 from megatron_unix.image.vqgan import VQGAN
 from megatron_unix.platform import leftovers_of_dead_processes
@@ -275,6 +275,8 @@ class ResumableOutput:
         Temporary records that killed runs left (named after their PIDs) are removed."""
         if self.path.exists() and not self.partial.exists():
             raise EncodeError(f"{self.path} exists already (a finished run): remove it to encode again")
+        if not self.path.parent.is_dir():
+            raise EncodeError(f"--output {self.path}: its folder {self.path.parent} does not exist")
         self.created = not self.partial.exists()
         self.file = os.fdopen(os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
         lock_exclusively(self.file, self.partial)
@@ -303,9 +305,12 @@ class ResumableOutput:
 
     def commit(self, data: bytes, consumed: int, summary: Summary) -> None:
         """Append ``data`` and record how far the input and output have come, durably and in that order."""
-        self.file.write(data)
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(data)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as error:  # a full disk: the record still says where the partial was whole
+            raise write_error(error, self.partial) from None
         record = {"settings": self.settings, "consumed": consumed, "bytes": self.file.tell(), **summary.record()}
         text = json.dumps(record)
         write_text_atomically(self.progress, text, durable=True)

@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 from megatron_unix.conversion import convert
 from megatron_unix.conversion.convert import load_megatron
 from megatron_unix.conversion.hf_config import INTERCHANGE, layer_variant, unix_fields
-from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class
+from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class, quiet_loading
 from megatron_unix.conversion.hf_remote.configuration_unix import unix_field
 from megatron_unix.conversion.hf_remote.modeling_unix import separator_ids
 from megatron_unix.conversion.mappings import megatron_to_hf
@@ -160,9 +160,10 @@ def load_hf(
     if (variant := layer_variant(config)) != "unix":
         raise ConversionError(f"--hf {directory} is a {variant} model ({NO_HF_CODE})")
     text, vocab = hf_tokenizer(directory, config, tokenizer)
-    model = model_class(source.style, unix=True).from_pretrained(
-        directory, config=config, dtype=dtype or default_dtype(device)
-    )
+    with quiet_loading():
+        model = model_class(source.style, unix=True).from_pretrained(
+            directory, config=config, dtype=dtype or default_dtype(device)
+        )
     return LoadedModel(model.to(device).eval(), text, vocab)
 
 
