@@ -77,9 +77,11 @@ def other_tokenizer(tmp_path_factory) -> Path:
 
 
 def refused(capsys, prefix: str, *named: str) -> str:
-    error = capsys.readouterr().err
-    assert error.startswith(prefix) and "Traceback" not in error, error
-    assert len(error.strip().splitlines()) == 1, error
+    """The error line (the last of stderr; progress lines may come before it), naming each of ``named``."""
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith(prefix) and "Traceback" not in stderr, stderr
+    assert sum(prefix in line for line in stderr.splitlines()) == 1, stderr
     for text in named:
         assert text in error, error
     return error
@@ -200,6 +202,10 @@ def test_a_full_disk_during_t2i_leaves_whole_images_listed_in_samples_jsonl(sep_
     for name in pngs:
         with Image.open(out / name) as image:
             image.load()  # whole
+    assert generate_main(argv) == 0  # room again: the same command writes everything
+    assert listing(out) == sorted(
+        [*(f"{p:04d}_{i:02d}.png" for p in range(2) for i in range(3)), "grid.png", "samples.jsonl"]
+    )
 
 
 # -------------------------------------------------------------------------------------- left behind
@@ -227,6 +233,15 @@ def test_write_errors_name_the_file_not_its_temporary(tmp_path):
     with pytest.raises(OSError) as caught:
         write_text_atomically(target, "{}")
     assert str(caught.value) == f"cannot write {target}: its folder {target.parent} does not exist"
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("x")
+    assert generate_main(["--hf", str(tmp_path), "--mode", "t2i", "--prompt", "x", "--output-dir", str(file)]) == 2
+    refused(capsys, "generate: error:", f"--output-dir {file}: a file, not a folder")
+    assert evaluate_main(["report", str(tmp_path), "--output-dir", str(file)]) == 2
+    refused(capsys, "evaluate report: error:", f"--output-dir {file}: a file, not a folder")
 
 
 def test_skip_reasons_name_the_row_not_pillow_internals():
@@ -284,11 +299,18 @@ def test_report_plots_each_loss_once_and_results_md_has_losses(tmp_path):
     assert [c.label for c in curves] == ["validation text", "validation vision"]
 
 
-def test_written_weights_get_the_usual_permissions(tmp_path):
-    from megatron_unix.conversion.hf_io import write_safetensors
+def test_megatron_load_shares_the_tokenizer_rule_and_its_export_the_usual_permissions(
+    megatron_single, sep_dir, other_tokenizer, tmp_path, capsys
+):
+    from megatron_unix.conversion.convert import ImportOptions, export_hf, import_hf
 
-    write_safetensors({"w": torch.zeros(2, 2)}, tmp_path)
-    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == default_mode()
+    import_hf(sep_dir, tmp_path / "megatron", ImportOptions())
+    argv = ["--load", str(tmp_path / "megatron"), "--prompt", "x", "--max-new-tokens", "2"]
+    assert generate_main([*argv, "--tokenizer", str(other_tokenizer)]) == 2
+    refused(capsys, "generate: error:", f"--tokenizer {other_tokenizer}: its vocabulary", str(tmp_path / "megatron"))
+    export_hf(tmp_path / "megatron", tmp_path / "hf")  # safetensors alone would write its file 0600
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {default_mode()}, modes
 
 
 def test_make_tiny_vqgan_is_labelled_and_round_trips(tmp_path, capsys):

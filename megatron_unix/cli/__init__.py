@@ -65,6 +65,13 @@ def missing_path(paths: Iterable[tuple[str, str | Path | None]]) -> str | None:
     return None
 
 
+def not_a_folder(flag: str, path: Path | None) -> str | None:
+    """``FLAG PATH: ...`` when an output folder flag names something that is not a folder."""
+    if path is not None and path.exists() and not path.is_dir():
+        return f"{flag} {path}: a file, not a folder"
+    return None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model to run: an HF directory (``--hf``) or a Megatron checkpoint (``--load``), its tokenizer,
     device and seed (the generation and evaluation programs)."""

@@ -17,11 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_unix.cli import not_a_folder
     from megatron_unix.evaluation.progress import CheckpointResults, render_progress, tables
     from megatron_unix.evaluation.report import write_results
     from megatron_unix.files import write_text_atomically
 
     try:
+        if message := not_a_folder("--output-dir", args.output_dir):
+            raise ValueError(message)
         checkpoints = [CheckpointResults.read(folder) for folder in args.folders]
         checkpoints.sort(key=lambda c: (c.tokens_seen or 0, c.iteration or 0))
         names = [c.name for c in checkpoints]

@@ -30,6 +30,7 @@ from megatron_unix.cli import (
     add_model_arguments,
     add_vqgan_arguments,
     missing_path,
+    not_a_folder,
     out_of_range,
     sampling_checks,
     vqgan_flags_error,
@@ -112,6 +113,8 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
         *(("--image", path) for path in args.image),
     ]
     if message := missing_path(paths) or vqgan_flags_error(args, required=False):
+        raise ValueError(message)
+    if message := not_a_folder("--output-dir", args.output_dir):
         raise ValueError(message)
     if args.mode == "i2t":
         if not args.image:

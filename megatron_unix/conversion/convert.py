@@ -68,6 +68,7 @@ from megatron_unix.conversion.verify import (
 )
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE
+from megatron_unix.files import WriteError
 from megatron_unix.model import build_model, make_config, padded_vocab_size
 from megatron_unix.model.config import ModelArguments, UniXConfig
 from megatron_unix.training import checkpointing
@@ -490,8 +491,10 @@ def export_hf(
         if out.exists():
             out.rmdir()
         staging.rename(out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):  # named by --save, not by the staging folder removed here
+            raise WriteError(error.errno, error.strerror or str(error), str(out)) from None
         raise
     log(f"wrote {out}")
     if verify:

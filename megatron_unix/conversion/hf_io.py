@@ -32,7 +32,7 @@ from megatron_unix.conversion.hf_remote.modeling_unix import (
     UniQwen2ForCausalLM,
     UniQwen3ForCausalLM,
 )
-from megatron_unix.files import write_atomically
+from megatron_unix.files import WriteError, write_atomically
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -258,7 +258,10 @@ def write_safetensors(
             shard[name] = tensors[name].detach().to(dtype).contiguous()
             progress.update()
         # (safetensors creates its files 0600; written through write_atomically they get the usual 0644)
-        write_atomically(directory / file, partial(save_file, shard, metadata={"format": "pt"}))
+        try:
+            write_atomically(directory / file, partial(save_file, shard, metadata={"format": "pt"}))
+        except SafetensorError as error:  # its I/O errors (a full disk) are not OSErrors
+            raise WriteError(None, str(error), str(directory / file)) from None
     progress.close()
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
