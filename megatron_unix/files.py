@@ -66,6 +66,8 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], durable: b
                 os.fsync(f.fileno())
         os.replace(temporary, path)
     except OSError as error:
+        if error.filename not in (None, str(temporary), temporary):
+            raise  # about another file, which it names
         raise write_error(error, path) from None
     finally:
         temporary.unlink(missing_ok=True)
