@@ -244,6 +244,12 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path, capsys):
     refused(capsys, "evaluate report: error:", f"--output-dir {file}: a file, not a folder")
 
 
+def test_an_empty_prompts_file_is_named(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n\n")
+    assert generate_main(["--hf", str(tmp_path), "--prompts-file", str(tmp_path / "prompts.txt")]) == 2
+    refused(capsys, "generate: error:", f"--prompts-file {tmp_path / 'prompts.txt'}: no prompt in it")
+
+
 def test_skip_reasons_name_the_row_not_pillow_internals():
     item = Item(0, "q", "a", image_b64="eHh4eHh4eHh4eHh4", origin="MME.tsv: row 3")  # base64 of "xxx..."
     with pytest.raises(ValueError) as caught:

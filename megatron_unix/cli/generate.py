@@ -123,6 +123,8 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
             raise ValueError("--mode i2t needs a VQGAN: --vqgan or --vqgan-config/--vqgan-checkpoint")
         if len(prompts) > 1:
             raise ValueError("--mode i2t takes one --prompt (the question)")
+    elif not prompts and args.prompts_file is not None:
+        raise ValueError(f"--prompts-file {args.prompts_file}: no prompt in it")
     elif not prompts:
         raise ValueError(f"--mode {args.mode} needs --prompt or --prompts-file")
     elif args.image:
