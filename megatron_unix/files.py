@@ -3,6 +3,8 @@ written whole or not at all (a reader never sees half a file, a crash keeps the 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -10,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 
 @contextmanager
@@ -24,18 +26,49 @@ def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
         yield raw, stream
 
 
+class WriteError(OSError):
+    """A write that failed (a full disk, a missing folder), naming the file meant, not its temporary."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def write_error(error: OSError, path: str | Path) -> OSError:
+    """``error`` (raised while writing ``path`` or its temporary) as a :class:`WriteError` naming ``path``;
+    a missing folder is named as such."""
+    if isinstance(error, WriteError):
+        return error
+    path = Path(path)
+    if error.errno == errno.ENOENT and not path.parent.is_dir():
+        return WriteError(error.errno, f"its folder {path.parent} does not exist", str(path))
+    return WriteError(error.errno, error.strerror or str(error), str(path))
+
+
+def default_mode() -> int:
+    """The permissions a plain ``open`` gives a new file under this process's umask (0644 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
     """``write(temporary)`` then rename it to ``path``; the temporary (named after ``path`` and this
-    process) is removed when ``write`` fails. ``durable`` flushes it to disk before the rename, for
-    records that a resume trusts after a crash."""
+    process) is removed when ``write`` fails, and a failure names ``path`` (:func:`write_error`).
+    ``durable`` flushes it to disk before the rename, for records that a resume trusts after a crash.
+    The file gets the usual permissions (writers such as safetensors create theirs 0600)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(temporary)
+        os.chmod(temporary, default_mode())
         if durable:
             with open(temporary, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename not in (None, str(temporary), temporary):
+            raise  # about another file, which it names
+        raise write_error(error, path) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -70,3 +103,31 @@ def stat_digest(files: Iterable[Path]) -> str:
     cost more than the check is worth)."""
     stats = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+class OutputBusy(ValueError):
+    """Another process holds the lock of an output (:func:`lock_exclusively`)."""
+
+
+def lock_exclusively(file: IO[Any] | int, path: str | Path, wait: bool = False) -> None:
+    """Take the exclusive lock of ``file`` (an open file or folder descriptor of ``path``) for as long as it
+    stays open, the one rule that keeps two writers off a resumable output: the second is refused
+    (:class:`OutputBusy`), or with ``wait`` waits its turn (short merges such as results.json). The lock
+    goes with the process: a killed writer leaves nothing to clean up."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise OutputBusy(
+            f"{path}: another process is writing it (wait for it to finish, or use another output)"
+        ) from None
+
+
+@contextmanager
+def exclusive(path: str | Path, wait: bool = False) -> Iterator[None]:
+    """:func:`lock_exclusively` on an existing file or folder, held for the ``with`` block."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        lock_exclusively(descriptor, path, wait)
+        yield
+    finally:
+        os.close(descriptor)

@@ -21,7 +21,7 @@ import torch
 
 from megatron_unix.data.vocabulary import QWEN25_VQ_OFFSET
 from megatron_unix.inference.generate import generate_images
-from megatron_unix.inference.loading import default_device, default_dtype
+from megatron_unix.inference.loading import default_dtype, device_of
 from megatron_unix.inference.sampling import SamplingParams, VocabLayout
 from megatron_unix.training.arguments import UNIX_1_5B
 
@@ -201,7 +201,7 @@ def bench_vqgan(args: argparse.Namespace, device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
-    device = torch.device(args.device) if args.device else default_device()
+    device = device_of(args.device)
     torch.manual_seed(0)
     with torch.inference_mode():
         bench_generation(args, shape, device)

@@ -4,6 +4,7 @@ package (``unix-NAME``; see pyproject.toml) and a thin file in ``tools/`` (``pre
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,6 +15,18 @@ def out_of_range(args: argparse.Namespace, checks: Iterable[tuple[str, bool]]) -
         if not ok:
             return f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range"
     return None
+
+
+def sampling_checks(args: argparse.Namespace) -> tuple[tuple[str, bool], ...]:
+    """The range rules of the sampling flags (generate, evaluate generation), for :func:`out_of_range`:
+    finite numbers where they mean something (NaN and infinities are refused: they sample garbage)."""
+    temperature, top_p = args.temperature, args.top_p
+    return (
+        ("--cfg-scale", math.isfinite(args.cfg_scale) and args.cfg_scale >= 0),
+        ("--temperature", temperature is None or (math.isfinite(temperature) and temperature > 0)),
+        ("--top-k", args.top_k is None or args.top_k >= 0),
+        ("--top-p", top_p is None or 0 < top_p <= 1),
+    )
 
 
 def refuse_out_of_range(
@@ -49,6 +62,13 @@ def missing_path(paths: Iterable[tuple[str, str | Path | None]]) -> str | None:
     for flag, path in paths:
         if path is not None and not Path(path).exists():
             return f"{flag} {path}: no such file or directory"
+    return None
+
+
+def not_a_folder(flag: str, path: Path | None) -> str | None:
+    """``FLAG PATH: ...`` when an output folder flag names something that is not a folder."""
+    if path is not None and path.exists() and not path.is_dir():
+        return f"{flag} {path}: a file, not a folder"
     return None
 
 

@@ -98,8 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
     from megatron_unix.data.preprocess import expand_inputs
     from megatron_unix.image.encode import EncodeError, Filters, encode_images, folder_items, jsonl_items
     from megatron_unix.image.vqgan import VQGAN
@@ -107,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         inputs = expand_inputs(args.input) if args.input else []
-        device = device_of(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EncodeError(f"--device {args.device}: no GPU is available")
-        model = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)
+        model = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device_of(args.device))
         tok = _tokenizer(args, model) if args.output_prefix else None  # fail early
         filters = Filters(model.image_size, args.min_size, args.max_aspect)
         if args.input:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.cli import missing_path, vqgan_flags_error
+from megatron_unix.cli import missing_path, not_a_folder, vqgan_flags_error
 
 SUBCOMMANDS = {
     "loss": "megatron_unix.cli.evaluate_loss",
@@ -55,6 +55,8 @@ def checkpoint_record(
     them. Refuses an ``--output-dir`` holding another checkpoint's results, before any work."""
     from megatron_unix.evaluation.results import check_owner
 
+    if message := not_a_folder("--output-dir", args.output_dir):
+        raise ValueError(message)
     hf = getattr(args, "hf", None)
     source = str(Path(hf or args.load).resolve())
     record: dict[str, Any] = {"source": source, "format": "hf" if hf else "megatron", "checkpoint": source}

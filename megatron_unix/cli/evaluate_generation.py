@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, out_of_range
+from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, out_of_range, sampling_checks
 from megatron_unix.cli.evaluate import (
     add_output_arguments,
     check_model_flags,
@@ -57,6 +57,7 @@ def check(args: argparse.Namespace) -> None:
         ("--limit", args.limit is None or args.limit >= 1),
         ("--samples-per-prompt", args.samples_per_prompt >= 1),
         ("--prompts-per-batch", args.prompts_per_batch >= 1),
+        *sampling_checks(args),
     )
     if message := out_of_range(args, checks):
         raise ValueError(message)

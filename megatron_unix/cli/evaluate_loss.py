@@ -16,6 +16,7 @@ import math
 import sys
 from typing import Any
 
+from megatron_unix.cli import out_of_range
 from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record
 
 HELP = "validation loss and perplexity per modality of a Megatron checkpoint (any TP/PP)"
@@ -57,6 +58,17 @@ PASSED = (
     "attention_backend",
 )
 """This subcommand's flags that go to the training flags when given."""
+
+
+POSITIVE = (
+    "--eval-iters",
+    "--seq-length",
+    "--micro-batch-size",
+    "--global-batch-size",
+    "--tensor-model-parallel-size",
+    "--pipeline-model-parallel-size",
+)
+"""Flags refused below 1 (``--eval-iters 0`` would evaluate nothing and record a loss of 0.0)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_unix.training.trainer import StartingPoint, Trainer
 
     try:
+        values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in POSITIVE}
+        if message := out_of_range(args, [(flag, v is None or v >= 1) for flag, v in values.items()]):
+            raise ValueError(message)
         start = StartingPoint.of(
             argparse.Namespace(load=args.load, pretrained_checkpoint=None, verify_checkpoint=args.verify_checkpoint)
         )

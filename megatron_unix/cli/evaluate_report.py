@@ -17,11 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_unix.evaluation.progress import CheckpointResults, progress_table, render_progress
-    from megatron_unix.evaluation.report import markdown_table, write_results
+    from megatron_unix.cli import not_a_folder
+    from megatron_unix.evaluation.progress import CheckpointResults, render_progress, tables
+    from megatron_unix.evaluation.report import write_results
     from megatron_unix.files import write_text_atomically
 
     try:
+        if message := not_a_folder("--output-dir", args.output_dir):
+            raise ValueError(message)
         checkpoints = [CheckpointResults.read(folder) for folder in args.folders]
         checkpoints.sort(key=lambda c: (c.tokens_seen or 0, c.iteration or 0))
         names = [c.name for c in checkpoints]
@@ -32,19 +35,17 @@ def run(args: argparse.Namespace) -> int:
             )
         args.output_dir.mkdir(parents=True, exist_ok=True)
         plots = render_progress(checkpoints, args.output_dir, args.title)
+        table = tables(checkpoints)
+        write_text_atomically(args.output_dir / "report.md", table)
+        records = [
+            {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
+            | {"summary": c.summary, "mmb_reading": c.mmb_reading, "scores": c.scores, "losses": c.losses}
+            for c in checkpoints
+        ]
+        write_results(args.output_dir / "report.json", {"checkpoints": records})
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"evaluate report: error: {error}", file=sys.stderr, flush=True)
         return 2
-    readings = {c.name: c.mmb_reading for c in checkpoints}
-    table = markdown_table({c.name: c.summary for c in checkpoints}, readings=readings)
-    table += "\n" + progress_table(checkpoints)
-    write_text_atomically(args.output_dir / "report.md", table)
-    records = [
-        {"name": c.name, "folder": str(c.folder), "tokens_seen": c.tokens_seen, "iteration": c.iteration}
-        | {"summary": c.summary, "mmb_reading": c.mmb_reading, "scores": c.scores, "losses": c.losses}
-        for c in checkpoints
-    ]
-    write_results(args.output_dir / "report.json", {"checkpoints": records})
     print(table, end="")
     for path in plots:
         print(f"plot {path}")

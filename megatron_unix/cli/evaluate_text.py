@@ -119,7 +119,7 @@ def hf_tokenizer(path: str | Path, flag: str) -> Any:
 def load_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Loaded:
     from transformers import AutoModelForCausalLM
 
-    from megatron_unix.conversion.hf_io import HFCheckpoint, has_tokenizer
+    from megatron_unix.conversion.hf_io import HFCheckpoint, has_tokenizer, quiet_loading
     from megatron_unix.inference import loading
 
     source = HFCheckpoint(args.hf)
@@ -127,10 +127,13 @@ def load_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
         raise ValueError(f"--hf {args.hf} has no tokenizer files: give --tokenizer")
     tokenizer_path = args.tokenizer or args.hf
     tokenizer = hf_tokenizer(tokenizer_path, "--tokenizer" if args.tokenizer else "--hf")
+    if args.tokenizer and source.kind == "unix":  # another tokenizer must fit the model (as for generation)
+        loading.hf_tokenizer(args.hf, source.config, args.tokenizer)
     if args.as_qwen3:
         model, loader = as_text_lm(source, dtype), f"{source.style} text LM"
     elif "AutoModelForCausalLM" in (source.raw.get("auto_map") or {}):
-        model = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=True, dtype=dtype)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=True, dtype=dtype)
         loader = "remote code"
     else:
         log(f"--hf {args.hf}: config.json has no auto_map (the reference's format): this package's Uni-X classes")
@@ -143,17 +146,11 @@ def load_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
 def as_text_lm(source: Any, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' own text LM of the directory's layer style; the unloaded tensors must be the vision
     copies alone, and are counted in the log instead of transformers' per-tensor report."""
-    from transformers.utils import logging as hf_logging
-
-    from megatron_unix.conversion.hf_io import model_class
+    from megatron_unix.conversion.hf_io import model_class, quiet_loading
 
     cls = model_class(source.style, unix=False)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_loading():
         model, info = cls.from_pretrained(source.path, dtype=dtype, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     unused = sorted(info["unexpected_keys"])
     other = [
         name for name in unused if not name.startswith(("model.vision_encode_layers.", "model.vision_decode_layers."))
@@ -234,6 +231,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         tasks = text.parse_tasks(args.tasks)
         check(args)
+        if why := text.hub_offline():
+            text.go_offline()
+            hint = (
+                "" if args.include_path else "; for data elsewhere, give task YAML files naming it with --include-path"
+            )
+            log(f"offline ({why}): task datasets come from the local Hugging Face cache only{hint}")
         log(f"lm-eval {text.require_lm_eval()}: {', '.join(tasks)}, {args.num_fewshot}-shot")
         record = checkpoint_record(args)
         text.check_tasks(tasks, args.include_path)

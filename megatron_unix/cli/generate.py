@@ -8,7 +8,8 @@
 t2i follows spec §6: ``[caption + " Generate an image based on this description." + BOI; "<unconditional>"
 + BOI]``, guidance on raw logits, then VQ ids only, temperature, top-k, top-p; exactly
 --codes-per-image codes (separators forced where config.json says), then EOI. It writes one PNG per
-sample, grid.png (a row per prompt) and samples.jsonl (prompt, sample, seed, codes). Sample i of
+sample, grid.png (a row per prompt) and samples.jsonl (prompt, sample, seed, codes), each file whole or
+not at all; samples.jsonl is rewritten after every batch and lists the images written so far. Sample i of
 prompt p draws from its own seed (derived from --seed, p, i), so it does not depend on
 --batch-size. text and i2t print their results (and write samples.jsonl with --output-dir).
 On a GPU the model runs in bf16, on CPU in fp32. Exit status: 0 ok, 2 refused (a flag or file, named).
@@ -25,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from megatron_unix.cli import add_model_arguments, add_vqgan_arguments, missing_path, out_of_range, vqgan_flags_error
+from megatron_unix.cli import (
+    add_model_arguments,
+    add_vqgan_arguments,
+    missing_path,
+    not_a_folder,
+    out_of_range,
+    sampling_checks,
+    vqgan_flags_error,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +98,7 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
             ("--batch-size", args.batch_size >= 1),
             ("--max-new-tokens", args.max_new_tokens >= 1),
             ("--codes-per-image", args.codes_per_image is None or args.codes_per_image >= 1),
+            *sampling_checks(args),
         ),
     )
     if message:
@@ -104,6 +114,8 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
     ]
     if message := missing_path(paths) or vqgan_flags_error(args, required=False):
         raise ValueError(message)
+    if message := not_a_folder("--output-dir", args.output_dir):
+        raise ValueError(message)
     if args.mode == "i2t":
         if not args.image:
             raise ValueError("--mode i2t needs --image")
@@ -111,6 +123,8 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
             raise ValueError("--mode i2t needs a VQGAN: --vqgan or --vqgan-config/--vqgan-checkpoint")
         if len(prompts) > 1:
             raise ValueError("--mode i2t takes one --prompt (the question)")
+    elif not prompts and args.prompts_file is not None:
+        raise ValueError(f"--prompts-file {args.prompts_file}: no prompt in it")
     elif not prompts:
         raise ValueError(f"--mode {args.mode} needs --prompt or --prompts-file")
     elif args.image:
@@ -190,8 +204,18 @@ def load_model(args: argparse.Namespace, device: torch.device) -> LoadedModel:
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """samples.jsonl, whole (rewritten after each t2i batch: it lists exactly the images written)."""
+    from megatron_unix.files import write_text_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def save_png(image: Any, path: Path) -> None:
+    """A PNG written whole or not at all (a full disk leaves no truncated image)."""
+    from megatron_unix.files import write_atomically
+
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def run_t2i(
@@ -230,11 +254,12 @@ def run_t2i(
             file = {}
             if image is not None:
                 file["image"] = f"{item.index:04d}_{item.sample:02d}.png"
-                image.save(args.output_dir / file["image"])
+                save_png(image, args.output_dir / file["image"])
                 pictures.append(image)
             records.append(item.record(**file, codes=item_codes))
+        write_jsonl(args.output_dir / "samples.jsonl", records)
     if pictures:
-        image_grid(pictures, args.samples_per_prompt).save(args.output_dir / "grid.png")
+        save_png(image_grid(pictures, args.samples_per_prompt), args.output_dir / "grid.png")
     return records
 
 

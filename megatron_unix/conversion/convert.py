@@ -44,6 +44,7 @@ from megatron_unix.conversion.hf_io import (
     copy_tokenizer,
     has_tokenizer,
     model_class,
+    quiet_loading,
     write_model_card,
     write_safetensors,
 )
@@ -67,6 +68,7 @@ from megatron_unix.conversion.verify import (
 )
 from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE
+from megatron_unix.files import WriteError
 from megatron_unix.model import build_model, make_config, padded_vocab_size
 from megatron_unix.model.config import ModelArguments, UniXConfig
 from megatron_unix.training import checkpointing
@@ -499,8 +501,10 @@ def export_hf(
         if out.exists():
             out.rmdir()
         staging.rename(out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):  # named by --save, not by the staging folder removed here
+            raise WriteError(error.errno, error.strerror or str(error), str(out)) from None
         raise
     log(f"wrote {out}")
     if verify:
@@ -523,23 +527,19 @@ def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
     measured is the export (names, layout, rounding of the weights to bf16), not bf16 arithmetic,
     which flips near-tied greedy tokens of a correct conversion (random image codes have many)."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     text_tokenizer = load_text_tokenizer(out) if has_tokenizer(out) else None
     samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
     reference = {name: megatron_logits(model, tokens, vocab_size) for name, tokens in samples.items()}
-    unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    with quiet_loading():
+        unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     results = [
         compare(f"{name} vs Uni-X HF (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
         for name, tokens in samples.items()
     ]
     del unix
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its report would list every vision tensor, which it ignores by design
-    try:
+    with quiet_loading():  # its report would list every vision tensor, which it ignores by design
         plain = model_class(layer_style(config), unix=False).from_pretrained(out, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     results.append(
         compare(
             f"text vs {type(plain).__name__} (bf16 weights)", reference["text"], hf_logits(plain, samples["text"]), BF16

@@ -13,6 +13,8 @@ import copy
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from megatron_unix.conversion.hf_remote.modeling_unix import (
     UniQwen2ForCausalLM,
     UniQwen3ForCausalLM,
 )
+from megatron_unix.files import WriteError, write_atomically
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -215,6 +218,23 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self.thunks)
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading progress bars and per-tensor reports kept out of the log while a
+    model loads (the programs say what they load, and check what it must hold, themselves)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     directory: Path,
@@ -237,7 +257,11 @@ def write_safetensors(
         for name in names:
             shard[name] = tensors[name].detach().to(dtype).contiguous()
             progress.update()
-        save_file(shard, directory / file, metadata={"format": "pt"})
+        # (safetensors creates its files 0600; written through write_atomically they get the usual 0644)
+        try:
+            write_atomically(directory / file, partial(save_file, shard, metadata={"format": "pt"}))
+        except SafetensorError as error:  # its I/O errors (a full disk) are not OSErrors
+            raise WriteError(None, str(error), str(directory / file)) from None
     progress.close()
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}

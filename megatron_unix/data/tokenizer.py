@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 
@@ -170,6 +170,41 @@ class MultimodalTokenizer:
             eoi_id=self.eoi_id,
             eos_id=self.eos_id,
             separator_ids=self.separator_ids,
+        )
+
+
+LAYOUT_FIELDS = ("vq_offset", "vq_codebook_size", "boi_id", "eoi_id", "eos_id")
+"""What a checkpoint was trained with that its tokenizer must give again (``model_config_fields``)."""
+
+
+def same_vocabulary(a: TextTokenizer, b: TextTokenizer) -> bool:
+    """Whether two text tokenizers map every id to the same token (a copy in another folder does)."""
+    return len(a) == len(b) and all(a.token_text(i) == b.token_text(i) for i in range(len(a)))
+
+
+def check_checkpoint_tokenizer(
+    tokenizer: MultimodalTokenizer,
+    recorded: Mapping[str, Any],
+    flag: str,
+    checkpoint: object,
+    own: TextTokenizer | None = None,
+) -> None:
+    """The one rule pairing a tokenizer (given with ``flag``) with a checkpoint, for every program that
+    does (pretrain, generate, evaluate): the vocabulary layout the checkpoint was ``recorded`` with
+    (:data:`LAYOUT_FIELDS`; those it lacks are not checked) must be the tokenizer's, and where the
+    checkpoint's ``own`` tokenizer is at hand, the vocabularies must be the same: a model read through
+    another vocabulary runs and answers garbage. ValueError naming both."""
+    layout = tokenizer.model_config_fields()
+    for name in LAYOUT_FIELDS:
+        if recorded.get(name) is not None and recorded[name] != layout[name]:
+            raise ValueError(
+                f"{flag} {tokenizer.text.path} gives {name}={layout[name]} but the checkpoint {checkpoint} "
+                f"was trained with {name}={recorded[name]}: use the tokenizer of the checkpoint"
+            )
+    if own is not None and not same_vocabulary(own, tokenizer.text):
+        raise ValueError(
+            f"{flag} {tokenizer.text.path}: its vocabulary ({len(tokenizer.text)} tokens) is not that of the "
+            f"tokenizer of {checkpoint} ({own.path}, {len(own)} tokens): use the tokenizer of the checkpoint"
         )
 
 

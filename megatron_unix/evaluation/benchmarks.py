@@ -14,14 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from megatron_unix.image.transforms import whiten
+from megatron_unix.image.transforms import BadImage, open_image, whiten
 
 IMAGE_REFERENCE_MAX_LEN = 64
 """VLMEvalKit's rule: an ``image`` value this short names another row's ``index``."""
@@ -82,12 +81,17 @@ class Item:
         """The decoded RGB image, transparency on white as for training images (``image.transforms.whiten``);
         a bad one is a :class:`BenchmarkError` naming file and row."""
         try:
-            data = base64.b64decode(self.image_b64, validate=True)
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(base64.b64decode(self.image_b64, validate=True)) as image:
                 rgb = whiten(image)
                 return rgb.copy() if rgb is image else rgb
-        except (binascii.Error, UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        except binascii.Error as error:
             raise BenchmarkError(f"{self.origin}: image is not a readable base64 image ({error})") from None
+        except BadImage as error:
+            raise BenchmarkError(f"{self.origin}: image is not a readable base64 image: {error}") from None
+        except OSError as error:  # a truncated image fails while decoding
+            raise BenchmarkError(
+                f"{self.origin}: image is not a readable base64 image (cannot decode: {error})"
+            ) from None
 
 
 @dataclass

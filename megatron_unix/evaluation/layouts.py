@@ -34,7 +34,7 @@ from PIL import Image
 
 from megatron_unix.data.preprocess_report import ProgressLine
 from megatron_unix.evaluation.report import write_results
-from megatron_unix.files import settings_mismatch, write_atomically, write_text_atomically
+from megatron_unix.files import exclusive, settings_mismatch, write_atomically, write_text_atomically
 from megatron_unix.inference.images import image_grid
 from megatron_unix.platform import has_module
 
@@ -195,6 +195,19 @@ def _paint_all(
     that changed), ``batch`` at a time, recording seeds and prompts after each batch so that a kill loses
     one batch at most."""
     run.outdir.mkdir(parents=True, exist_ok=True)
+    with exclusive(run.outdir):  # a second run on the folder would paint the same prompts again
+        _paint_locked(run, jobs, painter, samples, batch, settings, log)
+
+
+def _paint_locked(
+    run: GenerationRun,
+    jobs: list[_Job],
+    painter: Painter,
+    samples: int,
+    batch: int,
+    settings: Mapping[str, Any],
+    log: IO[str],
+) -> None:
     path = record_path(run.outdir)
     record = {"settings": json.loads(json.dumps(dict(settings))), "seeds": {}, "prompts": {}}
     if path.is_file():

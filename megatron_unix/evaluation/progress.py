@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_unix.evaluation.report import markdown_table
 from megatron_unix.evaluation.results import RESULTS, lookup, mmb_reading, read_results
 from megatron_unix.plotting import PALETTE, Curve, render_lines
 
@@ -95,6 +96,27 @@ def progress_table(checkpoints: Sequence[CheckpointResults]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def tables(checkpoints: Sequence[CheckpointResults]) -> str:
+    """Markdown: the checkpoints beside the paper's Table 4, then every loss and score of each
+    (:func:`progress_table`); results.md of one checkpoint and report.md of several."""
+    readings = {c.name: c.mmb_reading for c in checkpoints}
+    return (
+        markdown_table({c.name: c.summary for c in checkpoints}, readings=readings) + "\n" + progress_table(checkpoints)
+    )
+
+
+def progress_curves(xs: Sequence[float], values: Sequence[Mapping[str, float]]) -> list[Curve]:
+    """One curve per name any checkpoint has (``values[i]``: checkpoint i's numbers at ``xs[i]``): the
+    losses first, in their order, then the scores by name; each name once."""
+    names = [
+        n for n in dict.fromkeys([*LOSSES, *sorted({n for v in values for n in v})]) if any(n in v for v in values)
+    ]
+    return [
+        Curve(name, sorted((x, v[name]) for x, v in zip(xs, values) if name in v), PALETTE[i % len(PALETTE)], "dashed")
+        for i, name in enumerate(names)
+    ]
+
+
 def render_progress(checkpoints: Sequence[CheckpointResults], output_dir: Path, title: str) -> list[Path]:
     """``loss.png`` and ``scores.png`` (each when some checkpoint has such numbers) in ``output_dir``."""
     label, xs = x_axis(checkpoints)
@@ -103,14 +125,7 @@ def render_progress(checkpoints: Sequence[CheckpointResults], output_dir: Path, 
         ("loss.png", "validation loss (nats per token)", [c.losses for c in checkpoints]),
         ("scores.png", "score (%)", [c.scores for c in checkpoints]),
     ):
-        names = [name for name in [*LOSSES, *sorted({n for v in values for n in v})] if any(name in v for v in values)]
-        curves = [
-            Curve(
-                name, sorted((x, v[name]) for x, v in zip(xs, values) if name in v), PALETTE[i % len(PALETTE)], "dashed"
-            )
-            for i, name in enumerate(names)
-        ]
-        if curves:
+        if curves := progress_curves(xs, values):
             render_lines(curves, output_dir / filename, f"{title}: {y_label.split(' (')[0]}", label, y_label)
             written.append(output_dir / filename)
     return written

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.files import settings_mismatch, write_text_atomically
+from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
 
 TABLE4_METRICS = ("MMLU", "GenEval", "MMB")
 PAPER: dict[str, dict[str, float]] = {
@@ -85,7 +85,8 @@ class AnswerCache:
     """Model answers by (benchmark, index) in a jsonl file, one line flushed per item, so a killed
     evaluation resumes where it stopped. The first line records the settings the answers were made
     with (checkpoint, prompt style, VQGAN...): answers of another checkpoint or prompt must not be
-    mixed into a score, so opening the file with other settings is refused, naming the keys that differ.
+    mixed into a score, so opening the file with other settings is refused, naming the keys that differ;
+    so is a second process while one holds it (:func:`lock_exclusively`).
     A torn last line (the kill came mid-write) is dropped and cut from the file; a bad line elsewhere
     is an error naming the file and line."""
 
@@ -93,9 +94,14 @@ class AnswerCache:
         self.path = Path(path)
         self.settings = json.loads(json.dumps(dict(settings)))  # as read back: tuples become lists
         self.answers: dict[tuple[str, str], str] = {}
-        headed = self.path.exists() and self._read()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        try:
+            lock_exclusively(self._file, self.path)  # a second run on the folder would answer everything again
+            headed = self._read()
+        except BaseException:
+            self._file.close()
+            raise
         if not headed:
             self._write({"settings": self.settings})
 
@@ -125,8 +131,11 @@ class AnswerCache:
         return True
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk: a torn last line is cut on the next open
+            raise write_error(error, self.path) from None
 
     def done(self, key: Key) -> bool:
         return _key(key) in self.answers

@@ -3,18 +3,16 @@ paper-comparable summary (``MMLU``, ``GenEval``, ``MMB`` in percent) derived fro
 
 from __future__ import annotations
 
-import fcntl
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.evaluation.report import markdown_table, write_results
-from megatron_unix.files import write_text_atomically
+from megatron_unix.evaluation.report import write_results
+from megatron_unix.files import exclusive, write_text_atomically
 
 RESULTS = "results.json"
 TABLE = "results.md"
-LOCK = ".results.lock"
 
 SUMMARY: dict[str, tuple[tuple[str, ...], float]] = {
     "MMLU": (("text", "mmlu", "acc"), 100.0),
@@ -88,8 +86,7 @@ def update_results(
     summary, and rewrite results.json and results.md atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / LOCK, "w") as lock:  # subcommands running side by side into one folder
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(output_dir, wait=True):  # subcommands running side by side into one folder take turns
         return _update(output_dir, section, values, checkpoint, merge)
 
 
@@ -103,7 +100,7 @@ def _update(
     results["sections"][section] = {**(results["sections"].get(section, {}) if merge else {}), **values}
     results["summary"] = summary(results["sections"])
     write_results(output_dir / RESULTS, results)
-    name = results["checkpoint"].get("name") or output_dir.name
-    table = markdown_table({name: results["summary"]}, readings={name: mmb_reading(results["sections"])})
-    write_text_atomically(output_dir / TABLE, table)
+    from megatron_unix.evaluation.progress import CheckpointResults, tables  # (it reads results files)
+
+    write_text_atomically(output_dir / TABLE, tables([CheckpointResults.read(output_dir)]))
     return results

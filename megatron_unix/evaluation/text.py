@@ -12,10 +12,13 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from megatron_unix.files import stat_digest, write_text_atomically
 
@@ -34,6 +37,32 @@ def require_lm_eval() -> str:
     except ImportError as error:
         raise ValueError(f"lm-eval is not usable ({error}): {INSTALL}") from None
     return lm_eval.__version__
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_offline(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub is out of reach (an offline variable set, or no connection to it within
+    ``timeout`` seconds), else None."""
+    for name in OFFLINE_VARIABLES:
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={os.environ[name]}"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout).close()
+    except OSError as error:
+        return f"{host} cannot be reached: {error.strerror or error}"
+    return None
+
+
+def go_offline() -> None:
+    """Datasets from the local cache only: without the hub, a dataset that is not cached fails at once
+    instead of after a minute and more of retries. Before the hub's libraries are imported (they read
+    these variables once)."""
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
 
 
 def parse_tasks(value: str) -> list[str]:

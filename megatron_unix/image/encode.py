@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
-import io
 import json
 import os
 import struct
@@ -34,12 +32,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from megatron_unix.data.preprocess import PreprocessError, in_order, read_blocks
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
-from megatron_unix.files import settings_mismatch, write_text_atomically
-from megatron_unix.image.transforms import crop_bytes, normalize
+from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
+from megatron_unix.image.transforms import BadImage, crop_bytes, normalize, open_image
 from megatron_unix.image.vqgan import VQGAN
 from megatron_unix.platform import leftovers_of_dead_processes
 
@@ -54,14 +51,6 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 class EncodeError(RuntimeError):
     """Fatal: the message names the file (and line) or the flag."""
-
-
-class BadImage(ValueError):
-    """An input that gives no image; ``reason`` is the short code the summary counts it under."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -158,15 +147,10 @@ def load(item: Item, filters: Filters) -> np.ndarray:
     if item.error:
         raise BadImage(*item.error)
     try:
-        source = io.BytesIO(_base64_bytes(item.base64)) if item.base64 is not None else item.path
-        image = Image.open(source)
-    except FileNotFoundError:
-        raise BadImage("missing_file", f"{item.path}: no such file") from None
-    except Image.DecompressionBombError as e:
-        raise BadImage("too_large", str(e)) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        source = _base64_bytes(item.base64) if item.base64 is not None else item.path
+    except ValueError as e:
         raise BadImage("unreadable", f"not an image ({e})") from None
-    with image:
+    with open_image(source) as image:
         width, height = image.size
         if min(width, height) < filters.min_size:
             raise BadImage("too_small", f"{width}x{height}: the short side is below --min-size {filters.min_size}")
@@ -283,17 +267,19 @@ class ResumableOutput:
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self.progress = path.with_name(path.name + PROGRESS_SUFFIX)
         self.file: IO[bytes] | None = None
+        self.created = False
+        """Whether this run created the partial (a failure before its first batch removes it again)."""
 
     def open(self) -> dict[str, Any] | None:
         """Open for appending; the progress record of an interrupted run, or None for a fresh start.
         Temporary records that killed runs left (named after their PIDs) are removed."""
         if self.path.exists() and not self.partial.exists():
             raise EncodeError(f"{self.path} exists already (a finished run): remove it to encode again")
+        if not self.path.parent.is_dir():
+            raise EncodeError(f"--output {self.path}: its folder {self.path.parent} does not exist")
+        self.created = not self.partial.exists()
         self.file = os.fdopen(os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EncodeError(f"{self.partial}: another process is writing it") from None
+        lock_exclusively(self.file, self.partial)
         for stale in leftovers_of_dead_processes(self.progress.parent, f".{self.progress.name}.", (".tmp",)):
             stale.unlink(missing_ok=True)
         record = self._read_record()
@@ -319,9 +305,12 @@ class ResumableOutput:
 
     def commit(self, data: bytes, consumed: int, summary: Summary) -> None:
         """Append ``data`` and record how far the input and output have come, durably and in that order."""
-        self.file.write(data)
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(data)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as error:  # a full disk: the record still says where the partial was whole
+            raise write_error(error, self.partial) from None
         record = {"settings": self.settings, "consumed": consumed, "bytes": self.file.tell(), **summary.record()}
         text = json.dumps(record)
         write_text_atomically(self.progress, text, durable=True)
@@ -337,7 +326,10 @@ class ResumableOutput:
         self.progress.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Close; a partial this run created and never committed to (a fatal first batch) is removed."""
         if self.file and not self.file.closed:
+            if self.created and not self.progress.exists():
+                self.partial.unlink(missing_ok=True)
             self.file.close()
 
 

@@ -4,13 +4,43 @@ model's size with Lanczos, a centre crop, ``[0, 255] -> [-1, 1]``; and back to a
 
 from __future__ import annotations
 
+import io
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 PIXEL_VALUES = (np.arange(256) / 255.0 * 2 - 1).astype(np.float32)
 """Byte -> model input, computed in float64 as the reference does, then rounded once to float32."""
+
+
+class BadImage(ValueError):
+    """An input that gives no image; ``reason`` is the short code a summary counts it under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """A file or in-memory image opened (its header read), with Pillow's complaints as :class:`BadImage`
+    reasons that name no Pillow internals (its messages print ``<_io.BytesIO object at 0x...>`` for bytes),
+    and its decompression-bomb warning as the ``too_large`` reason instead of a raw warning in the log."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise BadImage("missing_file", f"{source}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("too_large", f"too large to decode safely ({e})") from None
+    except UnidentifiedImageError:
+        raise BadImage("unreadable", "not an image (no format Pillow reads)") from None
+    except (OSError, ValueError) as e:
+        raise BadImage("unreadable", f"not an image ({e})") from None
 
 
 def whiten(image: Image.Image) -> Image.Image:

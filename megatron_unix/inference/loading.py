@@ -23,11 +23,17 @@ from transformers import PretrainedConfig
 from megatron_unix.conversion import convert
 from megatron_unix.conversion.convert import load_megatron
 from megatron_unix.conversion.hf_config import INTERCHANGE, layer_variant, unix_fields
-from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class
+from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class, quiet_loading
 from megatron_unix.conversion.hf_remote.configuration_unix import unix_field
 from megatron_unix.conversion.hf_remote.modeling_unix import separator_ids
 from megatron_unix.conversion.mappings import megatron_to_hf
-from megatron_unix.data.tokenizer import MultimodalTokenizer, TextTokenizer, load_text_tokenizer
+from megatron_unix.data.tokenizer import (
+    LAYOUT_FIELDS,
+    MultimodalTokenizer,
+    TextTokenizer,
+    check_checkpoint_tokenizer,
+    load_text_tokenizer,
+)
 from megatron_unix.inference.sampling import VocabLayout
 from megatron_unix.model.config import UniXConfig
 
@@ -49,8 +55,23 @@ def default_device() -> torch.device:
 
 
 def device_of(flag: str | None) -> torch.device:
-    """The programs' ``--device``: as given, else cuda when available, else cpu."""
-    return torch.device(flag) if flag else default_device()
+    """The programs' ``--device``: as given, else cuda when available, else cpu. The one place that
+    refuses a device that does not parse or that this machine does not have, naming the flag."""
+    if not flag:
+        return default_device()
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {flag}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"--device {flag}: no {device.type} device is available on this machine")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {flag}: this machine has {count} {device.type} device(s), numbered from 0")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -58,14 +79,23 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def vocab_layout(config: PretrainedConfig, tokenizer: TextTokenizer, **names: str) -> VocabLayout:
+def vocab_layout(
+    config: PretrainedConfig,
+    tokenizer: TextTokenizer,
+    own: TextTokenizer | None = None,
+    source: str = "the model",
+    **names: str,
+) -> VocabLayout:
     """The layout of a Uni-X HF config (``model.config``): codes, BOI and the routed separators from the
     config, EOI and EOS from the tokenizer through a :class:`MultimodalTokenizer` (which refuses a
     tokenizer overlapping the codes; ``names``: its ``boi``/``eoi``/``eos`` token texts where a run
-    chose others). The reference generates with one separator token and one interval (``vis_sep_lens``)."""
+    chose others), refused when it is not the checkpoint's ``own`` tokenizer's vocabulary
+    (:func:`check_checkpoint_tokenizer`). The reference generates with one separator token and one
+    interval (``vis_sep_lens``)."""
     multimodal = MultimodalTokenizer(
         tokenizer, config.vision_vocab_size, vq_offset=config.real_text_vocab_size, **names
     )
+    check_checkpoint_tokenizer(multimodal, {}, "--tokenizer", source, own)
     separators = separator_ids(config)
     if len(separators) > 1:
         raise ValueError(f"separators {separators}: generation forces a single separator token")
@@ -94,6 +124,27 @@ def _text_tokenizer(path: str | Path | None, missing: str) -> TextTokenizer:
     return load_text_tokenizer(path)
 
 
+def own_tokenizer(given: str | Path | None, own: str | Path | None) -> TextTokenizer | None:
+    """The checkpoint's own tokenizer at ``own``, to compare a ``given`` other one with (None when no other
+    was given, or the checkpoint's is not there)."""
+    if given is None or own is None or not Path(own).exists() or Path(given).resolve() == Path(own).resolve():
+        return None
+    return load_text_tokenizer(own)
+
+
+def hf_tokenizer(
+    directory: str | Path, config: PretrainedConfig, tokenizer: str | Path | None
+) -> tuple[TextTokenizer, VocabLayout]:
+    """The text tokenizer of an HF Uni-X directory (``tokenizer``, by default the directory's own) and
+    its layout; refused when it cannot run the model: overlapping the codes, missing a special token,
+    another vocabulary than the directory's tokenizer."""
+    own = directory if has_tokenizer(directory) else None
+    missing = f"--tokenizer {tokenizer}: no such file" if tokenizer else f"--hf {directory} has no tokenizer files"
+    text = _text_tokenizer(tokenizer or own, missing)
+    unix_fields(config, text, Path(directory))  # refuses what the model cannot run; records the separators' ids
+    return text, vocab_layout(config, text, own_tokenizer(tokenizer, own), f"--hf {directory}")
+
+
 def load_hf(
     directory: str | Path,
     tokenizer: str | Path | None = None,
@@ -108,15 +159,11 @@ def load_hf(
     config = source.config
     if (variant := layer_variant(config)) != "unix":
         raise ConversionError(f"--hf {directory} is a {variant} model ({NO_HF_CODE})")
-    if tokenizer is None and has_tokenizer(directory):
-        tokenizer = directory
-    missing = f"--tokenizer {tokenizer}: no such file" if tokenizer else f"--hf {directory} has no tokenizer files"
-    text = _text_tokenizer(tokenizer, missing)
-    unix_fields(config, text, source.path)  # refuses what the model cannot run; records the separators' ids
-    vocab = vocab_layout(config, text)
-    model = model_class(source.style, unix=True).from_pretrained(
-        directory, config=config, dtype=dtype or default_dtype(device)
-    )
+    text, vocab = hf_tokenizer(directory, config, tokenizer)
+    with quiet_loading():
+        model = model_class(source.style, unix=True).from_pretrained(
+            directory, config=config, dtype=dtype or default_dtype(device)
+        )
     return LoadedModel(model.to(device).eval(), text, vocab)
 
 
@@ -150,14 +197,12 @@ def load_checkpoint(
         else f"--load {path} records tokenizer_model={recorded!r}, which is not there"
     )
     text = _text_tokenizer(tokenizer or recorded, missing)
+    names = {k: run_args[k] for k in ("boi", "eoi", "eos") if run_args.get(k)}
+    multimodal = MultimodalTokenizer(text, config.vq_codebook_size, vq_offset=config.vq_offset, **names)
+    trained = {name: getattr(config, name) for name in LAYOUT_FIELDS}
+    check_checkpoint_tokenizer(multimodal, trained, "--tokenizer", path, own_tokenizer(tokenizer, recorded))
     model_args = common["model_args"]
     model = hf_model_from_megatron(megatron, config, model_args["vocab_size"], model_args.get(INTERCHANGE))
     del megatron  # the fp32 Megatron copy, before the HF one is moved and cast
-    vocab = vocab_layout(model.config, text, **{k: run_args[k] for k in ("boi", "eoi", "eos") if run_args.get(k)})
-    for name in ("eoi_id", "eos_id"):
-        if getattr(vocab, name) != getattr(config, name):
-            raise ValueError(
-                f"--load {path} was trained with {name}={getattr(config, name)} but the tokenizer "
-                f"{tokenizer or recorded} gives {getattr(vocab, name)}: use the tokenizer of the checkpoint"
-            )
+    vocab = vocab_layout(model.config, text, **names)
     return LoadedModel(model.to(device, dtype or default_dtype(device)).eval(), text, vocab)

@@ -9,6 +9,7 @@ depend on its seed only, not on which other samples share its batch.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class SamplingParams:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        if not 0 < self.temperature < math.inf:
             raise ValueError(f"--temperature must be > 0, got {self.temperature} (use --greedy for argmax)")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")

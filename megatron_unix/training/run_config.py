@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.data.tokenizer import MultimodalTokenizer
+from megatron_unix.data.tokenizer import LAYOUT_FIELDS, MultimodalTokenizer, check_checkpoint_tokenizer
 from megatron_unix.data.vocabulary import CODEBOOK_SIZE
 from megatron_unix.model.config import ModelArguments
 from megatron_unix.training.arguments import data_prefixes, transformer_impl
@@ -149,13 +149,8 @@ def model_arguments(
     layout. A checkpoint trained with another layout than the tokenizer gives is an error."""
     layout = tokenizer.model_config_fields()
     arch = dict(shape)
-    for name in ("vq_offset", "vq_codebook_size", "boi_id", "eoi_id", "eos_id"):
-        if arch.get(name) is not None and arch[name] != layout[name]:
-            raise ValueError(
-                f"--tokenizer-model {run.tokenizer_model} gives {name}={layout[name]} but the "
-                f"checkpoint {checkpoint} was trained with {name}={arch[name]}: use the tokenizer of the checkpoint"
-            )
-        arch[name] = layout[name]
+    check_checkpoint_tokenizer(tokenizer, arch, "--tokenizer-model", checkpoint)
+    arch.update({name: layout[name] for name in LAYOUT_FIELDS})
     if arch.get("separator_ids") is None:
         arch["separator_ids"] = list(layout["separator_ids"])
     elif run.separator and list(arch["separator_ids"]) != list(layout["separator_ids"]):
