@@ -27,7 +27,8 @@ def open_input(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
 def write_atomically(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
     """``write(temporary)`` then rename it to ``path``; the temporary (named after ``path`` and this
     process) is removed when ``write`` fails. ``durable`` flushes it to disk before the rename, for
-    records that a resume trusts after a crash."""
+    records that a resume trusts after a crash. A failure to write the temporary (a missing folder, a
+    full disk) is raised naming ``path``, the file the user asked for, never the temporary."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -36,6 +37,10 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], durable: b
             with open(temporary, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename not in (None, str(temporary), temporary) or error.errno is None:
+            raise  # about another file, which it names
+        raise OSError(error.errno, error.strerror, str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
 
