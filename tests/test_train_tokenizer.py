@@ -55,3 +55,29 @@ def test_a_vocabulary_smaller_than_the_bytes_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--input", "x.jsonl", "--vocab-size", "100", "--output", str(tmp_path / "tok")])
     assert exit_.value.code == 2 and "--vocab-size 100 is out of range" in capsys.readouterr().err
+
+
+def test_output_is_replaced_whole_and_a_failed_write_leaves_nothing(tmp_path, capsys):
+    """A rerun replaces the folder; a file as --output is refused; a full disk (files capped by RLIMIT_FSIZE:
+    EFBIG, in a child process) names --output and leaves neither a staging folder nor a half tokenizer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "in.txt").write_text("\n".join(CORPUS) + "\n")
+    argv = ["--input", str(tmp_path / "in.txt"), "--vocab-size", "300", "--output", str(tmp_path / "tok")]
+    assert main(argv) == 0 and main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "tok"]
+    (tmp_path / "file").write_text("x")
+    assert main([*argv[:-1], str(tmp_path / "file")]) == 2
+    assert f"--output {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    probe = (
+        "import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))\n"
+        "from megatron_unix.cli.train_tokenizer import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    full = [*argv[:-1], str(tmp_path / "full")]
+    proc = subprocess.run([sys.executable, "-c", probe, *full], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"train_tokenizer.py: error: writing --output {tmp_path / 'full'}: " in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.txt", "tok"]
