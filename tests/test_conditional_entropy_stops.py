@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,3 +131,29 @@ def test_a_result_counted_with_other_settings_is_counted_again(datasets, tmp_pat
     (out / PROGRESS).write_text("{not json")
     assert main(["--data-path", small, "--max-n", "2", "--output-dir", str(out)]) == 2
     assert f"{out / PROGRESS}: unreadable progress record" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_spilling_names_the_folder(datasets, tmp_path):
+    """Files capped at 50 kB (RLIMIT_FSIZE: EFBIG, as a full disk) stop the first spilled run: the
+    error names where the runs go and the flag that moves them, and nothing is left."""
+    import resource
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "conditional_entropy.py"), *argv(datasets[1:], out)]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY)),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(  # numpy's short write, without errno
+        rf"conditional_entropy\.py: error: a write fell short \(\d+ requested and \d+ written: a full disk\?\) "
+        rf"while writing the spilled runs under {re.escape(str(out))} \(--temp-dir: one with room\)",
+        proc.stderr.splitlines()[-1],
+    ), proc.stderr
+    assert list(out.iterdir()) == []

@@ -4,6 +4,7 @@ package (``unix-NAME``; see pyproject.toml) and a thin file in ``tools/`` (``pre
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,20 @@ def refuse_out_of_range(
     message = out_of_range(args, checks)
     if message:
         parser.error(message)
+
+
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""A full disk, a file past the size limit, a full quota."""
+
+
+def os_error_message(error: OSError, writing: str) -> str:
+    """``error`` in one line that names a file: a full disk reported without one (as writes into an open
+    file are; numpy reports a short write without even an errno) names ``writing``, what the program
+    was writing (the flag and path)."""
+    if error.filename is None and (error.errno in FULL_DISK or error.errno is None):
+        what = error.strerror if error.errno else f"a write fell short ({error}: a full disk?)"
+        return f"{what} while writing {writing}"
+    return str(error)
 
 
 class Interrupted(BaseException):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import errno
 import io
 import json
 import os
@@ -39,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_unix.cli import Interrupted, refuse_out_of_range, stop_on_signals
+from megatron_unix.cli import Interrupted, os_error_message, refuse_out_of_range, stop_on_signals
 from megatron_unix.files import settings_mismatch, stat_digest, write_text_atomically
 
 if TYPE_CHECKING:  # the analysis imports megatron-core: imported after the flags are parsed
@@ -50,7 +49,6 @@ PROGRESS = ".entropy-progress.json"
 """In --output-dir: the datasets counted so far, each with the settings it was counted with."""
 SPILL_PREFIX = ".conditional-entropy-"
 """TEMP/.conditional-entropy-PID/ holds this run's spilled runs: a killed run's are found by its PID."""
-FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -253,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conditional_entropy.py: {stop}; {kept}", file=sys.stderr)
         return stop.exit_status
     except (OSError, ValueError) as error:
-        if isinstance(error, OSError) and error.errno in FULL_DISK and error.filename is None:
-            error = f"{error.strerror} while spilling runs to {spill_root.parent} (--temp-dir: somewhere with room)"
+        if isinstance(error, OSError):
+            error = os_error_message(error, f"the spilled runs under {spill_root.parent} (--temp-dir: one with room)")
         print(f"conditional_entropy.py: error: {error}", file=sys.stderr)
         return 2
     print(report(results))
