@@ -90,7 +90,9 @@ def build_fixtures(work: Path) -> dict[str, str]:
     text_jsonl = ROOT / "examples" / "data" / "text.jsonl"
     lines = [json.loads(line)["text"] for line in text_jsonl.read_text().splitlines()]
     train_bpe_tokenizer(lines, 600, paths["TOK"])
-    paths["BIGJSONL"].write_text("".join(json.dumps({"text": f"{i} {lines[i % len(lines)]}"}) + "\n" for i in range(40000)))
+    paths["BIGJSONL"].write_text(
+        "".join(json.dumps({"text": f"{i} {lines[i % len(lines)]}"}) + "\n" for i in range(40000))
+    )
     for prefix, source in (("TEXT", text_jsonl), ("PAIRS", ROOT / "examples" / "data" / "image_text.jsonl.gz")):
         run_quiet([PY, "tools/preprocess_data.py", "--input", str(source), "--output-prefix", str(paths[prefix]),
                    "--tokenizer-model", str(paths["TOK"])])  # fmt: skip
@@ -99,7 +101,9 @@ def build_fixtures(work: Path) -> dict[str, str]:
                "--data-path", "0.5", str(paths["TEXT"]), "0.5", str(paths["PAIRS"]), "--split", "90,10,0",
                "--seq-length", "1152", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
                "--lr", "1e-3", "--eval-interval", "2", "--eval-iters", "1", "--save", str(paths["CKPT"])])  # fmt: skip
-    run_quiet([PY, "tools/convert_checkpoint.py", "export-hf", "--load", str(paths["CKPT"]), "--save", str(paths["HF"])])
+    run_quiet(
+        [PY, "tools/convert_checkpoint.py", "export-hf", "--load", str(paths["CKPT"]), "--save", str(paths["HF"])]
+    )
     _vqgan_and_images(paths["VQ"], paths["IMAGES"])
     records = [{"iteration": it, "text_loss": 9.0 / it, "vision_loss": 9.2 / it} for it in range(1, 30)]
     paths["METRICS"].write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -140,7 +144,9 @@ def _vqgan_and_images(vq: Path, jsonl: Path) -> None:
     from megatron_unix.image.vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(0)
-    config = VQGANConfig(n_embed=8192, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, resolution=64)
+    config = VQGANConfig(
+        n_embed=8192, embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, resolution=64
+    )
     VQGAN(config).save_pretrained(vq)
     records = []
     for i in range(8):
@@ -167,7 +173,9 @@ def write(name: str, text: str | bytes) -> Callable[[Path], None]:
 
 def half_gzip() -> bytes:
     """The first half of a .jsonl.gz of distinct lines: a file cut short (a copy that stopped)."""
-    data = gzip.compress("".join(json.dumps({"text": f"line {i} of {i * 7919 % 1000}"}) + "\n" for i in range(3000)).encode())
+    data = gzip.compress(
+        "".join(json.dumps({"text": f"line {i} of {i * 7919 % 1000}"}) + "\n" for i in range(3000)).encode()
+    )
     return data[: len(data) // 2]
 
 
@@ -216,179 +224,500 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
     return [
         # preprocess_data
         Case("preprocess_data", "missing input", [*pre, "--input", "{C}/none.jsonl"], ("{C}/none.jsonl",)),
-        Case("preprocess_data", "bad JSON line, --strict", [*pre, "--input", "{C}/bad.jsonl", "--strict"],
-             ("{C}/bad.jsonl:2",), prepare=write("bad.jsonl", bad_json)),
-        Case("preprocess_data", "truncated .gz", [*pre, "--input", "{C}/cut.jsonl.gz"], ("{C}/cut.jsonl.gz",),
-             prepare=write("cut.jsonl.gz", half_gzip())),
-        Case("preprocess_data", "empty input", [*pre, "--input", "{C}/empty.jsonl"], ("{C}/empty.jsonl",),
-             prepare=write("empty.jsonl", "")),
+        Case(
+            "preprocess_data",
+            "bad JSON line, --strict",
+            [*pre, "--input", "{C}/bad.jsonl", "--strict"],
+            ("{C}/bad.jsonl:2",),
+            prepare=write("bad.jsonl", bad_json),
+        ),
+        Case(
+            "preprocess_data",
+            "truncated .gz",
+            [*pre, "--input", "{C}/cut.jsonl.gz"],
+            ("{C}/cut.jsonl.gz",),
+            prepare=write("cut.jsonl.gz", half_gzip()),
+        ),
+        Case(
+            "preprocess_data",
+            "empty input",
+            [*pre, "--input", "{C}/empty.jsonl"],
+            ("{C}/empty.jsonl",),
+            prepare=write("empty.jsonl", ""),
+        ),
         Case("preprocess_data", "--workers 0", [*pre, "--input", text_jsonl, "--workers", "0"], ("--workers",)),
         Case("preprocess_data", "--t2i-ratio 2", [*pre, "--input", text_jsonl, "--t2i-ratio", "2"], ("--t2i-ratio",)),
-        Case("preprocess_data", "missing tokenizer", [P, "--input", text_jsonl, "--tokenizer-model", "{C}/none",
-             "--output-prefix", "{C}/out"], ("{C}/none",)),  # fmt: skip
-        Case("preprocess_data", "--input without --tokenizer-model", [P, "--input", text_jsonl, "--output-prefix",
-             "{C}/out"], ("--tokenizer-model",)),  # fmt: skip
-        Case("preprocess_data", "merge a missing prefix", [P, "--merge-prefixes", "{TEXT}", "{C}/none",
-             "--output-prefix", "{C}/out"], ("{C}/none",)),  # fmt: skip
-        Case("preprocess_data", "output folder missing", [P, "--input", text_jsonl, "--tokenizer-model", "{TOK}",
-             "--output-prefix", "{C}/no/out"], ("{C}/no",)),  # fmt: skip
+        Case(
+            "preprocess_data",
+            "missing tokenizer",
+            [P, "--input", text_jsonl, "--tokenizer-model", "{C}/none", "--output-prefix", "{C}/out"],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "preprocess_data",
+            "--input without --tokenizer-model",
+            [P, "--input", text_jsonl, "--output-prefix", "{C}/out"],
+            ("--tokenizer-model",),
+        ),  # fmt: skip
+        Case(
+            "preprocess_data",
+            "merge a missing prefix",
+            [P, "--merge-prefixes", "{TEXT}", "{C}/none", "--output-prefix", "{C}/out"],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "preprocess_data",
+            "output folder missing",
+            [P, "--input", text_jsonl, "--tokenizer-model", "{TOK}", "--output-prefix", "{C}/no/out"],
+            ("{C}/no",),
+            may_succeed=True,
+        ),  # fmt: skip
         Case("preprocess_data", "full disk", [*pre, "--input", "{BIGJSONL}"], ("{C}/out",), file_limit=200_000),
-        Case("preprocess_data", "SIGTERM mid-run, rerun", [*pre, "--input", "{BIGJSONL}"], may_succeed=True,
-             stop=(signal.SIGTERM, None, 6)),
-        Case("preprocess_data", "SIGKILL mid-run, rerun", [*pre, "--input", "{BIGJSONL}"], may_succeed=True,
-             stop=(signal.SIGKILL, None, 6)),
-        Case("preprocess_data", "two runs at once", [*pre, "--input", text_jsonl], ("{C}/out",), may_succeed=True,
-             concurrent=True),
+        Case(
+            "preprocess_data",
+            "SIGTERM mid-run, rerun",
+            [*pre, "--input", "{BIGJSONL}"],
+            may_succeed=True,
+            stop=(signal.SIGTERM, None, 6),
+        ),
+        Case(
+            "preprocess_data",
+            "SIGKILL mid-run, rerun",
+            [*pre, "--input", "{BIGJSONL}"],
+            may_succeed=True,
+            stop=(signal.SIGKILL, None, 6),
+        ),
+        Case(
+            "preprocess_data",
+            "two runs at once",
+            [*pre, "--input", text_jsonl],
+            ("{C}/out",),
+            may_succeed=True,
+            concurrent=True,
+        ),
         # train_tokenizer
         Case("train_tokenizer", "missing input", [*tok, "--input", "{C}/none.jsonl"], ("{C}/none.jsonl",)),
-        Case("train_tokenizer", "bad JSON line", [*tok, "--input", "{C}/bad.jsonl"], ("{C}/bad.jsonl:2",),
-             prepare=write("bad.jsonl", bad_json)),
-        Case("train_tokenizer", "no text under the keys", [*tok, "--input", "{C}/ids.jsonl"], ("--json-keys",),
-             prepare=write("ids.jsonl", '{"id": 1}\n')),
-        Case("train_tokenizer", "truncated .gz", [*tok, "--input", "{C}/cut.jsonl.gz"], ("{C}/cut.jsonl.gz",),
-             prepare=write("cut.jsonl.gz", half_gzip())),
-        Case("train_tokenizer", "--vocab-size 10", [*tok, "--input", text_jsonl, "--vocab-size", "10"],
-             ("--vocab-size",)),
-        Case("train_tokenizer", "output is a file", [T, "--input", text_jsonl, "--output", "{C}/file"], ("{C}/file",),
-             prepare=write("file", "x")),
+        Case(
+            "train_tokenizer",
+            "bad JSON line",
+            [*tok, "--input", "{C}/bad.jsonl"],
+            ("{C}/bad.jsonl:2",),
+            prepare=write("bad.jsonl", bad_json),
+        ),
+        Case(
+            "train_tokenizer",
+            "no text under the keys",
+            [*tok, "--input", "{C}/ids.jsonl"],
+            ("--json-keys",),
+            prepare=write("ids.jsonl", '{"id": 1}\n'),
+        ),
+        Case(
+            "train_tokenizer",
+            "truncated .gz",
+            [*tok, "--input", "{C}/cut.jsonl.gz"],
+            ("{C}/cut.jsonl.gz",),
+            prepare=write("cut.jsonl.gz", half_gzip()),
+        ),
+        Case(
+            "train_tokenizer", "--vocab-size 10", [*tok, "--input", text_jsonl, "--vocab-size", "10"], ("--vocab-size",)
+        ),
+        Case(
+            "train_tokenizer",
+            "output is a file",
+            [T, "--input", text_jsonl, "--output", "{C}/file"],
+            ("{C}/file",),
+            prepare=write("file", "x"),
+        ),
         # convert_checkpoint
-        Case("convert_checkpoint", "export: missing --load", [C, "export-hf", "--load", "{C}/none", "--save",
-             "{C}/hf"], ("{C}/none",)),  # fmt: skip
-        Case("convert_checkpoint", "export: --load an empty folder", [C, "export-hf", "--load", "{C}/empty",
-             "--save", "{C}/hf"], ("{C}/empty",), prepare=lambda c: (c / "empty").mkdir()),  # fmt: skip
-        Case("convert_checkpoint", "export: damaged shard", [C, "export-hf", "--load", "{C}/ckpt", "--save",
-             "{C}/hf"], ("{C}/ckpt",), prepare=damaged_checkpoint(fx)),  # fmt: skip
-        Case("convert_checkpoint", "import: missing --hf-dir", [C, "import-hf", "--hf-dir", "{C}/none", "--save",
-             "{C}/ckpt"], ("{C}/none",)),  # fmt: skip
-        Case("convert_checkpoint", "import: bad config.json", [C, "import-hf", "--hf-dir", "{C}/hf", "--save",
-             "{C}/ckpt"], ("{C}/hf/config.json",), prepare=write("hf/config.json", "{not json")),  # fmt: skip
-        Case("convert_checkpoint", "export: --save is a file", [C, "export-hf", "--load", "{CKPT}", "--save",
-             "{C}/file"], ("{C}/file",), prepare=write("file", "x")),  # fmt: skip
-        Case("convert_checkpoint", "export: full disk", [C, "export-hf", "--load", "{CKPT}", "--save", "{C}/hf"],
-             ("{C}/hf",), file_limit=100_000),
-        Case("convert_checkpoint", "export: SIGKILL mid-run, rerun", [C, "export-hf", "--load", "{CKPT}", "--save",
-             "{C}/hf"], may_succeed=True, stop=(signal.SIGKILL, ".hf.partial-*/*", 0.2)),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "export: missing --load",
+            [C, "export-hf", "--load", "{C}/none", "--save", "{C}/hf"],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "export: --load an empty folder",
+            [C, "export-hf", "--load", "{C}/empty", "--save", "{C}/hf"],
+            ("{C}/empty",),
+            prepare=lambda c: (c / "empty").mkdir(),
+        ),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "export: damaged shard",
+            [C, "export-hf", "--load", "{C}/ckpt", "--save", "{C}/hf"],
+            ("{C}/ckpt",),
+            prepare=damaged_checkpoint(fx),
+        ),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "import: missing --hf-dir",
+            [C, "import-hf", "--hf-dir", "{C}/none", "--save", "{C}/ckpt"],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "import: bad config.json",
+            [C, "import-hf", "--hf-dir", "{C}/hf", "--save", "{C}/ckpt"],
+            ("{C}/hf/config.json",),
+            prepare=write("hf/config.json", "{not json"),
+        ),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "export: --save is a file",
+            [C, "export-hf", "--load", "{CKPT}", "--save", "{C}/file"],
+            ("{C}/file",),
+            prepare=write("file", "x"),
+        ),  # fmt: skip
+        Case(
+            "convert_checkpoint",
+            "export: full disk",
+            [C, "export-hf", "--load", "{CKPT}", "--save", "{C}/hf"],
+            ("{C}/hf",),
+            file_limit=100_000,
+        ),
+        Case(
+            "convert_checkpoint",
+            "export: SIGKILL mid-run, rerun",
+            [C, "export-hf", "--load", "{CKPT}", "--save", "{C}/hf"],
+            ("{C}/hf",),
+            may_succeed=True,
+            stop=(signal.SIGKILL, ".hf.partial-*/*", 0.2),
+        ),  # fmt: skip
         # pretrain
         Case("pretrain", "missing --data-path", [*pretrain, "--data-path", "{C}/none"], ("{C}/none",)),
-        Case("pretrain", "global batch not divisible", [*pretrain, *data, "--global-batch-size", "3",
-             "--micro-batch-size", "2"], ("--global-batch-size",)),  # fmt: skip
+        Case(
+            "pretrain",
+            "global batch not divisible",
+            [*pretrain, *data, "--global-batch-size", "3", "--micro-batch-size", "2"],
+            ("--global-batch-size",),
+        ),  # fmt: skip
         Case("pretrain", "missing tokenizer", [*pretrain, *data, "--tokenizer-model", "{C}/none"], ("{C}/none",)),
         Case("pretrain", "--seq-length 0", [*pretrain, *data, "--seq-length", "0"], ("--seq-length",)),
         Case("pretrain", "--split a,b", [*pretrain, *data, "--split", "a,b"], ("--split",)),
-        Case("pretrain", "truncated dataset .bin", [*pretrain, "--data-path", "{C}/data"], ("{C}/data.bin",),
-             prepare=truncated_copy("TEXT", fx, DATASET, ".bin")),
-        Case("pretrain", "damaged checkpoint shard", [*pretrain, *data, "--load", "{C}/ckpt", "--save", "{C}/ckpt",
-             "--train-iters", "4"], ("{C}/ckpt",), prepare=damaged_checkpoint(fx)),  # fmt: skip
-        Case("pretrain", "SIGTERM mid-run, rerun", [*pretrain, *data, "--train-iters", "200", "--exit-interval",
-             "6", "--save", "{C}/ckpt", "--log-interval", "1"], may_succeed=True,
-             stop=(signal.SIGTERM, None, 25), timeout=400),  # fmt: skip
+        Case(
+            "pretrain",
+            "truncated dataset .bin",
+            [*pretrain, "--data-path", "{C}/data"],
+            ("{C}/data.bin",),
+            prepare=truncated_copy("TEXT", fx, DATASET, ".bin"),
+        ),
+        Case(
+            "pretrain",
+            "damaged checkpoint shard",
+            [*pretrain, *data, "--load", "{C}/ckpt", "--save", "{C}/ckpt", "--eval-interval", "2", "--eval-iters", "1"],
+            ("{C}/ckpt",),
+            prepare=damaged_checkpoint(fx),
+        ),  # fmt: skip
+        Case(
+            "pretrain",
+            "SIGTERM mid-run, rerun",
+            [*pretrain, *data, "--train-iters", "30", "--save", "{C}/ckpt", "--log-interval", "1"],
+            may_succeed=True,
+            stop=(signal.SIGTERM, "ckpt/metrics.jsonl", 3),
+            timeout=400,
+        ),  # fmt: skip
         # encode_images
         Case("encode_images", "missing input", [*enc, "--input", "{C}/none.jsonl"], ("{C}/none.jsonl",)),
-        Case("encode_images", "missing --vqgan", [E, "--vqgan", "{C}/none", "--input", "{IMAGES}", "--output",
-             "{C}/codes.jsonl"], ("{C}/none",)),  # fmt: skip
+        Case(
+            "encode_images",
+            "missing --vqgan",
+            [E, "--vqgan", "{C}/none", "--input", "{IMAGES}", "--output", "{C}/codes.jsonl"],
+            ("{C}/none",),
+        ),  # fmt: skip
         Case("encode_images", "--batch-size 0", [*enc, "--input", "{IMAGES}", "--batch-size", "0"], ("--batch-size",)),
-        Case("encode_images", "--vqgan-config alone", [E, "--vqgan-config", "{C}/x.yaml", "--input", "{IMAGES}",
-             "--output", "{C}/codes.jsonl"], ("--vqgan-checkpoint",)),  # fmt: skip
-        Case("encode_images", "missing image, --strict", [*enc, "--input", "{C}/in.jsonl", "--strict"],
-             ("{C}/in.jsonl:1",), prepare=write("in.jsonl", '{"image": "gone.png", "caption": "x"}\n')),
-        Case("encode_images", "not an image, --strict", [*enc, "--input", "{C}/in.jsonl", "--strict"],
-             ("{C}/in.jsonl:1",), prepare=lambda c: (write("in.jsonl", '{"image": "x.png"}\n')(c),
-                                                     write("x.png", b"not a png")(c))),  # fmt: skip
-        Case("encode_images", "output folder missing", [E, "--vqgan", "{VQ}", "--input", "{IMAGES}", "--output",
-             "{C}/no/codes.jsonl"], ("{C}/no",)),  # fmt: skip
-        Case("encode_images", "two runs at once", [*enc, "--input", "{IMAGES}"], ("{C}/codes.jsonl",),
-             may_succeed=True, concurrent=True),
+        Case(
+            "encode_images",
+            "--vqgan-config alone",
+            [E, "--vqgan-config", "{C}/x.yaml", "--input", "{IMAGES}", "--output", "{C}/codes.jsonl"],
+            ("--vqgan-checkpoint",),
+        ),  # fmt: skip
+        Case(
+            "encode_images",
+            "missing image, --strict",
+            [*enc, "--input", "{C}/in.jsonl", "--strict"],
+            ("{C}/in.jsonl:1",),
+            prepare=write("in.jsonl", '{"image": "gone.png", "caption": "x"}\n'),
+        ),
+        Case(
+            "encode_images",
+            "not an image, --strict",
+            [*enc, "--input", "{C}/in.jsonl", "--strict"],
+            ("{C}/in.jsonl:1",),
+            prepare=lambda c: (write("in.jsonl", '{"image": "x.png"}\n')(c), write("x.png", b"not a png")(c)),
+        ),  # fmt: skip
+        Case(
+            "encode_images",
+            "output folder missing",
+            [E, "--vqgan", "{VQ}", "--input", "{IMAGES}", "--output", "{C}/no/codes.jsonl"],
+            ("{C}/no",),
+            may_succeed=True,
+        ),  # fmt: skip
+        Case(
+            "encode_images",
+            "two runs at once",
+            [*enc, "--input", "{IMAGES}"],
+            ("{C}/codes.jsonl",),
+            may_succeed=True,
+            concurrent=True,
+        ),
         # generate
         Case("generate", "missing --hf", [G, "--hf", "{C}/none", "--prompt", "a"], ("{C}/none",)),
-        Case("generate", "--tokenizer of another vocabulary", [*hf, "--tokenizer", "{C}/tok", "--prompt", "a",
-             "--max-new-tokens", "4"], ("--tokenizer",),
-             prepare=lambda c: __import__("megatron_unix.data.tokenizer", fromlist=["x"]).train_bpe_tokenizer(
-                 ["some other text entirely"] * 20, 300, c / "tok")),  # fmt: skip
+        Case(
+            "generate",
+            "--tokenizer of another vocabulary",
+            [*hf, "--tokenizer", "{C}/tok", "--prompt", "a", "--max-new-tokens", "4"],
+            ("--tokenizer",),
+            prepare=lambda c: __import__("megatron_unix.data.tokenizer", fromlist=["x"]).train_bpe_tokenizer(
+                ["some other text entirely"] * 20, 300, c / "tok"
+            ),
+        ),  # fmt: skip
         Case("generate", "--device cuda without CUDA", [*hf, "--device", "cuda", "--prompt", "a"], ("--device",)),
         Case("generate", "--device cuda:banana", [*hf, "--device", "cuda:banana", "--prompt", "a"], ("--device",)),
-        Case("generate", "--cfg-scale nan", [*hf, "--mode", "t2i", "--cfg-scale", "nan", "--prompt", "a", "--vqgan",
-             "{VQ}", "--output-dir", "{C}/out"], ("--cfg-scale",)),  # fmt: skip
-        Case("generate", "t2i without a VQGAN", [*hf, "--mode", "t2i", "--prompt", "a", "--output-dir", "{C}/out"],
-             ("--vqgan",)),
-        Case("generate", "i2t: missing --image", [*hf, "--mode", "i2t", "--image", "{C}/none.png", "--vqgan", "{VQ}"],
-             ("{C}/none.png",)),
+        Case(
+            "generate",
+            "--cfg-scale nan",
+            [*hf, "--mode", "t2i", "--cfg-scale", "nan", "--prompt", "a", "--vqgan", "{VQ}", "--output-dir", "{C}/out"],
+            ("--cfg-scale",),
+        ),  # fmt: skip
+        Case(
+            "generate",
+            "t2i without a VQGAN",
+            [*hf, "--mode", "t2i", "--prompt", "a", "--output-dir", "{C}/out"],
+            ("--vqgan",),
+        ),
+        Case(
+            "generate",
+            "i2t: missing --image",
+            [*hf, "--mode", "i2t", "--image", "{C}/none.png", "--vqgan", "{VQ}"],
+            ("{C}/none.png",),
+        ),
         Case("generate", "missing --prompts-file", [*hf, "--prompts-file", "{C}/none.txt"], ("{C}/none.txt",)),
         Case("generate", "--top-p 2", [*hf, "--prompt", "a", "--top-p", "2"], ("--top-p",)),
         Case("generate", "--max-new-tokens 0", [*hf, "--prompt", "a", "--max-new-tokens", "0"], ("--max-new-tokens",)),
         Case("generate", "text mode without a prompt", [*hf], ("--prompt",)),
         # evaluate
-        Case("evaluate", "loss --eval-iters 0", [V, "loss", "--load", "{CKPT}", "--eval-iters", "0", "--output-dir",
-             "{C}/out"], ("--eval-iters",)),  # fmt: skip
-        Case("evaluate", "loss: missing --load", [V, "loss", "--load", "{C}/none", "--output-dir", "{C}/out"],
-             ("{C}/none",)),
-        Case("evaluate", "loss: missing --data-path", [V, "loss", "--load", "{CKPT}", "--data-path", "{C}/none",
-             "--output-dir", "{C}/out"], ("{C}/none",)),  # fmt: skip
-        Case("evaluate", "understanding: missing --benchmark-dir", [V, "understanding", "--hf", "{HF}",
-             "--benchmark-dir", "{C}/none", "--vqgan", "{VQ}", "--output-dir", "{C}/out"], ("{C}/none",)),  # fmt: skip
-        Case("evaluate", "generation: missing --geneval-prompts", [V, "generation", "--hf", "{HF}",
-             "--geneval-prompts", "{C}/none.jsonl", "--vqgan", "{VQ}", "--output-dir", "{C}/out"],
-             ("{C}/none.jsonl",)),  # fmt: skip
-        Case("evaluate", "report: missing folder", [V, "report", "{C}/none", "--output-dir", "{C}/out"],
-             ("{C}/none",)),
-        Case("evaluate", "report: bad results.json", [V, "report", "{C}/run", "--output-dir", "{C}/out"],
-             ("{C}/run/results.json",), prepare=write("run/results.json", "{not json")),
-        Case("evaluate", "text: missing --hf", [V, "text", "--hf", "{C}/none", "--output-dir", "{C}/out"],
-             ("{C}/none",)),
+        Case(
+            "evaluate",
+            "loss --eval-iters 0",
+            [V, "loss", "--load", "{CKPT}", "--eval-iters", "0", "--output-dir", "{C}/out"],
+            ("--eval-iters",),
+        ),  # fmt: skip
+        Case(
+            "evaluate",
+            "loss: missing --load",
+            [V, "loss", "--load", "{C}/none", "--output-dir", "{C}/out"],
+            ("{C}/none",),
+        ),
+        Case(
+            "evaluate",
+            "loss: missing --data-path",
+            [V, "loss", "--load", "{CKPT}", "--data-path", "{C}/none", "--output-dir", "{C}/out"],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "evaluate",
+            "understanding: missing --benchmark-dir",
+            [
+                V,
+                "understanding",
+                "--hf",
+                "{HF}",
+                "--benchmark-dir",
+                "{C}/none",
+                "--vqgan",
+                "{VQ}",
+                "--output-dir",
+                "{C}/out",
+            ],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "evaluate",
+            "generation: missing --geneval-prompts",
+            [
+                V,
+                "generation",
+                "--hf",
+                "{HF}",
+                "--geneval-prompts",
+                "{C}/none.jsonl",
+                "--vqgan",
+                "{VQ}",
+                "--output-dir",
+                "{C}/out",
+            ],
+            ("{C}/none.jsonl",),
+        ),  # fmt: skip
+        Case("evaluate", "report: missing folder", [V, "report", "{C}/none", "--output-dir", "{C}/out"], ("{C}/none",)),
+        Case(
+            "evaluate",
+            "report: bad results.json",
+            [V, "report", "{C}/run", "--output-dir", "{C}/out"],
+            ("{C}/run/results.json",),
+            prepare=write("run/results.json", "{not json"),
+        ),
+        Case(
+            "evaluate", "text: missing --hf", [V, "text", "--hf", "{C}/none", "--output-dir", "{C}/out"], ("{C}/none",)
+        ),
         # analyze_gradients
-        Case("analyze_gradients", "modality-loss given --text-data", [*ana, "--mode", "modality-loss",
-             "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"], ("--text-data", "--mode")),  # fmt: skip
-        Case("analyze_gradients", "image-text data as --text-data", [*ana, "--text-data", "{PAIRS}", "--mm-data",
-             "{PAIRS}"], ("--text-data {PAIRS}", "{PAIRS}_vision.npy")),  # fmt: skip
-        Case("analyze_gradients", "text data as --mm-data", [*ana, "--text-data", "{TEXT}", "--mm-data", "{TEXT}"],
-             ("--mm-data {TEXT}",)),
-        Case("analyze_gradients", "--batches 0", [*ana, "--batches", "0", "--text-data", "{TEXT}", "--mm-data",
-             "{PAIRS}"], ("--batches",)),  # fmt: skip
-        Case("analyze_gradients", "missing --load", [A, "--load", "{C}/none", "--output-dir", "{C}/out"],
-             ("{C}/none",)),
-        Case("analyze_gradients", "missing --mm-data prefix", [*ana, "--text-data", "{TEXT}", "--mm-data",
-             "{C}/none"], ("{C}/none",)),  # fmt: skip
-        Case("analyze_gradients", "TP 2 in one process", [*ana, "--tensor-model-parallel-size", "2", "--text-data",
-             "{TEXT}", "--mm-data", "{PAIRS}"], ("--tensor-model-parallel-size",)),  # fmt: skip
-        Case("analyze_gradients", "full disk writing the table", [*ana, "--text-data", "{TEXT}", "--mm-data",
-             "{PAIRS}"], ("{C}/out/grad_conflict.csv",), file_limit=1000),  # fmt: skip
+        Case(
+            "analyze_gradients",
+            "modality-loss given --text-data",
+            [*ana, "--mode", "modality-loss", "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
+            ("--text-data", "--mode"),
+        ),  # fmt: skip
+        Case(
+            "analyze_gradients",
+            "image-text data as --text-data",
+            [*ana, "--text-data", "{PAIRS}", "--mm-data", "{PAIRS}"],
+            ("--text-data {PAIRS}", "{PAIRS}_vision.npy"),
+        ),  # fmt: skip
+        Case(
+            "analyze_gradients",
+            "text data as --mm-data",
+            [*ana, "--text-data", "{TEXT}", "--mm-data", "{TEXT}"],
+            ("--mm-data {TEXT}",),
+        ),
+        Case(
+            "analyze_gradients",
+            "--batches 0",
+            [*ana, "--batches", "0", "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
+            ("--batches",),
+        ),  # fmt: skip
+        Case(
+            "analyze_gradients", "missing --load", [A, "--load", "{C}/none", "--output-dir", "{C}/out"], ("{C}/none",)
+        ),
+        Case(
+            "analyze_gradients",
+            "missing --mm-data prefix",
+            [*ana, "--text-data", "{TEXT}", "--mm-data", "{C}/none"],
+            ("{C}/none",),
+        ),  # fmt: skip
+        Case(
+            "analyze_gradients",
+            "TP 2 in one process",
+            [*ana, "--tensor-model-parallel-size", "2", "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
+            ("--tensor-model-parallel-size",),
+        ),  # fmt: skip
+        Case(
+            "analyze_gradients",
+            "full disk writing the table",
+            [*ana, "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
+            ("{C}/out/grad_conflict.csv",),
+            file_limit=1000,
+        ),  # fmt: skip
         # conditional_entropy
         Case("conditional_entropy", "missing --data-path", [*ent, "--data-path", "{C}/none"], ("{C}/none",)),
         Case("conditional_entropy", "--max-n 0", [*ent, "--data-path", "{TEXT}", "--max-n", "0"], ("--max-n",)),
-        Case("conditional_entropy", "truncated .bin", [*ent, "--data-path", "{C}/data"], ("{C}/data.bin",),
-             prepare=truncated_copy("TEXT", fx, DATASET, ".bin")),
-        Case("conditional_entropy", "no vocabulary record", [*ent, "--data-path", "{C}/data"],
-             ("{C}/data_vocab.json",), prepare=truncated_copy("TEXT", fx, DATASET[:-1], ".bin")),
-        Case("conditional_entropy", "missing --temp-dir", [*ent, "--data-path", "{TEXT}", "--temp-dir", "{C}/none"],
-             ("--temp-dir",)),
-        Case("conditional_entropy", "--output-dir is a file", [H, "--data-path", "{TEXT}", "--output-dir",
-             "{C}/file"], ("{C}/file",), prepare=write("file", "x")),  # fmt: skip
-        Case("conditional_entropy", "unreadable progress record", [*ent, "--data-path", "{TEXT}"],
-             ("{C}/out/.entropy-progress.json",), prepare=write("out/.entropy-progress.json", "{x")),
-        Case("conditional_entropy", "full disk while spilling", [*ent, "--data-path", "{BIG}",
-             "--memory-budget-mb", "2"], ("--temp-dir",), file_limit=50_000),  # fmt: skip
+        Case(
+            "conditional_entropy",
+            "truncated .bin",
+            [*ent, "--data-path", "{C}/data"],
+            ("{C}/data.bin",),
+            prepare=truncated_copy("TEXT", fx, DATASET, ".bin"),
+        ),
+        Case(
+            "conditional_entropy",
+            "no vocabulary record",
+            [*ent, "--data-path", "{C}/data"],
+            ("{C}/data_vocab.json",),
+            prepare=truncated_copy("TEXT", fx, DATASET[:-1], ".bin"),
+        ),
+        Case(
+            "conditional_entropy",
+            "missing --temp-dir",
+            [*ent, "--data-path", "{TEXT}", "--temp-dir", "{C}/none"],
+            ("--temp-dir",),
+        ),
+        Case(
+            "conditional_entropy",
+            "--output-dir is a file",
+            [H, "--data-path", "{TEXT}", "--output-dir", "{C}/file"],
+            ("{C}/file",),
+            prepare=write("file", "x"),
+        ),  # fmt: skip
+        Case(
+            "conditional_entropy",
+            "unreadable progress record",
+            [*ent, "--data-path", "{TEXT}"],
+            ("{C}/out/.entropy-progress.json",),
+            prepare=write("out/.entropy-progress.json", "{x"),
+        ),
+        Case(
+            "conditional_entropy",
+            "full disk while spilling",
+            [*ent, "--data-path", "{BIG}", "--memory-budget-mb", "2"],
+            ("--temp-dir",),
+            file_limit=50_000,
+        ),  # fmt: skip
         *[
-            Case("conditional_entropy", f"{sig.name} mid-run, rerun", [*ent, "--data-path", "{TEXT}", "{BIG}",
-                 "--memory-budget-mb", "2"], may_succeed=True, stop=(sig, "out/.conditional-entropy-*/*/*", 0.5))
+            Case(
+                "conditional_entropy",
+                f"{sig.name} mid-run, rerun",
+                [*ent, "--data-path", "{TEXT}", "{BIG}", "--memory-budget-mb", "2"],
+                may_succeed=True,
+                stop=(sig, "out/.conditional-entropy-*/*/*", 0.5),
+            )
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)
         ],  # fmt: skip
-        Case("conditional_entropy", "two runs at once", [*ent, "--data-path", "{TEXT}"], ("{C}/out",),
-             may_succeed=True, concurrent=True),
+        Case(
+            "conditional_entropy",
+            "two runs at once",
+            [*ent, "--data-path", "{TEXT}"],
+            ("{C}/out",),
+            may_succeed=True,
+            concurrent=True,
+        ),
         # plot_losses
-        Case("plot_losses", "bad JSON line", [L, "{C}/m.jsonl"], ("{C}/m.jsonl:2",),
-             prepare=write("m.jsonl", '{"iteration": 1, "text_loss": 3.0}\n{"iteration": 2, "text_loss": }\n')),
-        Case("plot_losses", "record without iteration", [L, "{C}/m.jsonl"], ("{C}/m.jsonl:1",),
-             prepare=write("m.jsonl", '{"text_loss": 3.0}\n')),
+        Case(
+            "plot_losses",
+            "bad JSON line",
+            [L, "{C}/m.jsonl"],
+            ("{C}/m.jsonl:2",),
+            prepare=write("m.jsonl", '{"iteration": 1, "text_loss": 3.0}\n{"iteration": 2, "text_loss": }\n'),
+        ),
+        Case(
+            "plot_losses",
+            "record without iteration",
+            [L, "{C}/m.jsonl"],
+            ("{C}/m.jsonl:1",),
+            prepare=write("m.jsonl", '{"text_loss": 3.0}\n'),
+        ),
         Case("plot_losses", "missing file", [L, "{C}/none.jsonl"], ("{C}/none.jsonl",)),
         Case("plot_losses", "empty file", [L, "{C}/m.jsonl"], ("{C}/m.jsonl",), prepare=write("m.jsonl", "")),
-        Case("plot_losses", "--codebook-size 0", [L, "{METRICS}", "--codebook-size", "0", "--output", "{C}/l.png"],
-             ("--codebook-size",)),
-        Case("plot_losses", "--codebook-size -1", [L, "{METRICS}", "--codebook-size", "-1", "--output", "{C}/l.png"],
-             ("--codebook-size",)),
-        Case("plot_losses", "output folder missing", [L, "{METRICS}", "--output", "{C}/no/l.png"], ("{C}/no/l.png",)),
-        Case("plot_losses", "--labels count", [L, "{METRICS}", "{METRICS}", "--labels", "a", "--output", "{C}/l.png"],
-             ("--labels",)),
-        Case("plot_losses", "full disk writing the PNG", [L, "{METRICS}", "--output", "{C}/l.png"], ("{C}/l.png",),
-             file_limit=2000),
+        Case(
+            "plot_losses",
+            "--codebook-size 0",
+            [L, "{METRICS}", "--codebook-size", "0", "--output", "{C}/l.png"],
+            ("--codebook-size",),
+        ),
+        Case(
+            "plot_losses",
+            "--codebook-size -1",
+            [L, "{METRICS}", "--codebook-size", "-1", "--output", "{C}/l.png"],
+            ("--codebook-size",),
+        ),
+        Case(
+            "plot_losses",
+            "output folder missing",
+            [L, "{METRICS}", "--output", "{C}/no/l.png"],
+            ("{C}/no/l.png",),
+            may_succeed=True,
+        ),
+        Case(
+            "plot_losses",
+            "--labels count",
+            [L, "{METRICS}", "{METRICS}", "--labels", "a", "--output", "{C}/l.png"],
+            ("--labels",),
+        ),
+        Case(
+            "plot_losses",
+            "full disk writing the PNG",
+            [L, "{METRICS}", "--output", "{C}/l.png"],
+            ("{C}/l.png",),
+            file_limit=2000,
+        ),
     ]
 
 
@@ -430,7 +759,7 @@ def run_case(case: Case, index: int, work: Path, fixtures: dict[str, str]) -> Ou
         case.prepare(folder)
     before = set(leftovers(folder))
     cmd = [PY, *(_fill(a, values) for a in case.argv)]
-    start = time.perf_counter()
+    start, said = time.perf_counter(), None
     if case.concurrent:
         procs = [_start(cmd, None) for _ in range(2)]
         results = [_finish(p, case.timeout) for p in procs]
@@ -447,17 +776,15 @@ def run_case(case: Case, index: int, work: Path, fixtures: dict[str, str]) -> Ou
         proc.send_signal(signum)
         first_rc, first_err = _finish(proc, case.timeout)
         rc, err = _finish(_start(cmd, None), case.timeout)
-        err = first_err + "\n" + err
+        said = f"stopped: exit {first_rc}, {_said(first_err, 'clear')[:80]!r}; rerun: exit {rc}, {_said(err, 'clear')[:80]!r}"
         if stopped_early:
-            err += "\n(the run ended before the stop)"
-        elif signum != signal.SIGKILL and first_rc != 128 + signum and first_rc not in (0, 2):
-            rc = first_rc  # the stop itself was not answered as a stop
+            said = "ended before the stop; " + said
     else:
         rc, err = _finish(_start(cmd, case.file_limit), case.timeout)
     left = [p for p in leftovers(folder) if p not in before]
     names = tuple(_fill(n, values) for n in case.names)
     status = classify(rc, err, names, case.may_succeed, left)
-    said = _said(err, status)
+    said = said or _said(err, status)
     return Outcome(case, status, rc, said, time.perf_counter() - start, left)
 
 
