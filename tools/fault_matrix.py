@@ -777,6 +777,7 @@ def run_case(case: Case, index: int, work: Path, fixtures: dict[str, str]) -> Ou
         first_rc, first_err = _finish(proc, case.timeout)
         rc, err = _finish(_start(cmd, None), case.timeout)
         said = f"stopped: exit {first_rc}, {_said(first_err, 'clear')[:80]!r}; rerun: exit {rc}, {_said(err, 'clear')[:80]!r}"
+        err = first_err + "\n" + err  # a traceback from either counts
         if stopped_early:
             said = "ended before the stop; " + said
     else:
