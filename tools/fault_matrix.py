@@ -2,8 +2,16 @@
 """The fault matrix: bad inputs, missing and truncated files, bad flag values, stops mid-run then a
 rerun, two runs at once, unwritable outputs and full disks, against every program of the stack, on small
 data built here (the shipped examples/data, a tiny model trained for 2 iterations, its export, a random
-tiny VQGAN). Each outcome is classed by megatron_unix.faults.classify (clear / unclear / traceback /
-silent / left-behind); the table is printed and, with --markdown, written as docs/faults.md.
+tiny VQGAN). Each outcome is classed by :func:`classify`; the table is printed and, with --markdown,
+written as docs/faults.md.
+
+- clear: refused with exit status 2, the message names what it should (the file, line or flag), no
+  traceback; or, where the fault may be survived (a stop then a rerun, two runs at once), finished
+  with status 0;
+- unclear: failed without naming it (or with another status, or ran past its time);
+- traceback: a Python traceback reached the user;
+- silent: exit status 0 where it had to refuse;
+- left-behind: temporary files or folders stayed after the run (and the rerun).
 
     python tools/fault_matrix.py --markdown docs/faults.md [--work-dir /tmp/faults] [--only plot_losses]
 
@@ -25,14 +33,41 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_unix.faults import CLASSES, classify, leftovers
-
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+CLASSES = ("clear", "unclear", "traceback", "silent", "left-behind")
+TEMPORARY_MARKS = (".tmp", ".partial", ".progress.json", ".conditional-entropy-", ".entropy-progress")
+"""What the names of uncommitted outputs hold, in this stack's programs."""
+
+
+def leftovers(folder: Path, before: Iterable[Path] = ()) -> list[Path]:
+    """The files and folders under ``folder`` (not in ``before``) named as temporaries are."""
+    seen = set(before)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path not in seen and any(mark in name for mark in TEMPORARY_MARKS):
+                found.append(path)
+    return sorted(found)
+
+
+def classify(rc: int | None, stderr: str, names: Sequence[str], may_succeed: bool, left: Sequence[Path]) -> str:
+    """The class of one outcome: exit status ``rc`` (None: timed out), what it printed to stderr, the
+    strings a clear refusal names, whether finishing is a right answer, what it left behind."""
+    if "Traceback (most recent call last)" in stderr:
+        return "traceback"
+    if left:
+        return "left-behind"
+    if rc == 0:
+        return "clear" if may_succeed else "silent"
+    if rc == 2 and names and all(name in stderr for name in names):
+        return "clear"
+    return "unclear"
 
 
 @dataclass
