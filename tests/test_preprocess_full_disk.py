@@ -35,3 +35,20 @@ def test_a_full_disk_names_the_output_prefix(tmp_path, hf_tokenizer_dir):
         f"preprocess_data.py: error: File too large while writing --output-prefix {tmp_path / 'out'} (nothing written)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_only_a_full_disk_without_a_file_is_named_by_what_was_written():
+    import errno
+
+    from megatron_unix.cli import os_error_message
+
+    writing = "--output-prefix out"
+    assert os_error_message(OSError(errno.ENOSPC, "No space left on device"), writing) == (
+        "No space left on device while writing --output-prefix out"
+    )
+    assert os_error_message(OSError("10 requested and 4 written"), writing) == (
+        "a write fell short (10 requested and 4 written: a full disk?) while writing --output-prefix out"
+    )
+    named = OSError(errno.ENOSPC, "No space left on device", "out.bin")
+    assert os_error_message(named, writing) == str(named)  # it names its file
+    assert os_error_message(FileNotFoundError("--input x: no such file"), writing) == "--input x: no such file"

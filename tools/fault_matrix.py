@@ -846,6 +846,24 @@ def table(outcomes: list[Outcome], work: Path) -> str:
     return f"{len(outcomes)} faults tried: {summary}\n\n" + "\n".join(lines)
 
 
+def write_markdown(path: Path, text: str, done: int, total: int) -> None:
+    from megatron_unix.files import write_text_atomically
+
+    command = "python tools/fault_matrix.py --markdown docs/faults.md"
+    partial = "" if done == total else f"(incomplete: {done} of {total} cases run)\n\n"
+    write_text_atomically(
+        path,
+        "# Fault matrix\n\nMeasured with `" + command + "` (W: its work folder; small data it builds itself: "
+        "the shipped examples, a tiny model trained 2 iterations, its export, a random tiny VQGAN). Classes: "
+        "clear (exit 2 naming the file or flag; or, for a stop then a rerun and for two runs at once, a right "
+        "finish), unclear, traceback, silent (exit 0 where it had to refuse), left-behind (temporary files after "
+        "the run and the rerun). A full disk is real for the program: its files are capped (RLIMIT_FSIZE).\n\n"
+        + partial
+        + text
+        + "\n",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/fault-matrix"), help="fixtures and case folders")
@@ -855,26 +873,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     fixtures = build_fixtures(args.work_dir)
     chosen = [(i, c) for i, c in enumerate(cases(fixtures)) if not args.only or c.tool in args.only]
+    outcomes = []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_case, case, i, args.work_dir, fixtures) for i, case in chosen]
-        outcomes = []
         for future in futures:
             outcomes.append(future.result())
             o = outcomes[-1]
             print(f"{o.status:<12} {o.case.tool:<20} {o.case.fault:<40} {o.seconds:5.1f} s  {o.said[:120]}", flush=True)
-    text = table(outcomes, args.work_dir)
-    print("\n" + text)
-    if args.markdown:
-        from megatron_unix.files import write_text_atomically
-
-        command = "python tools/fault_matrix.py --markdown docs/faults.md"
-        write_text_atomically(
-            args.markdown,
-            "# Fault matrix\n\nMeasured with `" + command + "` (W: its work folder; small data it builds "
-            "itself). Classes: clear (exit 2 naming the file or flag, or a stop/rerun or concurrent run "
-            "finished right), unclear, traceback, silent (exit 0 where it had to refuse), left-behind "
-            "(temporary files after the run and rerun).\n\n" + text + "\n",
-        )
+            if args.markdown:  # as it goes: a matrix stopped early still shows what it measured
+                write_markdown(args.markdown, table(outcomes, args.work_dir), len(outcomes), len(chosen))
+    print("\n" + table(outcomes, args.work_dir))
     return 0
 
 

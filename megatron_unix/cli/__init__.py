@@ -36,7 +36,8 @@ def os_error_message(error: OSError, writing: str) -> str:
     """``error`` in one line that names a file: a full disk reported without one (as writes into an open
     file are; numpy reports a short write without even an errno) names ``writing``, what the program
     was writing (the flag and path)."""
-    if error.filename is None and (error.errno in FULL_DISK or error.errno is None):
+    short_write = type(error) is OSError and error.errno is None  # numpy's "N requested and M written"
+    if error.filename is None and (error.errno in FULL_DISK or short_write):
         what = error.strerror if error.errno else f"a write fell short ({error}: a full disk?)"
         return f"{what} while writing {writing}"
     return str(error)
