@@ -43,7 +43,7 @@ def texts(paths: Sequence[Path], keys: Sequence[str]) -> Iterator[str]:
                         yield line
                         continue
                     try:
-                        record = json.loads(line)
+                        record = json.loads(line.rstrip("\n"))  # its error counts columns of this line
                     except ValueError as error:
                         raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
                     if not isinstance(record, dict):
