@@ -129,13 +129,52 @@ def build_fixtures(work: Path) -> dict[str, str]:
         "".join(json.dumps({"text": f"{i} {lines[i % len(lines)]}"}) + "\n" for i in range(40000))
     )
     for prefix, source in (("TEXT", text_jsonl), ("PAIRS", ROOT / "examples" / "data" / "image_text.jsonl.gz")):
-        run_quiet([PY, "tools/preprocess_data.py", "--input", str(source), "--output-prefix", str(paths[prefix]),
-                   "--tokenizer-model", str(paths["TOK"])])  # fmt: skip
+        run_quiet(
+            [
+                PY,
+                "tools/preprocess_data.py",
+                "--input",
+                str(source),
+                "--output-prefix",
+                str(paths[prefix]),
+                "--tokenizer-model",
+                str(paths["TOK"]),
+            ]
+        )
     _big_dataset(paths["BIG"], MultimodalTokenizer.from_pretrained(str(paths["TOK"])))
-    run_quiet([PY, "pretrain_unix.py", "--model-preset", "tiny", "--tokenizer-model", str(paths["TOK"]),
-               "--data-path", "0.5", str(paths["TEXT"]), "0.5", str(paths["PAIRS"]), "--split", "90,10,0",
-               "--seq-length", "1152", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2",
-               "--lr", "1e-3", "--eval-interval", "2", "--eval-iters", "1", "--save", str(paths["CKPT"])])  # fmt: skip
+    run_quiet(
+        [
+            PY,
+            "pretrain_unix.py",
+            "--model-preset",
+            "tiny",
+            "--tokenizer-model",
+            str(paths["TOK"]),
+            "--data-path",
+            "0.5",
+            str(paths["TEXT"]),
+            "0.5",
+            str(paths["PAIRS"]),
+            "--split",
+            "90,10,0",
+            "--seq-length",
+            "1152",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "2",
+            "--train-iters",
+            "2",
+            "--lr",
+            "1e-3",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+            "--save",
+            str(paths["CKPT"]),
+        ]
+    )
     run_quiet(
         [PY, "tools/convert_checkpoint.py", "export-hf", "--load", str(paths["CKPT"]), "--save", str(paths["HF"])]
     )
@@ -241,7 +280,8 @@ def damaged_checkpoint(fixtures: dict[str, str]) -> Callable[[Path], None]:
 DATASET = (".bin", ".idx", "_lossmask.bin", "_lossmask.idx", "_vision.npy", "_vocab.json")
 
 
-def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read top to bottom
+def cases(fx: dict[str, str]) -> list[Case]:
+    """Every fault tried, one list read top to bottom, grouped by program."""
     P, T, C = "tools/preprocess_data.py", "tools/train_tokenizer.py", "tools/convert_checkpoint.py"
     E, G, V = "tools/encode_images.py", "tools/generate.py", "tools/evaluate.py"
     A, H, L = "tools/analyze_gradients.py", "tools/conditional_entropy.py", "tools/plot_losses.py"
@@ -252,8 +292,23 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
     enc = [E, "--vqgan", "{VQ}", "--output", "{C}/codes.jsonl"]
     ana = [A, "--load", "{CKPT}", "--batches", "1", "--output-dir", "{C}/out"]
     ent = [H, "--max-n", "3", "--output-dir", "{C}/out"]
-    pretrain = ["pretrain_unix.py", "--model-preset", "tiny", "--tokenizer-model", "{TOK}", "--seq-length", "1152",
-                "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-3"]  # fmt: skip
+    pretrain = [
+        "pretrain_unix.py",
+        "--model-preset",
+        "tiny",
+        "--tokenizer-model",
+        "{TOK}",
+        "--seq-length",
+        "1152",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "2",
+        "--lr",
+        "1e-3",
+    ]
     data = ["--data-path", "0.5", "{TEXT}", "0.5", "{PAIRS}"]
     bad_json = '{"text": "one"}\n{"text": \n'
     return [
@@ -287,26 +342,26 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "missing tokenizer",
             [P, "--input", text_jsonl, "--tokenizer-model", "{C}/none", "--output-prefix", "{C}/out"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "preprocess_data",
             "--input without --tokenizer-model",
             [P, "--input", text_jsonl, "--output-prefix", "{C}/out"],
             ("--tokenizer-model",),
-        ),  # fmt: skip
+        ),
         Case(
             "preprocess_data",
             "merge a missing prefix",
             [P, "--merge-prefixes", "{TEXT}", "{C}/none", "--output-prefix", "{C}/out"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "preprocess_data",
             "output folder missing",
             [P, "--input", text_jsonl, "--tokenizer-model", "{TOK}", "--output-prefix", "{C}/no/out"],
             ("{C}/no",),
             may_succeed=True,
-        ),  # fmt: skip
+        ),
         Case("preprocess_data", "full disk", [*pre, "--input", "{BIGJSONL}"], ("{C}/out",), file_limit=200_000),
         Case(
             "preprocess_data",
@@ -369,41 +424,41 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "export: missing --load",
             [C, "export-hf", "--load", "{C}/none", "--save", "{C}/hf"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "convert_checkpoint",
             "export: --load an empty folder",
             [C, "export-hf", "--load", "{C}/empty", "--save", "{C}/hf"],
             ("{C}/empty",),
             prepare=lambda c: (c / "empty").mkdir(),
-        ),  # fmt: skip
+        ),
         Case(
             "convert_checkpoint",
             "export: damaged shard",
             [C, "export-hf", "--load", "{C}/ckpt", "--save", "{C}/hf"],
             ("{C}/ckpt",),
             prepare=damaged_checkpoint(fx),
-        ),  # fmt: skip
+        ),
         Case(
             "convert_checkpoint",
             "import: missing --hf-dir",
             [C, "import-hf", "--hf-dir", "{C}/none", "--save", "{C}/ckpt"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "convert_checkpoint",
             "import: bad config.json",
             [C, "import-hf", "--hf-dir", "{C}/hf", "--save", "{C}/ckpt"],
             ("{C}/hf/config.json",),
             prepare=write("hf/config.json", "{not json"),
-        ),  # fmt: skip
+        ),
         Case(
             "convert_checkpoint",
             "export: --save is a file",
             [C, "export-hf", "--load", "{CKPT}", "--save", "{C}/file"],
             ("{C}/file",),
             prepare=write("file", "x"),
-        ),  # fmt: skip
+        ),
         Case(
             "convert_checkpoint",
             "export: full disk",
@@ -418,7 +473,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             ("{C}/hf",),
             may_succeed=True,
             stop=(signal.SIGKILL, ".hf.partial-*/*", 0.2),
-        ),  # fmt: skip
+        ),
         # pretrain
         Case("pretrain", "missing --data-path", [*pretrain, "--data-path", "{C}/none"], ("{C}/none",)),
         Case(
@@ -426,7 +481,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "global batch not divisible",
             [*pretrain, *data, "--global-batch-size", "3", "--micro-batch-size", "2"],
             ("--global-batch-size",),
-        ),  # fmt: skip
+        ),
         Case("pretrain", "missing tokenizer", [*pretrain, *data, "--tokenizer-model", "{C}/none"], ("{C}/none",)),
         Case("pretrain", "--seq-length 0", [*pretrain, *data, "--seq-length", "0"], ("--seq-length",)),
         Case("pretrain", "--split a,b", [*pretrain, *data, "--split", "a,b"], ("--split",)),
@@ -443,7 +498,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             [*pretrain, *data, "--load", "{C}/ckpt", "--save", "{C}/ckpt", "--eval-interval", "2", "--eval-iters", "1"],
             ("{C}/ckpt",),
             prepare=damaged_checkpoint(fx),
-        ),  # fmt: skip
+        ),
         Case(
             "pretrain",
             "SIGTERM mid-run, rerun",
@@ -451,7 +506,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             may_succeed=True,
             stop=(signal.SIGTERM, "ckpt/metrics.jsonl", 3),
             timeout=400,
-        ),  # fmt: skip
+        ),
         # encode_images
         Case("encode_images", "missing input", [*enc, "--input", "{C}/none.jsonl"], ("{C}/none.jsonl",)),
         Case(
@@ -459,14 +514,14 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "missing --vqgan",
             [E, "--vqgan", "{C}/none", "--input", "{IMAGES}", "--output", "{C}/codes.jsonl"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case("encode_images", "--batch-size 0", [*enc, "--input", "{IMAGES}", "--batch-size", "0"], ("--batch-size",)),
         Case(
             "encode_images",
             "--vqgan-config alone",
             [E, "--vqgan-config", "{C}/x.yaml", "--input", "{IMAGES}", "--output", "{C}/codes.jsonl"],
             ("--vqgan-checkpoint",),
-        ),  # fmt: skip
+        ),
         Case(
             "encode_images",
             "missing image, --strict",
@@ -480,14 +535,14 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             [*enc, "--input", "{C}/in.jsonl", "--strict"],
             ("{C}/in.jsonl:1",),
             prepare=lambda c: (write("in.jsonl", '{"image": "x.png"}\n')(c), write("x.png", b"not a png")(c)),
-        ),  # fmt: skip
+        ),
         Case(
             "encode_images",
             "output folder missing",
             [E, "--vqgan", "{VQ}", "--input", "{IMAGES}", "--output", "{C}/no/codes.jsonl"],
-            ("{C}/no",),
+            ("{C}/no/codes.jsonl'",),  # the output, not its .partial
             may_succeed=True,
-        ),  # fmt: skip
+        ),
         Case(
             "encode_images",
             "two runs at once",
@@ -506,7 +561,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             prepare=lambda c: __import__("megatron_unix.data.tokenizer", fromlist=["x"]).train_bpe_tokenizer(
                 ["some other text entirely"] * 20, 300, c / "tok"
             ),
-        ),  # fmt: skip
+        ),
         Case("generate", "--device cuda without CUDA", [*hf, "--device", "cuda", "--prompt", "a"], ("--device",)),
         Case("generate", "--device cuda:banana", [*hf, "--device", "cuda:banana", "--prompt", "a"], ("--device",)),
         Case(
@@ -514,7 +569,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "--cfg-scale nan",
             [*hf, "--mode", "t2i", "--cfg-scale", "nan", "--prompt", "a", "--vqgan", "{VQ}", "--output-dir", "{C}/out"],
             ("--cfg-scale",),
-        ),  # fmt: skip
+        ),
         Case(
             "generate",
             "t2i without a VQGAN",
@@ -537,7 +592,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "loss --eval-iters 0",
             [V, "loss", "--load", "{CKPT}", "--eval-iters", "0", "--output-dir", "{C}/out"],
             ("--eval-iters",),
-        ),  # fmt: skip
+        ),
         Case(
             "evaluate",
             "loss: missing --load",
@@ -549,7 +604,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "loss: missing --data-path",
             [V, "loss", "--load", "{CKPT}", "--data-path", "{C}/none", "--output-dir", "{C}/out"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "evaluate",
             "understanding: missing --benchmark-dir",
@@ -566,7 +621,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
                 "{C}/out",
             ],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "evaluate",
             "generation: missing --geneval-prompts",
@@ -583,7 +638,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
                 "{C}/out",
             ],
             ("{C}/none.jsonl",),
-        ),  # fmt: skip
+        ),
         Case("evaluate", "report: missing folder", [V, "report", "{C}/none", "--output-dir", "{C}/out"], ("{C}/none",)),
         Case(
             "evaluate",
@@ -601,13 +656,13 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "modality-loss given --text-data",
             [*ana, "--mode", "modality-loss", "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
             ("--text-data", "--mode"),
-        ),  # fmt: skip
+        ),
         Case(
             "analyze_gradients",
             "image-text data as --text-data",
             [*ana, "--text-data", "{PAIRS}", "--mm-data", "{PAIRS}"],
             ("--text-data {PAIRS}", "{PAIRS}_vision.npy"),
-        ),  # fmt: skip
+        ),
         Case(
             "analyze_gradients",
             "text data as --mm-data",
@@ -619,7 +674,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "--batches 0",
             [*ana, "--batches", "0", "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
             ("--batches",),
-        ),  # fmt: skip
+        ),
         Case(
             "analyze_gradients", "missing --load", [A, "--load", "{C}/none", "--output-dir", "{C}/out"], ("{C}/none",)
         ),
@@ -628,20 +683,20 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             "missing --mm-data prefix",
             [*ana, "--text-data", "{TEXT}", "--mm-data", "{C}/none"],
             ("{C}/none",),
-        ),  # fmt: skip
+        ),
         Case(
             "analyze_gradients",
             "TP 2 in one process",
             [*ana, "--tensor-model-parallel-size", "2", "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
             ("--tensor-model-parallel-size",),
-        ),  # fmt: skip
+        ),
         Case(
             "analyze_gradients",
             "full disk writing the table",
             [*ana, "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
             ("{C}/out/grad_conflict.csv",),
             file_limit=1000,
-        ),  # fmt: skip
+        ),
         # conditional_entropy
         Case("conditional_entropy", "missing --data-path", [*ent, "--data-path", "{C}/none"], ("{C}/none",)),
         Case("conditional_entropy", "--max-n 0", [*ent, "--data-path", "{TEXT}", "--max-n", "0"], ("--max-n",)),
@@ -671,7 +726,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             [H, "--data-path", "{TEXT}", "--output-dir", "{C}/file"],
             ("{C}/file",),
             prepare=write("file", "x"),
-        ),  # fmt: skip
+        ),
         Case(
             "conditional_entropy",
             "unreadable progress record",
@@ -685,7 +740,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
             [*ent, "--data-path", "{BIG}", "--memory-budget-mb", "2"],
             ("--temp-dir",),
             file_limit=50_000,
-        ),  # fmt: skip
+        ),
         *[
             Case(
                 "conditional_entropy",
@@ -695,7 +750,7 @@ def cases(fx: dict[str, str]) -> list[Case]:  # noqa: PLR0915 - one list, read t
                 stop=(sig, "out/.conditional-entropy-*/*/*", 0.5),
             )
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)
-        ],  # fmt: skip
+        ],
         Case(
             "conditional_entropy",
             "two runs at once",
