@@ -502,7 +502,7 @@ def cases(fx: dict[str, str]) -> list[Case]:
         Case(
             "pretrain",
             "SIGTERM mid-run, rerun",
-            [*pretrain, *data, "--train-iters", "30", "--save", "{C}/ckpt", "--log-interval", "1"],
+            [*pretrain, *data, "--train-iters", "12", "--save", "{C}/ckpt", "--log-interval", "1"],
             may_succeed=True,
             stop=(signal.SIGTERM, "ckpt/metrics.jsonl", 3),
             timeout=400,
@@ -572,9 +572,21 @@ def cases(fx: dict[str, str]) -> list[Case]:
         ),
         Case(
             "generate",
-            "t2i without a VQGAN",
-            [*hf, "--mode", "t2i", "--prompt", "a", "--output-dir", "{C}/out"],
-            ("--vqgan",),
+            "t2i: --codes-per-image the VQGAN does not decode",
+            [
+                *hf,
+                "--mode",
+                "t2i",
+                "--prompt",
+                "a",
+                "--vqgan",
+                "{VQ}",
+                "--codes-per-image",
+                "7",
+                "--output-dir",
+                "{C}/o",
+            ],
+            ("--codes-per-image",),
         ),
         Case(
             "generate",
