@@ -356,3 +356,15 @@ def test_pipeline_and_data_parallel_modality_cosine_equals_one_process(initial, 
         return by_key(json.loads((tmp_path / name / "modality_cosine.json").read_text())["rows"], "similarity")
 
     assert_same_values(read("pp2dp2"), read("one"))
+
+
+def test_an_unwritable_packing_cache_is_named(data, initial, tmp_path, capsys, megatron_single):
+    """--data-cache-path under a file: the cache cannot be written; the error names it and the flag
+    (megatron-core's bare Exception around it is unwrapped: training reads the same error)."""
+    (tmp_path / "file").write_text("x")
+    cache = tmp_path / "file" / "cache"
+    args = conflict_args(data, initial) + ["--data-cache-path", str(cache), "--output-dir", str(tmp_path / "out")]
+    assert analyze(*args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {cache}" in err and "cannot write the packing cache" in err and "--data-cache-path" in err
+    assert not (tmp_path / "out").exists()

@@ -253,15 +253,16 @@ def half_gzip() -> bytes:
     return data[: len(data) // 2]
 
 
-def truncated_copy(source_key: str, fixtures: dict[str, str], suffixes: tuple[str, ...], cut: str) -> Callable:
-    """A copy of dataset ``source_key`` as ``{C}/data`` with the ``cut`` file halved."""
+def truncated_copy(source_key: str, fixtures: dict[str, str], suffixes: tuple[str, ...], cut: str | None) -> Callable:
+    """A copy of dataset ``source_key``'s ``suffixes`` files as ``{C}/data``, the ``cut`` one halved."""
 
     def prepare(case: Path) -> None:
         for suffix in suffixes:
             shutil.copy(fixtures[source_key] + suffix, str(case / "data") + suffix)
-        target = Path(str(case / "data") + cut)
-        with open(target, "r+b") as f:
-            f.truncate(target.stat().st_size // 2)
+        if cut:
+            target = Path(str(case / "data") + cut)
+            with open(target, "r+b") as f:
+                f.truncate(target.stat().st_size // 2)
 
     return prepare
 
@@ -724,7 +725,7 @@ def cases(fx: dict[str, str]) -> list[Case]:
             "no vocabulary record",
             [*ent, "--data-path", "{C}/data"],
             ("{C}/data_vocab.json",),
-            prepare=truncated_copy("TEXT", fx, DATASET[:-1], ".bin"),
+            prepare=truncated_copy("TEXT", fx, DATASET[:-1], None),
         ),
         Case(
             "conditional_entropy",

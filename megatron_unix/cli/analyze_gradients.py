@@ -463,7 +463,11 @@ def _run(args: argparse.Namespace, settings: Settings, checkpoints: list[Checkpo
         return 2
     data = Data(settings, tokenizer, args.data_cache_path)
     measure = _conflict if settings.mode == "conflict" else _modality_loss
-    rows = measure(args, settings, checkpoints, data)
+    try:
+        rows = measure(args, settings, checkpoints, data)
+    except OSError as error:  # the packing cache unwritable (the error names it): the rank that met it says so
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     outcome: list[str | None] = [None]
     if dist.get_rank() == 0:
         try:
