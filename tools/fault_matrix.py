@@ -705,9 +705,9 @@ def cases(fx: dict[str, str]) -> list[Case]:
         ),
         Case(
             "analyze_gradients",
-            "full disk writing the table",
-            [*ana, "--text-data", "{TEXT}", "--mm-data", "{PAIRS}"],
-            ("{C}/out/grad_conflict.csv",),
+            "full disk (the packing cache is written first)",
+            [*ana, "--text-data", "{TEXT}", "--mm-data", "{PAIRS}", "--data-cache-path", "{C}/cache"],
+            ("{C}/cache", "--data-cache-path"),
             file_limit=1000,
         ),
         # conditional_entropy
