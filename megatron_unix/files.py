@@ -9,10 +9,22 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from glob import glob
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+
+
+def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
+    """Files and globs (each sorted) in the order given; a pattern that matches nothing is an error."""
+    paths = []
+    for pattern in map(str, patterns):
+        matches = sorted(glob(pattern, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"--input {pattern}: no such file")
+        paths += map(Path, matches)
+    return paths
 
 
 @contextmanager

@@ -213,14 +213,55 @@ def test_tool_writes_conflict_table_json_and_plots(single_conflict, initial):
         (["--mode", "modality-loss", "--data-path", "0.5", "TEXT", "0.5", "no/pairs"], "--data-path no/pairs: dataset"),
         (["--batches", "0", "--text-data", "TEXT", "--mm-data", "TEXT"], "--batches 0 is out of range"),
         (["--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size (3) must be divisible"),
+        (
+            ["--mode", "modality-loss", "--text-data", "TEXT", "--mm-data", "PAIRS"],
+            "--text-data and --mm-data are read in --mode conflict only, not in --mode modality-loss",
+        ),
+        (["--text-data", "TEXT", "--mm-data", "PAIRS", "--split", "1,0,0"], "--split is read in --mode modality-loss"),
+        (["--text-data", "PAIRS", "--mm-data", "PAIRS"], "--text-data PAIRS is not text-only: 60 of its documents"),
+        (["--text-data", "TEXT", "--mm-data", "TEXT"], "--mm-data TEXT holds no image tokens (TEXT_vision.npy)"),
     ],
-    ids=["missing-prefix", "missing-mm", "missing-blended-prefix", "batches", "batch-sizes"],
+    ids=[
+        "missing-prefix",
+        "missing-mm",
+        "missing-blended-prefix",
+        "batches",
+        "batch-sizes",
+        "conflict-flags-in-modality-loss",
+        "modality-loss-flag-in-conflict",
+        "image-text-as-text",
+        "text-as-image-text",
+    ],
 )
 def test_tool_refuses_naming_the_flag(data, initial, tmp_path, capsys, flags, message):
-    flags = [data["text"] if f == "TEXT" else f for f in flags]
+    def named(text: str) -> str:
+        return text.replace("TEXT", data["text"]).replace("PAIRS", data["pairs"])
+
+    flags = [named(f) for f in flags]
     assert analyze("--load", initial, *flags, "--output-dir", str(tmp_path)) == 2
-    assert message in capsys.readouterr().err
+    assert named(message) in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_the_table_is_named(data, initial, single_conflict, tmp_path):
+    """Files capped at 1000 bytes (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk): the
+    table is refused naming it and nothing is left in the folder (the packing cache exists already)."""
+    import resource
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "tools/analyze_gradients.py", *conflict_args(data, initial), "--output-dir", str(out)]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY)),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: --output-dir {out}: [Errno 27] File too large: '{out / 'grad_conflict.csv'}'" in proc.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_tool_refuses_a_missing_checkpoint(tmp_path, capsys):
@@ -315,3 +356,15 @@ def test_pipeline_and_data_parallel_modality_cosine_equals_one_process(initial, 
         return by_key(json.loads((tmp_path / name / "modality_cosine.json").read_text())["rows"], "similarity")
 
     assert_same_values(read("pp2dp2"), read("one"))
+
+
+def test_an_unwritable_packing_cache_is_named(data, initial, tmp_path, capsys, megatron_single):
+    """--data-cache-path under a file: the cache cannot be written; the error names it and the flag
+    (megatron-core's bare Exception around it is unwrapped: training reads the same error)."""
+    (tmp_path / "file").write_text("x")
+    cache = tmp_path / "file" / "cache"
+    args = conflict_args(data, initial) + ["--data-cache-path", str(cache), "--output-dir", str(tmp_path / "out")]
+    assert analyze(*args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {cache}" in err and "cannot write the packing cache" in err and "--data-cache-path" in err
+    assert not (tmp_path / "out").exists()

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from megatron_unix.cli.plot_losses import main
 from megatron_unix.training.loss_plot import read_series, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def test_tool_refuses_a_run_without_losses(tmp_path):
         text=True,
         check=False,
     )
-    assert proc.returncode == 2 and "no loss values to plot" in proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path / 'metrics.jsonl'}: no text or vision loss in it" in proc.stderr
     assert not (tmp_path / "loss.png").exists()
 
 
@@ -84,3 +86,60 @@ def test_several_runs_on_one_plot_with_their_labels(tmp_path):
         assert image.size == (900, 540)
     wrong = subprocess.run([*tool, "--labels", "one"], capture_output=True, text=True, check=False)
     assert wrong.returncode == 2 and "--labels names 1 runs for 2 metrics files" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"iteration": 7, "text_loss": }', ":3: not a JSON record (Expecting value: line 1 column 31"),
+        ('{"text_loss": 2.0}', ':3: not a metrics record (no integer "iteration")'),
+        ('{"iteration": 7, "text_loss": "low"}', ":3: text_loss is 'low', not a number"),
+    ],
+    ids=["not-json", "no-iteration", "not-a-number"],
+)
+def test_a_bad_metrics_line_is_named_by_file_and_line(tmp_path, capsys, line, message):
+    write_metrics(tmp_path / "metrics.jsonl")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines[2] = line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main([str(tmp_path / "metrics.jsonl")]) == 2
+    assert f"error: {tmp_path / 'metrics.jsonl'}{message}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "metrics.jsonl"]
+
+
+def test_flag_and_output_errors_name_the_flag_or_the_file(tmp_path, capsys):
+    write_metrics(tmp_path / "metrics.jsonl")
+    for size in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "metrics.jsonl"), "--codebook-size", size])
+        assert exit_.value.code == 2 and f"--codebook-size {size} is out of range" in capsys.readouterr().err
+    missing = tmp_path / "no" / "loss.png"
+    assert main([str(tmp_path / "metrics.jsonl"), "--output", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 2] No such file or directory: '{missing}'\n"
+
+
+def grey_pixels(path: Path) -> int:
+    """Neutral mid-grey pixels: the uniform line's colour, lightened where the downsampling blends it."""
+    with Image.open(path) as image:
+        return sum(n for n, c in image.getcolors(1 << 20) if max(c) - min(c) < 6 and 100 <= c[0] <= 200)
+
+
+def test_several_runs_draw_and_print_the_uniform_vision_loss(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name / "metrics.jsonl")
+    files = [str(tmp_path / name / "metrics.jsonl") for name in ("a", "b")]
+    assert main([*files, "--output", str(tmp_path / "plain.png")]) == 0
+    assert "uniform vision" not in capsys.readouterr().out
+    assert main([*files, "--output", str(tmp_path / "uniform.png"), "--codebook-size", "8192"]) == 0
+    assert capsys.readouterr().out.count("uniform vision     9.011 (ln 8192: nothing learnt)") == 1
+    assert grey_pixels(tmp_path / "uniform.png") > grey_pixels(tmp_path / "plain.png") + 800
+
+
+def test_non_finite_losses_are_counted_not_drawn(tmp_path, capsys):
+    records = [{"iteration": it, "text_loss": value} for it, value in ((1, 5.0), (2, float("nan")), (3, 4.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN, as json writes it
+    assert main([str(tmp_path / "metrics.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "train text         5.000 (iteration 1) -> 4.000 (iteration 3) (1 not finite, not drawn: iteration 2)" in out
+    assert (tmp_path / "loss.png").is_file()

@@ -4,8 +4,11 @@ package (``unix-NAME``; see pyproject.toml) and a thin file in ``tools/`` (``pre
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-from collections.abc import Iterable
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,6 +39,52 @@ def refuse_out_of_range(
     message = out_of_range(args, checks)
     if message:
         parser.error(message)
+
+
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""A full disk, a file past the size limit, a full quota."""
+
+
+def os_error_message(error: OSError, writing: str) -> str:
+    """``error`` in one line that names a file: a full disk reported without one (as writes into an open
+    file are; numpy reports a short write without even an errno) names ``writing``, what the program
+    was writing (the flag and path)."""
+    short_write = type(error) is OSError and error.errno is None  # numpy's "N requested and M written"
+    if error.filename is None and (error.errno in FULL_DISK or short_write):
+        what = error.strerror if error.errno else f"a write fell short ({error}: a full disk?)"
+        return f"{what} while writing {writing}"
+    return str(error)
+
+
+class Interrupted(BaseException):
+    """A stop asked by SIGTERM (what slurm and ``kill`` send) or SIGINT (Ctrl-C), raised where the program
+    was, so its ``with`` and ``finally`` blocks clean up (a BaseException, as KeyboardInterrupt: no
+    ``except Exception`` catches it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status of a process that a signal ended: 128 + its number (143, 130)."""
+        return 128 + self.signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread; the
+    program catches it outside, says in one line what was kept, and returns ``exit_status``."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def add_vqgan_arguments(group: argparse._ActionsContainer) -> None:

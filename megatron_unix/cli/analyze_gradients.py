@@ -44,6 +44,11 @@ from megatron_unix.files import write_text_atomically
 MODES = ("conflict", "modality-loss")
 CONFLICT_COLUMNS = ("checkpoint", "group", "layer", "similarity", "baseline", "conflict")
 MODALITY_COLUMNS = ("checkpoint", "iteration", "group", "layer", "similarity")
+MODE_FLAGS = {
+    "conflict": ("--text-data", "--mm-data"),
+    "modality-loss": ("--data-path", "--consumed-samples", "--split"),
+}
+"""The flags only one mode reads: given to the other, they are refused rather than ignored."""
 RUN_DEFAULTS = dict(seq_length=None, micro_batch_size=1, global_batch_size=None, seed=1234, split="969,30,1")
 """Settings taken from the checkpoint's run when not given (these defaults where it records none)."""
 
@@ -157,6 +162,10 @@ def _refusal(args: argparse.Namespace, settings: Settings, world_size: int) -> s
     )
     if problem:
         return problem
+    for mode, flags in MODE_FLAGS.items():
+        given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if mode != args.mode and given:
+            return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read in --mode {mode} only, not in --mode {args.mode}"
     if settings.seq_length is None:
         return "--seq-length must be given (the checkpoint records none)"
     if settings.tokenizer_model is None:
@@ -176,8 +185,26 @@ def _refusal(args: argparse.Namespace, settings: Settings, world_size: int) -> s
         for prefix in data_prefixes(value):
             try:
                 require_files(prefix)
-            except FileNotFoundError as error:
+                if problem := _modality_refusal(flag, prefix):
+                    return problem
+            except (OSError, ValueError) as error:
                 return f"{flag} {prefix}: {error}"
+    return None
+
+
+def _modality_refusal(flag: str, prefix: str) -> str | None:
+    """Why ``prefix`` cannot be ``flag``'s data: image tokens in text-only data, or none in image-text
+    data (from the dataset's vision counts); the conflict of a set with itself would read as none."""
+    import numpy as np
+
+    from megatron_unix.data.indexed import VISION_SUFFIX
+
+    path = prefix + VISION_SUFFIX
+    with_images = int(np.count_nonzero(np.load(path, mmap_mode="r")))
+    if flag == "--text-data" and with_images:
+        return f"--text-data {prefix} is not text-only: {with_images} of its documents hold image tokens ({path})"
+    if flag == "--mm-data" and not with_images:
+        return f"--mm-data {prefix} holds no image tokens ({path}): it is text-only data (--text-data)"
     return None
 
 
@@ -436,12 +463,21 @@ def _run(args: argparse.Namespace, settings: Settings, checkpoints: list[Checkpo
         return 2
     data = Data(settings, tokenizer, args.data_cache_path)
     measure = _conflict if settings.mode == "conflict" else _modality_loss
-    rows = measure(args, settings, checkpoints, data)
+    try:
+        rows = measure(args, settings, checkpoints, data)
+    except OSError as error:  # the packing cache unwritable (the error names it): the rank that met it says so
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    outcome: list[str | None] = [None]
     if dist.get_rank() == 0:
-        for path in write_outputs(args.output_dir, settings, checkpoints, rows):
-            print(f" wrote {path}", flush=True)
-    dist.barrier()
-    return 0
+        try:
+            for path in write_outputs(args.output_dir, settings, checkpoints, rows):
+                print(f" wrote {path}", flush=True)
+        except OSError as error:  # a full disk, an unwritable --output-dir: the error names the file
+            outcome[0] = f"--output-dir {args.output_dir}: {error}"
+            print(f"error: {outcome[0]}", file=sys.stderr, flush=True)
+    dist.broadcast_object_list(outcome, src=0)  # every rank ends with rank 0's outcome
+    return 0 if outcome[0] is None else 2
 
 
 if __name__ == "__main__":

@@ -16,23 +16,39 @@ so far go to sorted runs in a temporary directory under --temp-dir, merged at th
 distinct n-gram of a run (24 for text n > 3 with Qwen2.5's vocabulary, image n > 4), so at most about
 24 * tokens * max-n bytes when nearly every n-gram is distinct (as image codes' are). Time grows as
 tokens * max-n * log(tokens); the progress ETA covers the counting pass, not the final merge.
+
+Stopping and resuming: each dataset's result is recorded in DIR/.entropy-progress.json as soon as it is
+counted (with --max-n and the sizes and times of the dataset's files); the same command started again
+reuses what was counted with the same settings and counts the rest. SIGTERM (slurm) or Ctrl-C removes
+the spilled runs and exits (143 or 130) saying what was kept; what a killed (SIGKILL) run spilled, in
+TEMP/.conditional-entropy-PID/, is removed by the next run. The record is removed once the outputs
+are written.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from megatron_unix.analysis.entropy import MODALITIES, DatasetEntropy, dataset_entropy, open_dataset, render_png
-from megatron_unix.cli import refuse_out_of_range
-from megatron_unix.data.preprocess_report import ProgressLine
-from megatron_unix.files import write_text_atomically
+from megatron_unix.cli import Interrupted, os_error_message, refuse_out_of_range, stop_on_signals
+from megatron_unix.files import settings_mismatch, stat_digest, write_text_atomically
+
+if TYPE_CHECKING:  # the analysis imports megatron-core: imported after the flags are parsed
+    from megatron_unix.analysis.entropy import DatasetEntropy
 
 COLUMNS = ("dataset", "modality", "n", "entropy_bits", "ngrams", "distinct")
+PROGRESS = ".entropy-progress.json"
+"""In --output-dir: the datasets counted so far, each with the settings it was counted with."""
+SPILL_PREFIX = ".conditional-entropy-"
+"""TEMP/.conditional-entropy-PID/ holds this run's spilled runs: a killed run's are found by its PID."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     if len(set(args.data_path)) < len(args.data_path):
         p.error("--data-path names a dataset twice")
+    if args.temp_dir is not None and not args.temp_dir.is_dir():
+        p.error(f"--temp-dir {args.temp_dir}: no such directory")
     return args
 
 
@@ -71,6 +89,8 @@ def labels(prefixes: list[str]) -> list[str]:
 
 
 def rows(results: dict[str, DatasetEntropy]) -> list[dict]:
+    from megatron_unix.analysis.entropy import MODALITIES
+
     return [
         dict(dataset=label, modality=modality, n=e.n, entropy_bits=e.bits, ngrams=e.ngrams, distinct=e.distinct)
         for label, result in results.items()
@@ -95,7 +115,7 @@ def write_outputs(
                 "dataset": label,
                 "prefix": result.prefix,
                 "tokens": result.tokens,
-                **{f"{modality}_tokens": result.modality_tokens[modality] for modality in MODALITIES},
+                **{f"{modality}_tokens": tokens for modality, tokens in result.modality_tokens.items()},
                 "spilled_runs": result.spilled_runs,
             }
             for label, result in results.items()
@@ -103,11 +123,15 @@ def write_outputs(
         "rows": rows(results),
     }
     write_text_atomically(output_dir / "entropy.json", json.dumps(record, indent=1) + "\n")
+    from megatron_unix.analysis.entropy import render_png
+
     render_png(results, output_dir / "entropy.png")
 
 
 def report(results: dict[str, DatasetEntropy]) -> str:
     """The table, and what has no value and why."""
+    from megatron_unix.analysis.entropy import MODALITIES
+
     width = max(len("dataset"), *map(len, results))
     lines = [f"{'dataset':<{width}}  modality  n  entropy_bits  {'ngrams':>14}  {'distinct':>14}"]
     for row in rows(results):
@@ -132,40 +156,126 @@ def report(results: dict[str, DatasetEntropy]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    names = labels(args.data_path)
+def counting_settings(prefix: str, max_n: int, definition: str) -> dict[str, Any]:
+    """What a recorded result of ``prefix`` must have been counted with to be reused: the same n, the
+    same definition and the same files (a dataset written again in place has other sizes or times)."""
+    from megatron_unix.data.indexed import VOCABULARY_SUFFIX, output_files
+
+    files = stat_digest([*output_files(prefix), Path(prefix + VOCABULARY_SUFFIX)])
+    return {"max_n": max_n, "definition": definition, "files": files}
+
+
+def definition_of(args: argparse.Namespace) -> str:
+    return "reference" if args.reference_definition else "segments"
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    """The datasets recorded in ``path`` (by resolved prefix: settings and result); none if it is absent."""
     try:
-        opened = [open_dataset(prefix) for prefix in args.data_path]  # every dataset refused or accepted first
-        total = sum(tokens for _, tokens in opened)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        progress, done = ProgressLine("tokens", args.log_interval, sys.stderr), 0
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable progress record ({error}): remove it to count every dataset") from None
+    if not isinstance(record, dict) or not isinstance(record.get("datasets"), dict):
+        raise ValueError(f"{path}: not a progress record of this tool: remove it to count every dataset")
+    return record["datasets"]
 
-        def counted(tokens: int) -> None:
-            nonlocal done
-            done += tokens
-            progress.update(done, done, lambda: f"{done / max(progress.elapsed(), 1e-9):,.0f} tokens/s", done / total)
 
-        results = {
-            name: dataset_entropy(
+def recorded_result(entry: dict[str, Any], prefix: str) -> DatasetEntropy:
+    from megatron_unix.analysis.entropy import MODALITIES, DatasetEntropy, Entropy
+
+    result = DatasetEntropy(**entry)
+    result.entropies = {m: [Entropy(**e) for e in result.entropies[m]] for m in MODALITIES}
+    result.prefix = prefix  # as given this time (the record keys the resolved path)
+    return result
+
+
+def remove_leftovers(temp_root: Path) -> None:
+    """Remove the spill folders of killed earlier runs (their PIDs run no more), saying so."""
+    from megatron_unix.platform import leftovers_of_dead_processes
+
+    for stale in leftovers_of_dead_processes(temp_root, SPILL_PREFIX):
+        shutil.rmtree(stale, ignore_errors=True)
+        print(f"removed {stale}: the spilled runs of a killed earlier run", file=sys.stderr, flush=True)
+
+
+def count(args: argparse.Namespace, names: list[str], progress_path: Path, spill_root: Path) -> dict:
+    """Every dataset's entropies: recorded ones reused, the others counted (and recorded one by one)."""
+    from megatron_unix.analysis.entropy import dataset_entropy, open_dataset
+    from megatron_unix.data.preprocess_report import ProgressLine
+
+    opened = [open_dataset(prefix) for prefix in args.data_path]  # every dataset refused or accepted first
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(spill_root.parent)
+    recorded = read_progress(progress_path)
+    results, todo = {}, []
+    for name, prefix, dataset in zip(names, args.data_path, opened):
+        key, settings = str(Path(prefix).resolve()), counting_settings(prefix, args.max_n, definition_of(args))
+        entry = recorded.get(key)
+        why = entry and settings_mismatch(progress_path, entry["settings"], settings, "counting it again")
+        if entry and not why:
+            results[name] = recorded_result(entry["result"], prefix)
+            print(f"{name}: counted by an earlier run, reused ({progress_path})", file=sys.stderr, flush=True)
+        else:
+            if why:
+                print(f"note: {name}: {why}", file=sys.stderr, flush=True)
+            todo.append((name, prefix, dataset, key, settings))
+
+    total = sum(tokens for _, _, (_, tokens), _, _ in todo)
+    progress, done = ProgressLine("tokens", args.log_interval, sys.stderr), 0
+
+    def counted(tokens: int) -> None:
+        nonlocal done
+        done += tokens
+        progress.update(done, done, lambda: f"{done / max(progress.elapsed(), 1e-9):,.0f} tokens/s", done / total)
+
+    spill_root.mkdir()
+    try:
+        for name, prefix, dataset, key, settings in todo:
+            results[name] = dataset_entropy(
                 prefix,
                 args.max_n,
                 args.memory_budget_mb << 20,
-                args.temp_dir or args.output_dir,
+                spill_root,
                 counted,
                 dataset,
                 args.reference_definition,
             )
-            for name, prefix, dataset in zip(names, args.data_path, opened)
-        }
-        definition = "reference" if args.reference_definition else "segments"
-        write_outputs(results, args.max_n, args.output_dir, definition)
+            recorded[key] = {"settings": settings, "result": dataclasses.asdict(results[name])}
+            write_text_atomically(progress_path, json.dumps({"datasets": recorded}) + "\n", durable=True)
+    finally:
+        shutil.rmtree(spill_root, ignore_errors=True)
+    results = {name: results[name] for name in names}  # in the order given
+    seconds = progress.elapsed()
+    print(f"{done:,} tokens counted in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f} tokens/s)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # before megatron-core is imported: --help and flag errors answer at once
+    names = labels(args.data_path)
+    progress_path = args.output_dir / PROGRESS
+    spill_root = (args.temp_dir or args.output_dir) / f"{SPILL_PREFIX}{os.getpid()}"
+    try:
+        with stop_on_signals():
+            results = count(args, names, progress_path, spill_root)
+            write_outputs(results, args.max_n, args.output_dir, definition_of(args))
+            progress_path.unlink(missing_ok=True)
+    except Interrupted as stop:
+        kept = (
+            f"the datasets counted so far are kept in {progress_path}: the same command resumes after them"
+            if progress_path.exists()
+            else "no dataset was counted to the end"
+        )
+        print(f"conditional_entropy.py: {stop}; {kept}", file=sys.stderr)
+        return stop.exit_status
     except (OSError, ValueError) as error:
+        if isinstance(error, OSError):
+            error = os_error_message(error, f"the spilled runs under {spill_root.parent} (--temp-dir: one with room)")
         print(f"conditional_entropy.py: error: {error}", file=sys.stderr)
         return 2
-    seconds = progress.elapsed()
     print(report(results))
-    print(f"{done:,} tokens in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f} tokens/s)")
     print(f"wrote {', '.join(str(args.output_dir / f'entropy.{ext}') for ext in ('csv', 'json', 'png'))}")
     return 0
 

@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_unix.data.preprocess import expand_inputs
+    from megatron_unix.files import expand_inputs
     from megatron_unix.image.encode import EncodeError, Filters, encode_images, folder_items, jsonl_items
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference.loading import device_of

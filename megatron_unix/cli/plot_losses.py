@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_unix.training.loss_plot import read_series, render_comparison, render_png, summary
+from megatron_unix.cli import refuse_out_of_range
+from megatron_unix.training.loss_plot import read_series, render_comparison, render_png, summary, uniform_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, help="PNG to write (default: loss.png beside the first metrics file)")
     p.add_argument("--codebook-size", type=int, default=None, help="draw the uniform vision loss ln(this)")
     args = p.parse_args(argv)
+    refuse_out_of_range(p, args, [("--codebook-size", args.codebook_size is None or args.codebook_size >= 2)])
     files = args.metrics_file
     labels = args.labels.split(",") if args.labels else [path.parent.name or str(path) for path in files]
     if len(labels) != len(files):
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for label, series in runs.items():
-        print(summary(series, args.codebook_size) if len(runs) == 1 else f"== {label}\n{summary(series)}")
+        print(summary(series) if len(runs) == 1 else f"== {label}\n{summary(series)}")
+    if args.codebook_size:
+        print(uniform_line(args.codebook_size))
     print(f"{'plot':<18} {output}")
     return 0
 

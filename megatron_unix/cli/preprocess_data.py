@@ -21,9 +21,8 @@ import argparse
 import inspect
 import sys
 
-from megatron_unix.cli import refuse_out_of_range
+from megatron_unix.cli import os_error_message, refuse_out_of_range
 from megatron_unix.data.jsonl_schema import LineFormat
-from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 
 TOKENIZER_DEFAULTS = {name: p.default for name, p in inspect.signature(MultimodalTokenizer).parameters.items()}
@@ -139,7 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before megatron-core is imported: --help and flag errors answer at once
+    from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
+
     try:
         if args.merge_prefixes:
             docs = merge(args.merge_prefixes, args.output_prefix)
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt = build_line_format(args)
         summary = preprocess(args.input, args.output_prefix, tok, fmt, args.workers, args.strict, args.log_interval)
     except (PreprocessError, OSError, ValueError) as e:
+        if isinstance(e, OSError):
+            e = os_error_message(e, f"--output-prefix {args.output_prefix} (nothing written)")
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
     print(summary.report())

@@ -247,21 +247,32 @@ class UniXPackedDataset(MegatronDataset):
     def _save(self, paths: dict[str, str], row_offsets: np.ndarray, pieces: np.ndarray, stats: PackingStats) -> None:
         """Each file goes to a unique temporary name first, so readers never see a partial one (and
         ranks, or builder threads given the same prefix twice, never write into each other's)."""
-        os.makedirs(os.path.dirname(paths["pieces.npy"]), exist_ok=True)
         contents = {
             "row_offsets.npy": row_offsets,
             "pieces.npy": pieces,
             "stats.json": json.dumps(asdict(stats), indent=4),
             "description.json": self.unique_description,
         }
-        for name, content in contents.items():
-            partial = f"{paths[name]}.partial-{os.getpid()}-{threading.get_ident()}"
-            with open(partial, "wb") as f:
-                if isinstance(content, str):
-                    f.write(content.encode())
-                else:
-                    np.save(f, content)
-            os.replace(partial, paths[name])
+        folder = os.path.dirname(paths["pieces.npy"])
+        try:
+            os.makedirs(folder, exist_ok=True)
+            for name, content in contents.items():
+                partial = f"{paths[name]}.partial-{os.getpid()}-{threading.get_ident()}"
+                try:
+                    with open(partial, "wb") as f:
+                        if isinstance(content, str):
+                            f.write(content.encode())
+                        else:
+                            np.save(f, content)
+                    os.replace(partial, paths[name])
+                finally:
+                    if os.path.exists(partial):
+                        os.unlink(partial)
+        except OSError as error:  # a full disk, a read-only folder: named, with the flag that moves the cache
+            raise OSError(
+                f"{folder}: cannot write the packing cache ({error.strerror or error}); "
+                "--data-cache-path puts it elsewhere"
+            ) from error
 
 
 def build_datasets(
@@ -287,6 +298,11 @@ def build_datasets(
         tokenizer=tokenizer,
         long_text=long_text,
     )
-    return BlendedMegatronDatasetBuilder(
-        UniXPackedDataset, list(train_valid_test_num_samples), is_built_on_rank, config
-    ).build()
+    try:
+        return BlendedMegatronDatasetBuilder(
+            UniXPackedDataset, list(train_valid_test_num_samples), is_built_on_rank, config
+        ).build()
+    except Exception as error:  # megatron-core wraps rank 0's OSError writing the cache in a bare Exception
+        if isinstance(error.__cause__, OSError):
+            raise error.__cause__ from None
+        raise

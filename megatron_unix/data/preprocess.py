@@ -18,7 +18,6 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -32,7 +31,7 @@ from megatron_unix.data.indexed import (
 from megatron_unix.data.jsonl_schema import BadLine, LineFormat, parse_line
 from megatron_unix.data.preprocess_report import REPORTED_BAD_LINES, BadLineReport, BlockResult, Progress, Summary
 from megatron_unix.data.tokenizer import MultimodalTokenizer
-from megatron_unix.files import open_input
+from megatron_unix.files import expand_inputs, open_input
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,17 +73,6 @@ def process_block(block: Block, tok: MultimodalTokenizer, fmt: LineFormat, stric
                 break
     batch, trained_tokens = deferred.resolve(samples)
     return BlockResult(batch, trained_tokens, len(block.data), block.position, skipped, reports)
-
-
-def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
-    """Files and globs (each sorted) in the order given; a pattern that matches nothing is an error."""
-    paths = []
-    for pattern in map(str, patterns):
-        matches = sorted(glob(pattern, recursive=True))
-        if not matches:
-            raise FileNotFoundError(f"--input {pattern}: no such file")
-        paths += map(Path, matches)
-    return paths
 
 
 def read_blocks(paths: Sequence[Path], block_bytes: int) -> Iterator[Block]:

@@ -29,24 +29,49 @@ Series = dict[str, list[tuple[int, float]]]
 
 
 def read_series(metrics_file: str | Path) -> Series:
-    """(iteration, loss) per key of :data:`SERIES`, by iteration (a later record of one iteration wins)."""
+    """(iteration, loss) per key of :data:`SERIES`, by iteration (a later record of one iteration wins).
+    A line that is not such a record is refused by file and line (ValueError), and a file without
+    any loss value too."""
     points: dict[str, dict[int, float]] = {key: {} for key in SERIES}
-    for line in Path(metrics_file).read_text().splitlines():
+    for number, line in enumerate(Path(metrics_file).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        where = f"{metrics_file}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{where}: not a JSON record ({error})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+            raise ValueError(f'{where}: not a metrics record (no integer "iteration")')
         for key in SERIES:
-            if record.get(key) is not None:
-                points[key][record["iteration"]] = float(record[key])
+            value = record.get(key)
+            if value is not None:
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f"{where}: {key} is {value!r}, not a number")
+                points[key][record["iteration"]] = float(value)
+    if not any(points.values()):
+        raise ValueError(f"{metrics_file}: no text or vision loss in it (a run's metrics.jsonl has them)")
     return {key: sorted(values.items()) for key, values in points.items()}
 
 
 def summary(series: Series, codebook_size: int | None = None) -> str:
-    """One line per series: its first and last value, with their iterations."""
-    lines = [f"{SERIES[key]:<18} {_first_last(points)}" for key, points in series.items()]
+    """One line per series: its first and last value, with their iterations (and how many values are
+    not finite: they are not drawn); with ``codebook_size``, the uniform vision loss."""
+    lines = []
+    for key, points in series.items():
+        lines.append(f"{SERIES[key]:<18} {_first_last(points)}")
+        bad = [it for it, value in points if not math.isfinite(value)]
+        if bad:
+            lines[-1] += f" ({len(bad)} not finite, not drawn: iteration {', '.join(map(str, bad[:5]))}"
+            lines[-1] += ", ...)" if len(bad) > 5 else ")"
     if codebook_size:
-        lines.append(f"{'uniform vision':<18} {math.log(codebook_size):.3f} (ln {codebook_size}: nothing learnt)")
+        lines.append(uniform_line(codebook_size))
     return "\n".join(lines)
+
+
+def uniform_line(codebook_size: int) -> str:
+    """The loss of guessing the codes uniformly, ln(codebook_size): where a vision loss starts."""
+    return f"{'uniform vision':<18} {math.log(codebook_size):.3f} (ln {codebook_size}: nothing learnt)"
 
 
 def _first_last(points: list[tuple[int, float]]) -> str:
@@ -94,8 +119,13 @@ def render_comparison(
 def _render(
     curves: list[Curve], output: str | Path, title: str, codebook_size: int | None, size: tuple[int, int]
 ) -> None:
+    curves = [
+        Curve(c.label, finite, c.colour, c.style)
+        for c in curves
+        if (finite := [(x, y) for x, y in c.points if math.isfinite(y)])
+    ]
     if not curves:
-        raise ValueError("no loss values to plot (the metrics file has no text or vision loss)")
+        raise ValueError(f"no finite loss value to plot in {output}")
     if codebook_size:
         x_high = max(it for curve in curves for it, _ in curve.points)
         level = math.log(codebook_size)
