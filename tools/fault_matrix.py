@@ -373,6 +373,13 @@ def cases(fx: dict[str, str]) -> list[Case]:
         ),
         Case(
             "preprocess_data",
+            "SIGINT (Ctrl-C) mid-run, rerun",
+            [*pre, "--input", "{BIGJSONL}"],
+            may_succeed=True,
+            stop=(signal.SIGINT, None, 6),
+        ),
+        Case(
+            "preprocess_data",
             "SIGKILL mid-run, rerun",
             [*pre, "--input", "{BIGJSONL}"],
             may_succeed=True,
@@ -541,7 +548,7 @@ def cases(fx: dict[str, str]) -> list[Case]:
             "encode_images",
             "output folder missing",
             [E, "--vqgan", "{VQ}", "--input", "{IMAGES}", "--output", "{C}/no/codes.jsonl"],
-            ("{C}/no/codes.jsonl'",),  # the output, not its .partial
+            ("{C}/no/codes.jsonl:",),  # the output, not its .partial
             may_succeed=True,
         ),
         Case(
@@ -835,11 +842,19 @@ def _fill(text: str, values: dict[str, str]) -> str:
 
 def _start(cmd: list[str], limit: int | None) -> subprocess.Popen:
     def cap() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as from a terminal (a background shell ignores it)
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=cap
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=cap,
+        start_new_session=True,  # its own process group, which a Ctrl-C reaches whole
     )
 
 
@@ -876,7 +891,10 @@ def run_case(case: Case, index: int, work: Path, fixtures: dict[str, str]) -> Ou
             time.sleep(0.05)
         time.sleep(delay)
         stopped_early = proc.poll() is not None
-        proc.send_signal(signum)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # Ctrl-C: the terminal signals the whole foreground group
+        else:
+            proc.send_signal(signum)
         first_rc, first_err = _finish(proc, case.timeout)
         rc, err = _finish(_start(cmd, None), case.timeout)
         said = f"stopped: exit {first_rc}, {_said(first_err, 'clear')[:80]!r}; rerun: exit {rc}, {_said(err, 'clear')[:80]!r}"

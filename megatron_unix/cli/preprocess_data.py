@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             e = os_error_message(e, f"--output-prefix {args.output_prefix} (nothing written)")
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the workers ignore Ctrl-C: the pool is terminated on the way out
+        print("preprocess_data.py: stopped by SIGINT; nothing written", file=sys.stderr)
+        return 130
     print(summary.report())
     return 0
 

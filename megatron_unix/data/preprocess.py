@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -104,6 +105,10 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tok: MultimodalTokenizer, fmt: LineFormat, strict: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers is the CPU budget
+    # A stop is the main process's to report: Ctrl-C reaches the whole process group, and a worker whose
+    # main process was killed would print a BrokenPipeError traceback; it ends quietly instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _WORKER.update(tok=tok, fmt=fmt, strict=strict)
 
 
