@@ -125,8 +125,8 @@ def test_a_result_counted_with_other_settings_is_counted_again(datasets, tmp_pat
     (out / PROGRESS).write_text(json.dumps({"datasets": {key: {"settings": {"max_n": 9}, "result": wrong}}}))
     assert main(["--data-path", small, "--max-n", "2", "--output-dir", str(out)]) == 0
     err = capsys.readouterr().err
-    assert f"note: small: {out / PROGRESS} was written with other settings (files: None there" in err
-    assert "max_n: 9 there, 2 now" in err and "counting it again" in err
+    assert f"note: small: {out / PROGRESS} was written with other settings (" in err
+    assert "files: None there" in err and "max_n: 9 there, 2 now" in err and "counting it again" in err
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     (out / PROGRESS).write_text("{not json")
     assert main(["--data-path", small, "--max-n", "2", "--output-dir", str(out)]) == 2
