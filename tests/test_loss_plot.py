@@ -115,7 +115,7 @@ def test_flag_and_output_errors_name_the_flag_or_the_file(tmp_path, capsys):
         assert exit_.value.code == 2 and f"--codebook-size {size} is out of range" in capsys.readouterr().err
     missing = tmp_path / "no" / "loss.png"
     assert main([str(tmp_path / "metrics.jsonl"), "--output", str(missing)]) == 2
-    assert capsys.readouterr().err == f"error: [Errno 2] No such file or directory: '{missing}'\n"
+    assert capsys.readouterr().err == f"error: cannot write {missing}: its folder {missing.parent} does not exist\n"
 
 
 def grey_pixels(path: Path) -> int:
