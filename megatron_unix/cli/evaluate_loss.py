@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_unix.training.run_config import RunSettings
     from megatron_unix.training.trainer import StartingPoint, Trainer
 
+    owned = not dist.is_initialized()  # the process group this run starts, and so ends (not a caller's)
     try:
         values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in POSITIVE}
         if message := out_of_range(args, [(flag, v is None or v >= 1) for flag, v in values.items()]):
@@ -165,6 +166,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_initialized():
+        if owned and dist.is_initialized():
             dist.destroy_process_group()
     return 0
