@@ -139,9 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # before megatron-core is imported: --help and flag errors answer at once
-    from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
-
     try:
+        from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
+
         if args.merge_prefixes:
             docs = merge(args.merge_prefixes, args.output_prefix)
             print(
@@ -152,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         tok = build_tokenizer(args)
         fmt = build_line_format(args)
         summary = preprocess(args.input, args.output_prefix, tok, fmt, args.workers, args.strict, args.log_interval)
+    except KeyboardInterrupt:  # first: at start-up the names below are not imported yet
+        # (the workers ignore Ctrl-C: the pool is terminated on the way out)
+        print("preprocess_data.py: stopped by SIGINT; nothing written", file=sys.stderr)
+        return 130
     except (PreprocessError, OSError, ValueError) as e:
         if isinstance(e, OSError):
             e = os_error_message(e, f"--output-prefix {args.output_prefix} (nothing written)")
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the workers ignore Ctrl-C: the pool is terminated on the way out
-        print("preprocess_data.py: stopped by SIGINT; nothing written", file=sys.stderr)
-        return 130
     print(summary.report())
     return 0
 
