@@ -10,6 +10,7 @@ import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def out_of_range(args: argparse.Namespace, checks: Iterable[tuple[str, bool]]) -> str | None:
@@ -121,18 +122,58 @@ def not_a_folder(flag: str, path: Path | None) -> str | None:
     return None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model to run: an HF directory (``--hf``) or a Megatron checkpoint (``--load``), its tokenizer,
-    device and seed (the generation and evaluation programs)."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
-    source.add_argument("--load", help="Megatron checkpoint: save directory or iter_* directory")
-    parser.add_argument("--tokenizer", help="text tokenizer (default: the HF directory's, or the one --load records)")
+def missing_flag_path(args: argparse.Namespace, flags: Iterable[str]) -> str | None:
+    """:func:`missing_path` of the path flags named (``--hf``: ``args.hf``; a list value: each path)."""
+    given = []
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        given += [(flag, path) for path in (value if isinstance(value, list) else [value])]
+    return missing_path(given)
+
+
+def add_verify_argument(parser: argparse._ActionsContainer) -> None:
+    """``--no-verify-checkpoint``: every program that reads a Megatron checkpoint has it."""
     parser.add_argument(
         "--no-verify-checkpoint",
         action="store_false",
         dest="verify_checkpoint",
         help="--load without checking the checkpoint's files against its checksums.json",
     )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model to run: an HF directory (``--hf``) or a Megatron checkpoint (``--load``), its tokenizer,
+    device and seed (the generation and evaluation programs; ``inference.loading.load_model`` reads them)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="Uni-X HF directory (an export of this stack, or the reference's format)")
+    source.add_argument("--load", help="Megatron checkpoint: save directory or iter_* directory")
+    parser.add_argument("--tokenizer", help="text tokenizer (default: the HF directory's, or the one --load records)")
+    add_verify_argument(parser)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=1234)
+
+
+RUN_FLAGS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "sequence_parallel",
+    "transformer_impl",
+    "attention_backend",
+)
+"""The flags of :func:`add_run_arguments`, as pretrain_unix.py names them."""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Parallelism and kernels of the programs that run a Megatron checkpoint as training runs it (any
+    TP/PP under torchrun); not given, training's defaults, or the checkpoint's recorded run's."""
+    run = parser.add_argument_group("parallelism and kernels (as pretrain_unix.py's flags)")
+    run.add_argument("--tensor-model-parallel-size", type=int, help="TP (default: 1)")
+    run.add_argument("--pipeline-model-parallel-size", type=int, help="PP (default: 1)")
+    run.add_argument("--sequence-parallel", action="store_true", default=None)
+    run.add_argument("--transformer-impl", choices=["local", "transformer_engine"])
+    run.add_argument("--attention-backend", help="default: the checkpoint's")
+
+
+def given_run_flags(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The training flags among ``names`` that were given (not None), for ``from_checkpoint.open_run``."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

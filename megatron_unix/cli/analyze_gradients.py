@@ -34,12 +34,16 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megatron_unix.cli import out_of_range
+from megatron_unix.cli import RUN_FLAGS, add_run_arguments, add_verify_argument, given_run_flags, out_of_range
 from megatron_unix.files import write_text_atomically
+
+if TYPE_CHECKING:
+    from megatron_unix.training.from_checkpoint import CheckpointRun, StartingPoint
+    from megatron_unix.training.run_config import RunSettings
 
 MODES = ("conflict", "modality-loss")
 CONFLICT_COLUMNS = ("checkpoint", "group", "layer", "similarity", "baseline", "conflict")
@@ -49,8 +53,19 @@ MODE_FLAGS = {
     "modality-loss": ("--data-path", "--consumed-samples", "--split"),
 }
 """The flags only one mode reads: given to the other, they are refused rather than ignored."""
-RUN_DEFAULTS = dict(seq_length=None, micro_batch_size=1, global_batch_size=None, seed=1234, split="969,30,1")
-"""Settings taken from the checkpoint's run when not given (these defaults where it records none)."""
+GIVEN = (
+    "seq_length",
+    "micro_batch_size",
+    "global_batch_size",
+    "seed",
+    "split",
+    "tokenizer_model",
+    "data_cache_path",
+    "allow_unrecorded_vocabulary",
+)
+"""This tool's flags that replace the (first) checkpoint's recorded run's settings when given."""
+RECORDED = ("seq_length", "micro_batch_size", "global_batch_size", "seed", "split", "tokenizer_model", "long_text")
+"""The run settings the measurement reads, recorded with its results."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,114 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch-size", type=int, default=None, help="rows per batch (default: the run's)")
     p.add_argument("--seed", type=int, default=None, help="data order and the A/B shuffle (default: the run's)")
     p.add_argument("--tokenizer-model", default=None, help="the data's tokenizer (default: the one the run records)")
-    p.add_argument("--data-cache-path", default=None, help="packing index cache (default: beside the first prefix)")
+    p.add_argument("--data-cache-path", default=None, help="packing index cache (default: beside the data)")
     p.add_argument(
-        "--allow-unrecorded-vocabulary", action="store_true", help="accept prefixes without PREFIX_vocab.json"
+        "--allow-unrecorded-vocabulary",
+        action="store_true",
+        default=None,
+        help="accept prefixes without PREFIX_vocab.json",
     )
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP (default: 1)")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP (default: 1)")
-    p.add_argument(
-        "--no-verify-checkpoint",
-        action="store_false",
-        dest="verify_checkpoint",
-        help="load without checking the checkpoints' files against their checksums.json",
-    )
+    add_run_arguments(p)
+    add_verify_argument(p)
     p.add_argument("--output-dir", type=Path, required=True, help="CSV, JSON and PNGs go here")
     return p
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The flags resolved against the first checkpoint's run."""
-
-    mode: str
-    batches: int
-    seq_length: int
-    micro_batch_size: int
-    global_batch_size: int
-    seed: int
-    split: str
-    tokenizer_model: str
-    long_text: str
-    document_isolation: bool
-    boi: str
-    eoi: str
-    eos: str
-    separator: str | None
-    text_data: list[str] | None
-    mm_data: list[str] | None
-    data_path: list[str] | None
-
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
-
-
-def _resolve(args: argparse.Namespace, run: dict[str, Any]) -> Settings:
-    values = {name: _first(getattr(args, name), run.get(name), default) for name, default in RUN_DEFAULTS.items()}
-    values["global_batch_size"] = values["global_batch_size"] or values["micro_batch_size"]
-    return Settings(
-        mode=args.mode,
-        batches=args.batches,
-        tokenizer_model=_first(args.tokenizer_model, run.get("tokenizer_model")),
-        long_text=run.get("long_text", "truncate"),
-        document_isolation=run.get("document_isolation", True),
-        boi=run.get("boi", "<|vision_start|>"),
-        eoi=run.get("eoi", "<|vision_end|>"),
-        eos=run.get("eos", "<|endoftext|>"),
-        separator=run.get("separator"),
-        text_data=args.text_data,
-        mm_data=args.mm_data,
-        data_path=None if args.mode == "conflict" else _first(args.data_path, run.get("data_path")),
-        **values,
-    )
-
-
-def _refusal(args: argparse.Namespace, settings: Settings, world_size: int) -> str | None:
-    """What is wrong with the flags, checked before any process group exists."""
-    from megatron_unix.data.indexed import require_files
-    from megatron_unix.training.arguments import data_prefixes
-
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-    dp = world_size // model_parallel if world_size % model_parallel == 0 else 0
-    problem = out_of_range(
-        args,
-        [
-            ("--batches", args.batches >= 1),
-            ("--consumed-samples", args.consumed_samples is None or args.consumed_samples >= 0),
-            ("--tensor-model-parallel-size", args.tensor_model_parallel_size >= 1 and dp >= 1),
-            ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size >= 1 and dp >= 1),
-        ],
-    )
-    if problem:
+def _flag_refusal(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags alone."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    checks = [
+        ("--batches", args.batches >= 1),
+        ("--consumed-samples", args.consumed_samples is None or args.consumed_samples >= 0),
+        ("--tensor-model-parallel-size", tp is None or tp >= 1),
+        ("--pipeline-model-parallel-size", pp is None or pp >= 1),
+    ]
+    if problem := out_of_range(args, checks):
         return problem
     for mode, flags in MODE_FLAGS.items():
         given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is not None]
         if mode != args.mode and given:
             return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read in --mode {mode} only, not in --mode {args.mode}"
-    if settings.seq_length is None:
-        return "--seq-length must be given (the checkpoint records none)"
-    if settings.tokenizer_model is None:
-        return "--tokenizer-model must be given (the checkpoint records none)"
-    if settings.global_batch_size % (settings.micro_batch_size * dp):
-        return (
-            f"--global-batch-size ({settings.global_batch_size}) must be divisible by --micro-batch-size "
-            f"({settings.micro_batch_size}) x data-parallel size ({dp})"
-        )
-    needed = ("--text-data", "--mm-data") if args.mode == "conflict" else ("--data-path",)
-    for flag in needed:
-        value = getattr(settings, flag[2:].replace("-", "_"))
-        if not value:
-            return f"{flag} must name dataset prefixes in --mode {args.mode}" + (
-                " (the checkpoint records none)" if flag == "--data-path" else ""
-            )
-        for prefix in data_prefixes(value):
-            try:
-                require_files(prefix)
+    if args.mode == "conflict":
+        from megatron_unix.data.indexed import require_files
+        from megatron_unix.training.arguments import data_prefixes
+
+        for flag in MODE_FLAGS["conflict"]:
+            given = getattr(args, flag[2:].replace("-", "_"))
+            for prefix in data_prefixes(given) if given else []:
+                try:
+                    require_files(prefix)
+                except OSError as error:
+                    return f"{flag} {prefix}: {error}"
                 if problem := _modality_refusal(flag, prefix):
                     return problem
-            except (OSError, ValueError) as error:
-                return f"{flag} {prefix}: {error}"
     return None
 
 
@@ -208,31 +156,35 @@ def _modality_refusal(flag: str, prefix: str) -> str | None:
     return None
 
 
+def open_checkpoints(args: argparse.Namespace) -> tuple[CheckpointRun, list[Checkpoint]]:
+    """The first checkpoint's run with this tool's flags (the settings of every measurement; the model's
+    precision fp32: a bf16 run's in-training values agree approximately, an fp32 run's exactly), and every
+    ``--load``'s checkpoint; refuses as training refuses, then what this mode needs."""
+    from megatron_unix.training.from_checkpoint import StartingPoint, open_run
+
+    checkpoints = [Checkpoint(given, StartingPoint.required(given, args.verify_checkpoint)) for given in args.load]
+    given = given_run_flags(args, GIVEN + RUN_FLAGS) | {"bf16": False}
+    given["data_path"] = args.data_path if args.mode == "modality-loss" else (args.text_data or args.mm_data)
+    opened = open_run(checkpoints[0].start, given, args.verify_checkpoint)
+    for flag in MODE_FLAGS["conflict"] if args.mode == "conflict" else ():
+        if not getattr(args, flag[2:].replace("-", "_")):
+            raise ValueError(f"{flag} must name dataset prefixes in --mode {args.mode}")
+    return opened, checkpoints
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     name: str
     """As given on the command line: the label in tables and plots."""
-    path: Path
-    common: dict[str, Any]
+    start: StartingPoint
+
+    @property
+    def path(self) -> Path:
+        return self.start.checkpoint
 
     @property
     def iteration(self) -> int:
-        return self.common["iteration"]
-
-
-def _checkpoints(args: argparse.Namespace) -> list[Checkpoint]:
-    from megatron_unix.training.checkpointing import find_checkpoint, read_common
-
-    found = []
-    for given in args.load:
-        path = find_checkpoint(given) if Path(given).exists() else None
-        if path is None:
-            raise FileNotFoundError(f"--load {given}: no checkpoint there")
-        common = read_common(path, args.verify_checkpoint)
-        if "model_args" not in common:
-            raise ValueError(f"--load {given}: {path} has no model_args (not written by this stack)")
-        found.append(Checkpoint(given, path, common))
-    return found
+        return self.start.common["iteration"]
 
 
 class Progress:
@@ -254,108 +206,81 @@ class Progress:
 class Data:
     """Rows of the datasets and this rank's micro-batches of their global batches."""
 
-    def __init__(self, settings: Settings, tokenizer, cache_path: str | None) -> None:
+    def __init__(self, run: RunSettings, tokenizer) -> None:
         from megatron.core import parallel_state as ps
 
-        self.settings, self.tokenizer, self.cache_path = settings, tokenizer, cache_path
+        self.run, self.tokenizer = run, tokenizer
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.num_micro = settings.global_batch_size // (settings.micro_batch_size * self.dp)
+        self.num_micro = run.global_batch_size // (run.micro_batch_size * self.dp)
 
     def rows(self, data_path: list[str], split: str, count: int):
         from megatron_unix.data.dataset import build_datasets
-        from megatron_unix.training.arguments import data_prefixes
 
-        s = self.settings
-        cache = self.cache_path or str(Path(data_prefixes(data_path)[0]).parent / "cache")
+        run = self.run
         train, _, _ = build_datasets(
-            data_path, split, s.seq_length, s.seed, self.tokenizer, (count, 0, 0), cache, s.long_text
+            data_path, split, run.seq_length, run.seed, self.tokenizer, (count, 0, 0), run.data_cache_dir, run.long_text
         )
         return train
 
     def global_batches(self, rows, first_sample: int, count: int) -> Iterator[list[dict]]:
         from megatron_unix.training.data import micro_batches
 
-        data = micro_batches(rows, first_sample, self.settings.micro_batch_size, self.dp_rank, self.dp)
+        data = micro_batches(rows, first_sample, self.run.micro_batch_size, self.dp_rank, self.dp)
         for _ in range(count):
             yield [next(data) for _ in range(self.num_micro)]
 
 
-def _tokenizer(settings: Settings, arch: dict[str, Any]):
-    from megatron_unix.data.tokenizer import MultimodalTokenizer
-
-    return MultimodalTokenizer.from_pretrained(
-        settings.tokenizer_model,
-        codebook_size=arch["vq_codebook_size"],
-        boi=settings.boi,
-        eoi=settings.eoi,
-        eos=settings.eos,
-        separator=settings.separator or None,
-        vq_offset=arch["vq_offset"],
-    )
-
-
-def _model(checkpoint: Checkpoint, settings: Settings, verify: bool):
-    """The checkpoint's model at this run's TP/PP in fp32 (a bf16 run's in-training values agree
-    approximately, an fp32 run's exactly), wrapped in Megatron DDP as training wraps it."""
-    import torch
-    from megatron.core import parallel_state as ps
-
-    from megatron_unix.model import build_model
-    from megatron_unix.model.config import ModelArguments, default_transformer_impl
-    from megatron_unix.training import checkpointing
+def _model(opened: CheckpointRun, checkpoint: Checkpoint):
+    """The checkpoint's model at this run's TP/PP, wrapped in Megatron DDP, built and loaded as training
+    builds and loads it (its tokenizer checked against it as training checks it)."""
+    from megatron_unix.training import checkpointing, setup
     from megatron_unix.training.gradient_conflict import GradientProbe
-    from megatron_unix.training.setup import wrap_model
 
-    arch = ModelArguments.from_dict(checkpoint.common["model_args"])
-    config = arch.config(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-        document_isolation=settings.document_isolation,
-        transformer_impl=default_transformer_impl(arch.layer_variant),  # as training builds them
-    )
-    ddp = wrap_model(config, build_model(config, arch.vocab_size, settings.seq_length))
-    checkpointing.load(checkpoint.path, ddp, load_rng=False, verify=verify)
+    _, model_args = opened.tokenizer(checkpoint.start)
+    config = setup.model_config(opened.run, model_args)
+    ddp = setup.build(opened.run, config, model_args.vocab_size)
+    checkpointing.load(checkpoint.path, ddp, load_rng=False, verify=opened.run.verify_checkpoint)
     ddp.train()
     return ddp, GradientProbe(ddp, config)
 
 
-def _conflict(args, settings: Settings, checkpoints: list[Checkpoint], data: Data) -> list[dict[str, Any]]:
+def _conflict(args, opened: CheckpointRun, checkpoints: list[Checkpoint], data: Data) -> list[dict[str, Any]]:
     import torch
     from torch.utils.data import ConcatDataset, Subset
 
     from megatron_unix.training.gradient_conflict import data_conflict
 
-    count = settings.batches * settings.global_batch_size
-    text = Subset(data.rows(settings.text_data, "100,0,0", count), range(count))
-    mm = Subset(data.rows(settings.mm_data, "100,0,0", count), range(count))
-    order = torch.randperm(2 * count, generator=torch.Generator().manual_seed(settings.seed)).tolist()
+    count = args.batches * opened.run.global_batch_size
+    text = Subset(data.rows(args.text_data, "100,0,0", count), range(count))
+    mm = Subset(data.rows(args.mm_data, "100,0,0", count), range(count))
+    order = torch.randperm(2 * count, generator=torch.Generator().manual_seed(opened.run.seed)).tolist()
     union = ConcatDataset([text, mm])
     rows = {"text": text, "mm": mm, "A": Subset(union, order[:count]), "B": Subset(union, order[count:])}
-    progress = Progress(4 * settings.batches * len(checkpoints))
+    progress = Progress(4 * args.batches * len(checkpoints))
     results = []
     for checkpoint in checkpoints:
-        ddp, probe = _model(checkpoint, settings, args.verify_checkpoint)
-        sets = {name: data.global_batches(dataset, 0, settings.batches) for name, dataset in rows.items()}
+        ddp, probe = _model(opened, checkpoint)
+        sets = {name: data.global_batches(dataset, 0, args.batches) for name, dataset in rows.items()}
         for row in data_conflict(probe, ddp, sets, lambda name, label=checkpoint.name: progress(f"{label} {name}")):
             results.append({"checkpoint": checkpoint.name, **row})
     return results
 
 
-def _modality_loss(args, settings: Settings, checkpoints: list[Checkpoint], data: Data) -> list[dict[str, Any]]:
+def _modality_loss(args, opened: CheckpointRun, checkpoints: list[Checkpoint], data: Data) -> list[dict[str, Any]]:
     from megatron_unix.training.gradient_conflict import modality_products
 
-    gbs = settings.global_batch_size
+    run = opened.run
+    gbs = run.global_batch_size
     starts = [
-        args.consumed_samples if args.consumed_samples is not None else c.common.get("consumed_train_samples", 0)
+        args.consumed_samples if args.consumed_samples is not None else c.start.common.get("consumed_train_samples", 0)
         for c in checkpoints
     ]
-    rows = data.rows(settings.data_path, settings.split, max(starts) + settings.batches * gbs)
-    progress = Progress(settings.batches * len(checkpoints))
+    rows = data.rows(run.data_path, run.split, max(starts) + args.batches * gbs)
+    progress = Progress(args.batches * len(checkpoints))
     results = []
     for checkpoint, start in zip(checkpoints, starts):
-        ddp, probe = _model(checkpoint, settings, args.verify_checkpoint)
-        for j, micro_batches in enumerate(data.global_batches(rows, start, settings.batches)):
+        ddp, probe = _model(opened, checkpoint)
+        for j, micro_batches in enumerate(data.global_batches(rows, start, args.batches)):
             iteration = start // gbs + j + 1
             for (layer, group), value in modality_products(probe, ddp, micro_batches).items():
                 results.append(
@@ -400,23 +325,31 @@ def _plot_conflict(rows: list[dict[str, Any]], checkpoints: list[Checkpoint], gr
     return bool(curves)
 
 
+def settings_record(args: argparse.Namespace, run: RunSettings) -> dict[str, Any]:
+    """What the measurement was made with: its flags and the run settings it read."""
+    data = dict(text_data=args.text_data, mm_data=args.mm_data, data_path=None)
+    if args.mode == "modality-loss":
+        data = dict(text_data=None, mm_data=None, data_path=run.data_path)
+    return dict(mode=args.mode, batches=args.batches, **{k: getattr(run, k) for k in RECORDED}, **data)
+
+
 def write_outputs(
-    output_dir: Path, settings: Settings, checkpoints: list[Checkpoint], rows: list[dict[str, Any]]
+    output_dir: Path, settings: dict[str, Any], checkpoints: list[Checkpoint], rows: list[dict[str, Any]]
 ) -> list[Path]:
     """CSV, JSON and (conflict) one PNG per group, each written atomically; returns their paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     stem, columns = (
-        ("grad_conflict", CONFLICT_COLUMNS) if settings.mode == "conflict" else ("modality_cosine", MODALITY_COLUMNS)
+        ("grad_conflict", CONFLICT_COLUMNS) if settings["mode"] == "conflict" else ("modality_cosine", MODALITY_COLUMNS)
     )
     record = {
-        "settings": asdict(settings),
+        "settings": settings,
         "checkpoints": [{"name": c.name, "path": str(c.path), "iteration": c.iteration} for c in checkpoints],
         "rows": rows,
     }
     written = [output_dir / f"{stem}.csv", output_dir / f"{stem}.json"]
     write_text_atomically(written[0], _csv(rows, columns))
     write_text_atomically(written[1], json.dumps(record, indent=1) + "\n")
-    if settings.mode == "conflict":
+    if settings["mode"] == "conflict":
         for group in dict.fromkeys(row["group"] for row in rows):
             path = output_dir / f"{stem}_{group}.png"
             if _plot_conflict(rows, checkpoints, group, path):
@@ -426,52 +359,44 @@ def write_outputs(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_unix.training.arguments import world_size_from_env
-
     try:
-        checkpoints = _checkpoints(args)
-        settings = _resolve(args, checkpoints[0].common.get("args") or {})
-        problem = _refusal(args, settings, world_size_from_env())
+        if problem := _flag_refusal(args):
+            raise ValueError(problem)
+        opened, checkpoints = open_checkpoints(args)
     except (OSError, ValueError) as error:
-        problem = str(error)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    return _run(args, settings, checkpoints)
+    return _run(args, opened, checkpoints)
 
 
-def _run(args: argparse.Namespace, settings: Settings, checkpoints: list[Checkpoint]) -> int:
+def _run(args: argparse.Namespace, opened: CheckpointRun, checkpoints: list[Checkpoint]) -> int:
     import torch.distributed as dist
 
-    from megatron_unix.data.indexed import check_vocabulary
     from megatron_unix.training import distributed
     from megatron_unix.training.arguments import data_prefixes
+    from megatron_unix.training.from_checkpoint import check_data
 
-    distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, settings.seed)
+    run = opened.run
+    distributed.initialize(run.tensor_model_parallel_size, run.pipeline_model_parallel_size, run.seed)
     try:
-        tokenizer = _tokenizer(settings, checkpoints[0].common["model_args"])
-        for data_path in (
-            (settings.text_data, settings.mm_data) if settings.mode == "conflict" else (settings.data_path,)
-        ):
-            for prefix in data_prefixes(data_path):
-                check_vocabulary(
-                    prefix, tokenizer.model_config_fields(), settings.tokenizer_model, args.allow_unrecorded_vocabulary
-                )
+        tokenizer, _ = opened.tokenizer()
+        sets = (args.text_data, args.mm_data) if args.mode == "conflict" else (run.data_path,)
+        prefixes = [prefix for data_path in sets for prefix in data_prefixes(data_path)]
+        check_data(prefixes, tokenizer, run.tokenizer_model, run.allow_unrecorded_vocabulary)
     except (OSError, ValueError) as error:  # the same on every rank
         if dist.get_rank() == 0:
             print(f"error: {error}", file=sys.stderr)
         return 2
-    data = Data(settings, tokenizer, args.data_cache_path)
-    measure = _conflict if settings.mode == "conflict" else _modality_loss
+    measure = _conflict if args.mode == "conflict" else _modality_loss
     try:
-        rows = measure(args, settings, checkpoints, data)
+        rows = measure(args, opened, checkpoints, Data(run, tokenizer))
     except OSError as error:  # the packing cache unwritable (the error names it): the rank that met it says so
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     outcome: list[str | None] = [None]
     if dist.get_rank() == 0:
         try:
-            for path in write_outputs(args.output_dir, settings, checkpoints, rows):
+            for path in write_outputs(args.output_dir, settings_record(args, run), checkpoints, rows):
                 print(f" wrote {path}", flush=True)
         except OSError as error:  # a full disk, an unwritable --output-dir: the error names the file
             outcome[0] = f"--output-dir {args.output_dir}: {error}"

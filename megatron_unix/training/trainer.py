@@ -18,7 +18,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -28,12 +27,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
-from megatron_unix.data.indexed import check_dataset, check_vocabulary
-from megatron_unix.data.tokenizer import MultimodalTokenizer
 from megatron_unix.model.builder import padded_vocab_size, parameter_counts
 from megatron_unix.training import checkpointing, distributed, metrics, setup
 from megatron_unix.training.arguments import architecture_flags, validate, world_size_from_env
 from megatron_unix.training.data import micro_batches
+from megatron_unix.training.from_checkpoint import StartingPoint, check_data
 from megatron_unix.training.gradient_conflict import GradientProbe, group_means, metric_key, modality_products
 from megatron_unix.training.metrics import StepStats
 from megatron_unix.training.run_config import RunSettings, load_tokenizer, model_arguments
@@ -68,34 +66,6 @@ class ExitSignal:
 def log(message: str) -> None:
     if dist.get_rank() == 0:
         print(message, flush=True)
-
-
-@dataclass(frozen=True)
-class StartingPoint:
-    """The checkpoint a run starts from, found and its common part read once, before any process group."""
-
-    checkpoint: Path | None = None
-    resume: bool = False
-    """Found under ``--load``: the whole state is restored (unless ``--finetune``); else weights only."""
-    common: dict[str, Any] | None = None
-    """Its architecture, args and LR schedule."""
-
-    @classmethod
-    def of(cls, args: argparse.Namespace) -> StartingPoint:
-        """``--load``'s checkpoint, else ``--pretrained-checkpoint``'s, else none."""
-        resume = checkpointing.find_checkpoint(args.load) if args.load else None
-        source = resume
-        if source is None and args.pretrained_checkpoint:
-            source = checkpointing.find_checkpoint(args.pretrained_checkpoint)
-            if source is None:
-                raise FileNotFoundError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there")
-        if source is None:
-            return cls()
-        return cls(source, resume is not None, checkpointing.read_common(source, args.verify_checkpoint))
-
-    @property
-    def model_args(self) -> dict[str, Any] | None:
-        return self.common["model_args"] if self.common else None
 
 
 def pretrain(args: argparse.Namespace) -> TrainState:
@@ -144,7 +114,7 @@ class Trainer:
         # checkpoint vs tokenizer first: then data vs tokenizer
         self.model_args = model_arguments(shape, tokenizer, run, start.checkpoint)
         self._progress(f"checking {len(run.data_prefixes)} dataset(s)")
-        self._check_data(tokenizer)
+        check_data(run.data_prefixes, tokenizer, run.tokenizer_model, run.allow_unrecorded_vocabulary)
         self.config = setup.model_config(run, self.model_args)
         self.stored_model_args = self.model_args.to_dict(carried=start.model_args)
         self._progress("building the model and optimizer")
@@ -212,27 +182,6 @@ class Trainer:
     def _progress(self, message: str) -> None:
         """A set-up step about to run, with the seconds since start: the wait before iteration 1 is visible."""
         log(f"> [{time.time() - self.start_time:6.1f} s] {message}")
-
-    def _check_data(self, tokenizer: MultimodalTokenizer) -> None:
-        """Vocabulary record and damage of every ``--data-path`` prefix, before the model is built. Rank 0
-        checks (every rank reading every index of a 10^8-sample dataset would multiply the reads by the
-        job size) and shares the outcome, so every rank stops with the same message."""
-        outcome: list[str | None] = [None]
-        if dist.get_rank() == 0:
-            try:
-                for prefix in self.run.data_prefixes:
-                    check_vocabulary(
-                        prefix,
-                        tokenizer.model_config_fields(),
-                        self.run.tokenizer_model,
-                        allow_unrecorded=self.run.allow_unrecorded_vocabulary,
-                    )
-                    check_dataset(prefix)
-            except (ValueError, OSError) as error:
-                outcome[0] = str(error)
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[0] is not None:
-            raise ValueError(outcome[0])
 
     def _restore(self, start: StartingPoint) -> TrainState:
         """Resume from ``--load`` (everything), or start from its or ``--pretrained-checkpoint``'s weights."""
