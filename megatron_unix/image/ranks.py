@@ -186,8 +186,9 @@ def remove_rank_files(output: Path, world: int) -> None:
 
 
 class TotalProgress:
-    """Rank 0's line every ``seconds`` over all ranks, from their progress records (written after every
-    batch, atomically): images, images/s, the share of the input read and the slowest rank's ETA."""
+    """Rank 0's line every ``seconds``, and once at the end, over all ranks, from their progress records
+    (written after every batch, atomically): images, images/s (the ranks' rates added), the share of
+    the input read and the slowest rank's ETA."""
 
     def __init__(self, output: Path, world: int, shards: Sequence[int], seconds: float, log: IO[str]) -> None:
         self.parts = [rank_output(output, rank, world) for rank in range(world)]
@@ -199,9 +200,11 @@ class TotalProgress:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stopped.set()
         self.thread.join()
+        if exc_type is None:
+            print(self.line(), file=self.log, flush=True)
 
     def _run(self) -> None:
         while not self.stopped.wait(self.seconds):
@@ -217,7 +220,7 @@ class TotalProgress:
                 continue
             done = finished(part)
             images += record["encoded"]
-            rate += 0.0 if done else record["encoded_now"] / max(record["seconds"], 1e-9)
+            rate += record["encoded_now"] / max(record["seconds"], 1e-9)
             read += shards * (1.0 if done else record["share"])
             etas.append(0.0 if done else record["eta"])
         share = read / max(sum(self.shards), 1)
