@@ -202,16 +202,16 @@ SRUN_TASK = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": 
 def test_ranks_come_from_the_srun_step_not_the_batch_script(monkeypatch, task, world, rank, master):
     """python run by the batch script itself is one process (not a rank waiting for a partner that never
     comes); srun's tasks are the step's ranks and meet at the step's first node."""
-    from megatron_unix.training import distributed
+    from megatron_unix import distributed
     from megatron_unix.training.arguments import world_size_from_env
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.setenv(name, "")  # restored (or removed) after the test, also when _env_from_slurm sets it
+        monkeypatch.setenv(name, "")  # restored (or removed) after the test, also when env_from_slurm sets it
         monkeypatch.delenv(name)
     for name, value in {**BATCH_SCRIPT, **task}.items():
         monkeypatch.setenv(name, value)
-    distributed._env_from_slurm()
-    assert world_size_from_env() == world
+    launched = distributed.launched_world()
+    assert world_size_from_env() == launched.size == world and launched.rank == int(rank or 0)
     assert (os.environ.get("RANK"), os.environ.get("LOCAL_RANK"), os.environ.get("MASTER_ADDR")) == (rank, rank, master)
     assert distributed.launcher() == (
         "srun: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID" if task else "no launcher"

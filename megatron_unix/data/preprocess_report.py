@@ -115,9 +115,21 @@ class ProgressLine:
         if done_now < self.next:
             return
         self.next = done_now + self.interval
-        seconds = self.elapsed()
-        eta = f"{seconds * (1 - share) / (share - self.baseline):.0f} s" if share > self.baseline else "?"
-        print(f"{done:,} {self.unit} ({rates()}), {share:.0%} of the input, ETA {eta}", file=self.log, flush=True)
+        print(
+            f"{done:,} {self.unit} ({rates()}), {share:.0%} of the input, ETA {eta_text(self.eta(share))}",
+            file=self.log,
+            flush=True,
+        )
+
+    def eta(self, share: float) -> float | None:
+        """Seconds left at ``share`` of the input read, at this run's pace; None until the share has grown."""
+        if self.baseline is None or share <= self.baseline:
+            return None
+        return self.elapsed() * (1 - share) / (share - self.baseline)
+
+
+def eta_text(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.0f} s"
 
 
 class Progress:

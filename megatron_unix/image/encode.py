@@ -1,9 +1,10 @@
 """Images -> VQ codes, as jsonl lines that ``tools/preprocess_data.py`` reads (``vqcode`` plus the texts).
 
 Images come from jsonl(.gz) lines (a path under ``--image-key``, or base64 / a ``data:`` URI under the
-base64 key) or from a folder (captions in same-stem ``.txt`` files). Worker processes decode and crop
-a batch each (:func:`load_chunk`); the main process encodes the batches in input order and appends the
-lines to ``OUT.partial``. After every batch the partial is flushed and a progress record (inputs
+base64 key) or from a folder (captions in same-stem ``.txt`` files), in batches that the caller makes
+(:mod:`~megatron_unix.image.ranks`: never across a shard's end, so that any split over ranks batches
+alike). Worker processes decode and crop a batch each (:func:`load_chunk`), a few batches ahead; the
+main process encodes the batches in input order and appends the lines to ``OUT.partial``. After every batch the partial is flushed and a progress record (inputs
 consumed, output bytes, counts) replaces the previous one, so a killed run resumes where the record
 says: the partial is cut to the recorded length and the consumed inputs are skipped. The output is
 the same for any worker count and any number of interruptions. The VQGAN encodes in fp32 on every
@@ -26,14 +27,13 @@ from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from megatron_unix.data.preprocess import PreprocessError, in_order, read_blocks
+from megatron_unix.data.preprocess import PreprocessError, in_order, quiet_worker, read_blocks
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
 from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
 from megatron_unix.image.transforms import BadImage, crop_bytes, normalize, open_image
@@ -65,6 +65,13 @@ class Item:
     error: tuple[str, str] | None = None
     progress: float = 0.0
     """Share of the input read when this item was (for the ETA)."""
+
+
+class Batch(NamedTuple):
+    """Items encoded together, and the share of the process's input read with them (for the ETA)."""
+
+    items: list[Item]
+    share: float
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,9 @@ class Summary:
     resumed_after: int = 0
     encoded_now: int = 0
     seconds: float = 0.0
+    share: float = 0.0
+    """Of the input read (this run's progress line, other ranks' total line)."""
+    eta: float | None = None
 
     def __post_init__(self) -> None:
         if self.used is None:
@@ -220,6 +230,11 @@ class Summary:
             "skipped": dict(self.skipped),
             "bad_images": self.bad_images,
             "codes_used": base64.b64encode(np.packbits(self.used)).decode(),
+            "codebook_size": self.codebook_size,
+            "encoded_now": self.encoded_now,
+            "seconds": self.seconds,
+            "share": self.share,
+            "eta": self.eta,
         }
 
     @classmethod
@@ -315,10 +330,13 @@ class ResumableOutput:
         text = json.dumps(record)
         write_text_atomically(self.progress, text, durable=True)
 
-    def finish(self) -> None:
+    def finish(self, keep_record: bool = False) -> None:
+        """Rename the partial to the output; ``keep_record`` keeps the progress record (a rank's summary,
+        read when the ranks' outputs are joined)."""
         self.file.close()
         os.replace(self.partial, self.path)
-        self.progress.unlink()
+        if not keep_record:
+            self.progress.unlink()
 
     def discard(self) -> None:
         self.file.close()
@@ -334,20 +352,22 @@ class ResumableOutput:
 
 
 def encode_images(
-    inputs: Callable[[int], Iterable[Item]],
+    inputs: Callable[[int], Iterable[Batch]],
     output: Path,
     model: VQGAN,
     filters: Filters,
     settings: dict[str, Any],
-    batch_size: int = 32,
     workers: int = 0,
     strict: bool = False,
     log: IO[str] | None = None,
     log_interval: int = 1000,
+    rank_output: bool = False,
 ) -> Summary:
     """Encode every item into ``output`` (jsonl), resuming an interrupted run of the same ``settings``.
-    ``inputs(skip)`` gives the items after the first ``skip`` (those a resumed run has done), e.g.
-    ``lambda skip: jsonl_items(paths, skip=skip)``. ``workers`` 0 loads images in this process. ``log`` (default stderr) gets the progress lines."""
+    ``inputs(skip)`` gives the batches after the first ``skip`` items (those a resumed run has done).
+    ``workers`` 0 loads images in this process. ``log`` (default stderr) gets the progress lines. An
+    output without any image is an error, unless it is one rank's (``rank_output``: the ranks are joined
+    later, with the progress record, which is kept)."""
     log = log or sys.stderr
     out = ResumableOutput(output, settings)
     progress = ProgressLine("images", log_interval, log, baseline=None)
@@ -358,38 +378,37 @@ def encode_images(
         if record:
             summary = Summary.from_record(record, model.config.n_embed, consumed)
             print(f"resuming {out.partial}: {consumed:,} inputs done, {summary.encoded:,} images", file=log)
-        submitted: deque[list[Item]] = deque()
-        with Pool(workers) if workers else nullcontext() as pool:
-            chunks = _submitted(_chunks(iter(inputs(consumed)), batch_size), submitted)
+        submitted: deque[Batch] = deque()
+        with Pool(workers, quiet_worker) if workers else nullcontext() as pool:
+            chunks = _submitted(iter(inputs(consumed)), submitted)
             for chunk in in_order(pool, partial(load_chunk, filters=filters), chunks, 2 * workers):
-                chunk_items = submitted.popleft()
-                consumed += len(chunk_items)
-                data = _encode_chunk(model, chunk_items, chunk, summary, strict)
+                batch = submitted.popleft()
+                consumed += len(batch.items)
+                data = _encode_chunk(model, batch.items, chunk, summary, strict)
+                summary.seconds, summary.share = progress.elapsed(), batch.share
+                summary.eta = progress.eta(batch.share)
                 out.commit(data, consumed, summary)
-                summary.seconds = progress.elapsed()
-                progress.update(summary.encoded_now, summary.encoded, summary.rate, chunk_items[-1].progress)
-        if not summary.encoded:
+                progress.update(summary.encoded_now, summary.encoded, summary.rate, batch.share)
+        if rank_output and not out.progress.exists():  # an empty rank: its record says so
+            out.commit(b"", consumed, summary)
+        if not summary.encoded and not rank_output:
             out.discard()
             raise EncodeError(
                 f"{output}: no image to write (inputs skipped: {summary.skipped_text()}); nothing written"
             )
-        out.finish()
+        out.finish(keep_record=rank_output)
     finally:
         out.close()
     summary.seconds = progress.elapsed()
     return summary
 
 
-def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
-    while chunk := list(islice(items, size)):
-        yield chunk
-
-
-def _submitted(chunks: Iterator[list[Item]], submitted: deque[list[Item]]) -> Iterator[list[Item]]:
-    """``chunks``, each kept in ``submitted`` too: its results come in the same order, without them."""
-    for chunk in chunks:
-        submitted.append(chunk)
-        yield chunk
+def _submitted(batches: Iterator[Batch], submitted: deque[Batch]) -> Iterator[list[Item]]:
+    """The items of ``batches``, each batch kept in ``submitted`` too: its results come in the same
+    order, without them."""
+    for batch in batches:
+        submitted.append(batch)
+        yield batch.items
 
 
 def _encode_chunk(model: VQGAN, items: list[Item], chunk: Chunk, summary: Summary, strict: bool) -> bytes:
