@@ -153,6 +153,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234)
 
 
+MODEL_PATHS = ("--hf", "--load", "--tokenizer", "--vqgan", "--vqgan-config", "--vqgan-checkpoint")
+"""The path flags of :func:`add_model_arguments` and :func:`add_vqgan_arguments`, refused when they name nothing."""
+
+
 RUN_FLAGS = (
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",

@@ -239,7 +239,8 @@ def _model(opened: CheckpointRun, checkpoint: Checkpoint):
     _, model_args = opened.tokenizer(checkpoint.start)
     config = setup.model_config(opened.run, model_args)
     ddp = setup.build(opened.run, config, model_args.vocab_size)
-    checkpointing.load(checkpoint.path, ddp, load_rng=False, verify=opened.run.verify_checkpoint)
+    run, start = opened.run, checkpoint.start
+    checkpointing.load(start.checkpoint, ddp, load_rng=False, verify=run.verify_checkpoint, common=start.common)
     ddp.train()
     return ddp, GradientProbe(ddp, config)
 

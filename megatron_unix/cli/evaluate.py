@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.cli import missing_path, not_a_folder, vqgan_flags_error
+from megatron_unix.cli import MODEL_PATHS, missing_flag_path, not_a_folder, vqgan_flags_error
 
 SUBCOMMANDS = {
     "loss": "megatron_unix.cli.evaluate_loss",
@@ -65,13 +65,12 @@ def checkpoint_record(
 
         record.update({k: v for k, v in (read_origin(hf) or {}).items() if v is not None})
     else:
-        from megatron_unix.training.checkpointing import find_checkpoint, read_common, tokens_seen
+        from megatron_unix.training.checkpointing import tokens_seen
+        from megatron_unix.training.from_checkpoint import StartingPoint
 
-        if found is None:
-            found = find_checkpoint(args.load)
-            if found is None:
-                raise ValueError(f"--load {args.load}: no checkpoint there")
-            common = read_common(found, verify=False)
+        if found is None:  # verified when the model is loaded
+            start = StartingPoint.required(args.load, verify=False)
+            found, common = start.checkpoint, start.common
         record.update(checkpoint=str(found.resolve()), iteration=common["iteration"], tokens_seen=tokens_seen(common))
     if args.name:
         record["name"] = args.name
@@ -83,11 +82,8 @@ def checkpoint_record(
 
 def check_paths(args: argparse.Namespace, flags: Iterable[str]) -> None:
     """Refuse a path flag naming nothing, before anything is loaded."""
-    if message := missing_path((flag, getattr(args, flag[2:].replace("-", "_"), None)) for flag in flags):
+    if message := missing_flag_path(args, flags):
         raise ValueError(message)
-
-
-MODEL_PATHS = ("--hf", "--load", "--tokenizer", "--vqgan", "--vqgan-config", "--vqgan-checkpoint")
 
 
 def check_model_flags(args: argparse.Namespace) -> None:
@@ -100,10 +96,9 @@ def check_model_flags(args: argparse.Namespace) -> None:
 def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(LoadedModel, VQGAN)`` on ``--device``; a VQGAN of another codebook than the model's is refused."""
 
-    from megatron_unix.cli.generate import load_model
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference.images import check_codebook
-    from megatron_unix.inference.loading import device_of
+    from megatron_unix.inference.loading import device_of, load_model
 
     device = device_of(args.device)
     vqgan = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device)

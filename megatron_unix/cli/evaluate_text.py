@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_unix.cli import add_model_arguments, missing_path, out_of_range
+from megatron_unix.cli import add_model_arguments, missing_flag_path, out_of_range
 from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record, loaded_folder
 from megatron_unix.evaluation import text
 
@@ -100,9 +100,7 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(message)
     if args.as_qwen3 and not args.hf:
         raise ValueError("--as-qwen3 loads an HF directory: give --hf")
-    paths = [("--hf", args.hf), ("--load", args.load), ("--tokenizer", args.tokenizer)]
-    paths += [("--include-path", path) for path in args.include_path]
-    if message := missing_path(paths):
+    if message := missing_flag_path(args, ("--hf", "--load", "--tokenizer", "--include-path")):
         raise ValueError(message)
 
 
@@ -169,11 +167,9 @@ def as_text_lm(source: Any, dtype: torch.dtype) -> torch.nn.Module:
 def load_megatron(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, checkpoint: Path) -> Loaded:
     """``checkpoint``: the ``iter_*`` folder ``--load`` names (its files identify the cached answers)."""
     from megatron_unix.data.tokenizer import HuggingFaceText
-    from megatron_unix.inference import loading
-    from megatron_unix.training import distributed
+    from megatron_unix.inference.loading import load_model
 
-    distributed.initialize(1, 1, seed=args.seed)
-    loaded = loading.load_checkpoint(args.load, args.tokenizer, device, dtype, verify=args.verify_checkpoint)
+    loaded = load_model(args, device, dtype)
     if not isinstance(loaded.tokenizer, HuggingFaceText):
         raise ValueError(
             f"--load {args.load}: its tokenizer {loaded.tokenizer.path} is a SentencePiece model; "

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from megatron_unix.cli import (
+    MODEL_PATHS,
     add_model_arguments,
     add_vqgan_arguments,
-    missing_path,
+    missing_flag_path,
     not_a_folder,
     out_of_range,
     sampling_checks,
@@ -37,8 +38,6 @@ from megatron_unix.cli import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from megatron_unix.inference.loading import LoadedModel
     from megatron_unix.inference.sampling import SamplingParams
 
@@ -103,16 +102,8 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
     )
     if message:
         raise ValueError(message)
-    paths = [
-        ("--hf", args.hf),
-        ("--load", args.load),
-        ("--tokenizer", args.tokenizer),
-        ("--vqgan", args.vqgan),
-        ("--vqgan-config", args.vqgan_config),
-        ("--vqgan-checkpoint", args.vqgan_checkpoint),
-        *(("--image", path) for path in args.image),
-    ]
-    if message := missing_path(paths) or vqgan_flags_error(args, required=False):
+    paths = (*MODEL_PATHS, "--image")
+    if message := missing_flag_path(args, paths) or vqgan_flags_error(args, required=False):
         raise ValueError(message)
     if message := not_a_folder("--output-dir", args.output_dir):
         raise ValueError(message)
@@ -190,17 +181,6 @@ def sampling(args: argparse.Namespace) -> SamplingParams:
     defaults = T2I_SAMPLING if args.mode == "t2i" else dict(temperature=1.0, top_k=0, top_p=1.0)
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return SamplingParams(greedy=args.greedy, **{k: defaults[k] if v is None else v for k, v in given.items()})
-
-
-def load_model(args: argparse.Namespace, device: torch.device) -> LoadedModel:
-    from megatron_unix.inference import loading
-
-    if args.hf:
-        return loading.load_hf(args.hf, args.tokenizer, device)
-    from megatron_unix.training import distributed
-
-    distributed.initialize(1, 1, seed=args.seed)
-    return loading.load_checkpoint(args.load, args.tokenizer, device, verify=args.verify_checkpoint)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -294,7 +274,7 @@ def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str,
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference import generate
     from megatron_unix.inference.images import check_codebook, encode_files
-    from megatron_unix.inference.loading import device_of
+    from megatron_unix.inference.loading import device_of, load_model
 
     params = sampling(args)
     device = device_of(args.device)

@@ -73,6 +73,7 @@ from megatron_unix.model import build_model, make_config, padded_vocab_size
 from megatron_unix.model.config import ModelArguments, UniXConfig
 from megatron_unix.training import checkpointing
 from megatron_unix.training.checkpointing import tokens_seen
+from megatron_unix.training.from_checkpoint import StartingPoint
 
 MAX_SEQUENCE_LENGTH = 4096
 """Only rotary caching depends on it; the weights do not."""
@@ -403,18 +404,15 @@ def _verify_import(
 def load_megatron(path: str | Path, verify: bool = True) -> tuple[torch.nn.Module, UniXConfig, dict[str, Any]]:
     """A TP1/PP1 model from a Megatron checkpoint (save directory or ``iter_*``), and its common part;
     ``verify`` checks its files against the checksum manifest."""
-    checkpoint = checkpointing.find_checkpoint(path) if Path(path).exists() else None
-    if checkpoint is None:
-        raise ConversionError(
-            f"--load {path}: no Megatron checkpoint there (no {checkpointing.TRACKER} or metadata.json)"
-        )
-    common = checkpointing.read_common(checkpoint, verify)
-    if "model_args" not in common:
-        raise ConversionError(f"{checkpoint} has no model_args: it was not written by this stack")
+    try:
+        start = StartingPoint.required(path, verify)
+    except (FileNotFoundError, ValueError) as error:  # not a checkpoint, or not one of this stack
+        raise ConversionError(str(error)) from None
+    checkpoint, common = start.checkpoint, start.common
     arch = common["model_args"]
     config = ModelArguments.from_dict(arch).config(**IMPL)
     model = build_model(config, arch["vocab_size"], MAX_SEQUENCE_LENGTH)
-    checkpointing.load(checkpoint, model, load_rng=False, verify=verify)
+    checkpointing.load(checkpoint, model, load_rng=False, verify=verify, common=common)
     log(f"loaded {checkpoint}: {_describe(config, arch['vocab_size'])}")
     return model, config, common
 

@@ -13,6 +13,7 @@ HF model in memory, so both sources run one generation path.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,14 @@ def load_checkpoint(
     del megatron  # the fp32 Megatron copy, before the HF one is moved and cast
     vocab = vocab_layout(model.config, text, **names)
     return LoadedModel(model.to(device, dtype or default_dtype(device)).eval(), text, vocab)
+
+
+def load_model(flags: argparse.Namespace, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+    """The model of the programs' model flags (``cli.add_model_arguments``): ``--hf``'s directory, or
+    ``--load``'s Megatron checkpoint converted in memory (in a process group of one, started here)."""
+    if flags.hf:
+        return load_hf(flags.hf, flags.tokenizer, device, dtype)
+    from megatron_unix.training import distributed
+
+    distributed.initialize(1, 1, seed=flags.seed)
+    return load_checkpoint(flags.load, flags.tokenizer, device, dtype, verify=flags.verify_checkpoint)

@@ -300,14 +300,15 @@ def _give_fresh_adam_a_step(optimizer) -> None:
                     inner.optimizer.state[param].setdefault("step", torch.tensor(0.0))
 
 
-def verify_checkpoint(checkpoint: Path) -> None:
-    """Check every file the manifest lists, each rank its share, before any other collective of the
-    load; a bad file stops every rank. A checkpoint without a manifest gets one notice line."""
+def verify_checkpoint(checkpoint: Path, checked: tuple[str, ...] = ()) -> None:
+    """Check every file the manifest lists (but those already ``checked``), each rank its share, before
+    any other collective of the load; a bad file stops every rank. A checkpoint without a manifest gets
+    one notice line."""
 
     def check_share() -> bool:
         entries = checksums.read_manifest(checkpoint)
         if entries is not None:
-            checksums.verify(checkpoint, _my_share(sorted(entries)), entries)
+            checksums.verify(checkpoint, _my_share(sorted(set(entries) - set(checked))), entries)
         return entries is not None
 
     if not all(_gathered(check_share, f"could not verify checkpoint {checkpoint}")) and dist.get_rank() == 0:
@@ -326,15 +327,18 @@ def load(
     scheduler=None,
     load_rng: bool = True,
     verify: bool = True,
+    common: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load ``checkpoint`` (an ``iter_*`` directory) into the model and, when given and stored, the
     optimizer, scheduler and RNG states; returns the common part. Works at any TP/PP; RNG states
-    are restored only at the TP/PP they were saved with; ``verify`` checks the files against the manifest."""
+    are restored only at the TP/PP they were saved with; ``verify`` checks the files against the manifest.
+    ``common``: the part the caller read with :func:`read_common` (as ``verify`` says), not read again."""
     checkpoint = Path(checkpoint)
     _require(checkpoint, (*COMMON_FILES, SHARDED_INDEX))
     if verify:
-        verify_checkpoint(checkpoint)
-    common = read_common(checkpoint, verify=False)
+        verify_checkpoint(checkpoint, COMMON_FILES if common is not None else ())
+    if common is None:
+        common = read_common(checkpoint, verify=False)
     optimizer = optimizer if common.get("has_optimizer") else None
     same_layout = {k: common["parallel"][k] for k in ("tp", "pp")} == {
         k: v for k, v in _parallel_sizes().items() if k in ("tp", "pp")

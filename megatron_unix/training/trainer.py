@@ -195,6 +195,7 @@ class Trainer:
                 scheduler=self.scheduler,
                 load_rng=not run.no_load_rng,
                 verify=run.verify_checkpoint,
+                common=start.common,
             )
             if run.no_load_optim or not common.get("has_optimizer"):
                 self.optimizer.reload_model_params()
@@ -206,7 +207,9 @@ class Trainer:
                 saved_iteration=common["iteration"],
             )
         if start.checkpoint is not None:
-            checkpointing.load(start.checkpoint, self.ddp, load_rng=False, verify=run.verify_checkpoint)
+            checkpointing.load(
+                start.checkpoint, self.ddp, load_rng=False, verify=run.verify_checkpoint, common=start.common
+            )
             self.optimizer.reload_model_params()
             log(f" loaded weights from {start.checkpoint}; fresh optimizer, iteration 0")
         return TrainState()
