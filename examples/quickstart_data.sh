@@ -1,4 +1,4 @@
-# Sourced by quickstart.sh and compare_variants.sh: the shipped text and image-text pairs as Megatron
+# Sourced by quickstart.sh and tools/compare.py: the shipped text and image-text pairs as Megatron
 # datasets. prepare_quickstart_data OUT trains a byte-level BPE with Qwen's special tokens on
 # examples/data/text.jsonl (OUT/tokenizer) and preprocesses both files (OUT/data/{text,image_text}).
 # Needs REPO (the repository root) and PYTHON.
