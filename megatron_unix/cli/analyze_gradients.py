@@ -20,8 +20,10 @@ as pretrain_unix.py --grad-conflict-interval does), the cosine between the gradi
 and vision-target parts of the loss. Writes modality_cosine.csv (checkpoint, iteration, group, layer,
 similarity) and modality_cosine.json.
 
-Data, batch and sequence settings default to the (first) checkpoint's run. Runs at any TP/PP under
-torchrun (data parallel over the remaining ranks). Exit status: 0 ok, 2 refused (a flag or file, named).
+Data, batch and sequence settings default to the (first) checkpoint's run, opened as training opens it
+(training.from_checkpoint: the same flag checks, the tokenizer checked against every checkpoint, damaged
+data refused). Runs at any TP/PP under torchrun (data parallel over the remaining ranks). Exit status:
+0 ok, 2 refused (a flag or file, named).
 """
 
 from __future__ import annotations
