@@ -63,13 +63,34 @@ def default_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
-    """``write(temporary)`` then rename it to ``path``; the temporary (named after ``path`` and this
-    process) is removed when ``write`` fails, and a failure names ``path`` (:func:`write_error`).
-    ``durable`` flushes it to disk before the rename, for records that a resume trusts after a crash.
-    The file gets the usual permissions (writers such as safetensors create theirs 0600)."""
+TEMPORARY = ".{name}.", ".tmp"
+"""The temporary of a file ``NAME`` while it is written: ``.NAME.<PID>.tmp`` beside it."""
+
+
+def temporary_name(path: str | Path) -> Path:
+    """Where this process writes ``path`` before renaming it over ``path`` (:data:`TEMPORARY`)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    prefix, suffix = TEMPORARY
+    return path.with_name(f"{prefix.format(name=path.name)}{os.getpid()}{suffix}")
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Remove the temporaries of ``path`` that killed writers left (their PID runs no more)."""
+    from megatron_unix.platform import leftovers_of_dead_processes
+
+    path = Path(path)
+    prefix, suffix = TEMPORARY
+    for stale in leftovers_of_dead_processes(path.parent, prefix.format(name=path.name), (suffix,)):
+        stale.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> None:
+    """``write(temporary)`` then rename it to ``path``; the temporary (:func:`temporary_name`) is removed
+    when ``write`` fails, and a failure names ``path`` (:func:`write_error`). ``durable`` flushes it to
+    disk before the rename, for records that a resume trusts after a crash. The file gets the usual
+    permissions (writers such as safetensors create theirs 0600)."""
+    path = Path(path)
+    temporary = temporary_name(path)
     try:
         write(temporary)
         os.chmod(temporary, default_mode())

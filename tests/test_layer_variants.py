@@ -282,6 +282,7 @@ def test_flops_count_each_variants_real_compute():
     from tiny import BOI, TEXT_VOCAB, TINY_MODEL
 
     from megatron_unix.model import make_config
+    from megatron_unix.model.routing import build_routing
     from megatron_unix.training.metrics import attention_pairs, training_flops, vision_token_count
 
     batch = make_batch(ROWS, seq=40, seed=1)
@@ -290,7 +291,8 @@ def test_flops_count_each_variants_real_compute():
     def flops(**fields) -> float:
         config = make_config(**{**TINY_MODEL, "transformer_impl": "local", **NO_SPLIT, **fields})
         assert vision_token_count(batch, config) == vision
-        return training_flops(config, 256, batch["tokens"].numel(), *attention_pairs(batch, config), vision)
+        pairs = attention_pairs(build_routing(batch["tokens"], batch.get("document_ids"), config))
+        return training_flops(config, 256, batch["tokens"].numel(), *pairs, vision)
 
     dense = flops()
     assert flops(layer_variant="hardmoe") == dense and flops(layer_variant="mot") == dense

@@ -20,19 +20,19 @@ as pretrain_unix.py --grad-conflict-interval does), the cosine between the gradi
 and vision-target parts of the loss. Writes modality_cosine.csv (checkpoint, iteration, group, layer,
 similarity) and modality_cosine.json.
 
-Data, batch and sequence settings default to the (first) checkpoint's run. Runs at any TP/PP under
-torchrun (data parallel over the remaining ranks). Exit status: 0 ok, 2 refused (a flag or file, named).
+Data, batch and sequence settings default to the (first) checkpoint's run, opened as training opens it
+(training.from_checkpoint: the same flag checks, the tokenizer checked against every checkpoint, damaged
+data refused). Runs at any TP/PP under torchrun (data parallel over the remaining ranks). Exit status:
+0 ok, 2 refused (a flag or file, named).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import io
 import json
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,16 +191,18 @@ class Progress:
     """Global batches done of all the run will do, their rate and the ETA, one line each (rank 0)."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
+        from megatron_unix.progress import Clock
+
+        self.total, self.done, self.clock = total, 0, Clock()
 
     def __call__(self, what: str) -> None:
         import torch.distributed as dist
 
         self.done += 1
         if dist.get_rank() == 0:
-            rate = self.done / (time.perf_counter() - self.start)
-            eta = datetime.timedelta(seconds=round((self.total - self.done) / rate))
-            print(f" {what}: {self.done}/{self.total} global batches | {rate:.3f} batches/s | ETA {eta}", flush=True)
+            done, total, clock = self.done, self.total, self.clock
+            rate, eta = clock.rate(done), clock.eta(done, total)
+            print(f" {what}: {done}/{total} global batches | {rate:.3f} batches/s | ETA {eta}", flush=True)
 
 
 class Data:

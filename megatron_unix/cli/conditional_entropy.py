@@ -228,7 +228,7 @@ def count(args: argparse.Namespace, names: list[str], progress_path: Path, spill
     def counted(tokens: int) -> None:
         nonlocal done
         done += tokens
-        progress.update(done, done, lambda: f"{done / max(progress.elapsed(), 1e-9):,.0f} tokens/s", done / total)
+        progress.update(done, done, lambda: f"{progress.rate(done):,.0f} tokens/s", done / total)
 
     spill_root.mkdir()
     try:

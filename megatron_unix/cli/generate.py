@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,18 +129,21 @@ class Progress:
     def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
         from tqdm import tqdm
 
+        from megatron_unix.progress import Clock
+
         self.bar = tqdm(total=total, desc=label, unit="tok", file=stream) if stream.isatty() else None
         self.total, self.label, self.stream = total, label, stream
-        self.done, self.start = 0, time.perf_counter()
+        self.done, self.clock = 0, Clock()
 
     def step(self) -> None:
         self.done += 1
         if self.bar is not None:
             self.bar.update()
         elif self.done * 10 // self.total > (self.done - 1) * 10 // self.total:  # each tenth
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
             print(
-                f"[generate] {self.label}: {self.done}/{self.total} tokens, {rate:.1f}/s", file=self.stream, flush=True
+                f"[generate] {self.label}: {self.done}/{self.total} tokens, {self.clock.rate(self.done):.1f}/s",
+                file=self.stream,
+                flush=True,
             )
 
     def close(self) -> None:

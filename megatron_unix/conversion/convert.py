@@ -253,17 +253,7 @@ def import_weights(source: HFCheckpoint, config: UniXConfig, vocab_size: int, op
         if name in thunks:
             thunks[name] = partial(_with_mean_rows, thunks[name], vocab_size)
     std = getattr(source.config, "initializer_range", config.init_method_std)  # as HF's _init_weights
-    text_prefix: dict[str, str] = {}
-    for meg_prefix, hf_prefix in layer_prefixes(config):
-        if not meg_prefix.endswith(".vision."):
-            text_prefix[meg_prefix] = hf_prefix
-            continue
-        twin = text_prefix[meg_prefix[: -len("vision.")]]
-        for name in [n for n in thunks if n.startswith(twin)]:
-            thunks[hf_prefix + name[len(twin) :]] = _vision_part(
-                thunks[name], hf_prefix + name[len(twin) :], std, options
-            )
-    for target, twin in vision_twins(config):  # the baselines' vision projections and MLPs
+    for target, twin in vision_twins(config):  # Uni-X's vision copies, the baselines' vision parts
         if twin in thunks:
             thunks[target] = _vision_part(thunks[twin], target, std, options)
     return LazyTensors(thunks)

@@ -123,11 +123,16 @@ def all_mappings(config: UniXConfig) -> list[Mapping]:
 
 
 def vision_twins(config: UniXConfig) -> list[tuple[str, str]]:
-    """(HF name of a baseline's vision tensor, HF name of its text twin) for every layer with vision parts:
-    the twin is the text mapping of the same Megatron tensor without ``vision.`` (what a vision part is
-    initialised from when a baseline starts from a text model)."""
-    text = {m.megatron: m for m in LAYER_MAPPINGS}
+    """(HF name of a vision tensor, HF name of its text twin) for every layer with vision weights: what a
+    vision weight is initialised from when the model starts from a text model. Uni-X: each tensor of a
+    vision copy (``model.vision_encode_layers.j.``...) and the same tensor of its text layer; a baseline:
+    the text mapping of the same Megatron tensor without ``vision.``."""
     pairs = []
+    for meg_prefix, hf_prefix in layer_prefixes(config):
+        if meg_prefix.endswith(".vision."):
+            text_prefix = "model.layers." + meg_prefix.split(".")[2] + "."
+            pairs += [(hf_prefix + name, text_prefix + name) for m in LAYER_MAPPINGS for name in m.hf]
+    text = {m.megatron: m for m in LAYER_MAPPINGS}
     for i in range(config.num_layers):
         if not config.has_vision_copy(i):
             continue

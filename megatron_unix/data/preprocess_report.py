@@ -3,7 +3,6 @@ skip bookkeeping and the progress lines serve ``encode_images`` too."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from itertools import islice
 from typing import IO
 
 from megatron_unix.data.indexed import SampleBatch
+from megatron_unix.progress import Clock, per_second
 
 REPORTED_BAD_LINES = 10
 """Bad lines (or images) printed with file:line; the rest are only counted by reason."""
@@ -80,8 +80,8 @@ class Summary:
         return first_reported(self.bad_lines, result.bad_lines)
 
     def rates(self) -> str:
-        seconds = max(self.seconds, 1e-9)
-        return f"{self.documents / seconds:,.0f} docs/s, {self.input_bytes / seconds / 1e6:.1f} MB/s"
+        megabytes = self.input_bytes / 1e6
+        return f"{per_second(self.documents, self.seconds):,.0f} docs/s, {per_second(megabytes, self.seconds):.1f} MB/s"
 
     def report(self) -> str:
         lines = [
@@ -95,18 +95,15 @@ class Summary:
         return "\n".join(lines + reported_lines(self.skipped, self.bad_lines))
 
 
-class ProgressLine:
+class ProgressLine(Clock):
     """A line every ``interval`` units done in this run: the count, the rates and the ETA from the share
     of the input read since ``baseline`` (None: the share at the first update, for a run that resumes
     where the share before it is unknown); "?" until the share has grown."""
 
     def __init__(self, unit: str, interval: int, log: IO[str], baseline: float | None = 0.0) -> None:
+        super().__init__()
         self.unit, self.interval, self.log, self.baseline = unit, interval, log, baseline
-        self.start = time.perf_counter()
         self.next = interval
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
     def update(self, done_now: int, done: int, rates: Callable[[], str], share: float) -> None:
         """``done_now`` units in this run (``done`` in all) at ``share`` of the input read."""

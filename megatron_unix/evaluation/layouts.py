@@ -240,7 +240,7 @@ def _paint_locked(
             record["prompts"][job.key] = job.prompt
         write_results(path, record)
         run.painted += len(chunk)
-        rate = run.painted / max(progress.elapsed(), 1e-9)
+        rate = progress.rate(run.painted)
         progress.update(
             run.painted, run.resumed + run.painted, lambda rate=rate: f"{rate:.3f} prompts/s", run.painted / len(todo)
         )

@@ -109,5 +109,5 @@ def _answer(
         for item, tokens in zip(items, answers):
             cache.add((name, item.index), loaded.tokenizer.decode(tokens))
         done += len(items)
-        rate = done / max(progress.elapsed(), 1e-9)
+        rate = progress.rate(done)
         progress.update(done, done_before + done, lambda rate=rate: f"{rate:.2f} items/s", done / total)

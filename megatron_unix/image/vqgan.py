@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_unix.files import write_atomically, write_text_atomically
-from megatron_unix.platform import leftovers_of_dead_processes
+from megatron_unix.files import remove_stale_temporaries, write_atomically, write_text_atomically
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -327,8 +326,7 @@ class VQGAN(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
-            for stale in leftovers_of_dead_processes(directory, f".{name}.", (".tmp",)):
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(directory / name)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
         text = json.dumps(asdict(self.config), indent=2) + "\n"

@@ -32,13 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_unix.model.config import UniXConfig
 from megatron_unix.model.forward import Batch, unwrap
 from megatron_unix.model.fused import split_gate_up, split_qkv
-from megatron_unix.training.step import forward_step, modality_forward_step
+from megatron_unix.training.step import Routed, forward_step, modality_forward_step, run_schedule
 
 WEIGHT_GROUPS: dict[str, tuple[str, ...]] = {
     "self_attention.linear_qkv.weight": ("q", "k", "v"),
@@ -152,14 +151,8 @@ def forward_backward(ddp: torch.nn.Module, micro_batches: list[Batch], step: Ste
     for param in ddp.parameters():  # after an optimizer step .grad aliases the buffer: autograd would add into it
         param.grad = None
     ddp.zero_grad_buffer()
-    return get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter(micro_batches),
-        model=[ddp],
-        num_microbatches=len(micro_batches),
-        seq_length=micro_batches[0]["tokens"].numel(),
-        micro_batch_size=1,
-    )
+    config = unwrap(ddp).config
+    return run_schedule(ddp, [Routed.of(batch, config) for batch in micro_batches], step)
 
 
 def accumulate(

@@ -23,7 +23,7 @@ from megatron_unix import platform
 from megatron_unix.data.vocabulary import vision_mask
 from megatron_unix.files import write_text_atomically
 from megatron_unix.model.config import UniXConfig
-from megatron_unix.model.routing import UniXPackedSeqParams, build_routing
+from megatron_unix.model.routing import UniXPackedSeqParams
 
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
@@ -92,10 +92,9 @@ def _causal_pairs(params: UniXPackedSeqParams, pad: int = 0) -> int:
     return int((lengths * (lengths + 1) / 2).sum())
 
 
-def attention_pairs(batch: dict[str, torch.Tensor], config: UniXConfig) -> tuple[int, int]:
-    """(pairs of a shared layer, pairs of a separated layer) for a ``[b, s]`` micro-batch: the
-    segments the model's own routing attends within."""
-    routing = build_routing(batch["tokens"], batch.get("document_ids"), config)
+def attention_pairs(routing: UniXPackedSeqParams) -> tuple[int, int]:
+    """(pairs of a shared layer, pairs of a separated layer) for a micro-batch: the segments its
+    routing (the model's own, ``build_routing``) attends within."""
     if routing.routes is None:
         return _causal_pairs(routing), 0
     return _causal_pairs(routing), sum(_causal_pairs(r.params, r.padded_len - r.length) for r in routing.routes)

@@ -1,14 +1,35 @@
-"""The schedule's micro-batch step: forward through the model, masked loss split by modality."""
+"""Megatron's schedule over a rank's micro-batches, and its micro-batch step: forward through the model,
+masked loss split by modality."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_unix import platform
+from megatron_unix.model.config import UniXConfig
 from megatron_unix.model.forward import Batch, stream_forward, unwrap
+from megatron_unix.model.routing import UniXPackedSeqParams, build_routing
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A micro-batch on this rank's device with its routing, built once per micro-batch: the FLOP count
+    reads the segments that :func:`forward_step` attends within. Every pipeline stage routes from the
+    token ids, so middle stages need none in the activations."""
+
+    batch: Batch
+    routing: UniXPackedSeqParams
+
+    @classmethod
+    def of(cls, batch: Batch, config: UniXConfig) -> Routed:
+        batch = {key: value.to(platform.device(), non_blocking=True) for key, value in batch.items()}
+        return cls(batch, build_routing(batch["tokens"], batch.get("document_ids"), config))
 
 
 def loss_func(
@@ -39,10 +60,11 @@ def loss_func(
     return loss, {"lm loss": loss.detach().clone(), "modality_sums": report}
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, part: str | None = None):
-    """Megatron schedule step. Every stage reads the batch, so every stage can route."""
-    batch = {key: value.to(platform.device(), non_blocking=True) for key, value in next(data_iterator).items()}
-    output = stream_forward(model, batch, batch["labels"])
+def forward_step(data_iterator: Iterator[Routed], model: torch.nn.Module, part: str | None = None):
+    """Megatron schedule step on a routed micro-batch."""
+    routed = next(data_iterator)
+    batch = routed.batch
+    output = stream_forward(model, batch, batch["labels"], routed.routing)
     vision_targets = batch["labels"] >= unwrap(model).config.vq_offset
     return output, partial(loss_func, batch["loss_mask"], vision_targets, part=part)
 
@@ -50,7 +72,26 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, part: s
 def modality_forward_step(part: str):
     """:func:`forward_step` whose loss is the ``part`` (``text`` / ``vision``) share of the training loss."""
 
-    def step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    def step(data_iterator: Iterator[Routed], model: torch.nn.Module):
         return forward_step(data_iterator, model, part)
 
     return step
+
+
+def run_schedule(
+    ddp: torch.nn.Module,
+    micro_batches: list[Routed],
+    step: Callable[..., Any] = forward_step,
+    forward_only: bool = False,
+) -> list[Any]:
+    """Megatron's forward(-backward) schedule (pipelined under PP) over this rank's micro-batches, each
+    run as one ``[1, b*s]`` stream; the loss outputs of the last stage's micro-batches."""
+    return get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter(micro_batches),
+        model=[ddp],
+        num_microbatches=len(micro_batches),
+        seq_length=micro_batches[0].batch["tokens"].numel(),
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )

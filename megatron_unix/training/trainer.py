@@ -23,7 +23,6 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_unix import platform
 from megatron_unix.data.dataset import build_datasets
@@ -35,7 +34,7 @@ from megatron_unix.training.from_checkpoint import StartingPoint, check_data
 from megatron_unix.training.gradient_conflict import GradientProbe, group_means, metric_key, modality_products
 from megatron_unix.training.metrics import StepStats
 from megatron_unix.training.run_config import RunSettings, load_tokenizer, model_arguments
-from megatron_unix.training.step import forward_step
+from megatron_unix.training.step import Routed, run_schedule
 
 
 class NonFiniteLoss(RuntimeError):
@@ -237,24 +236,16 @@ class Trainer:
 
     def _run_batches(self, data: Iterator, forward_only: bool) -> StepStats:
         """Forward(-backward) over the iteration's micro-batches; local contributions to the stats."""
-        batches = [next(data) for _ in range(self.num_micro)]
+        batches = [Routed.of(next(data), self.config) for _ in range(self.num_micro)]
         stats = StepStats()
         if not forward_only and ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
-            for batch in batches:  # throughput and FLOPs of training iterations
-                shared, separated = metrics.attention_pairs(batch, self.config)
-                stats.add("tokens", batch["tokens"].numel())
+            for routed in batches:  # throughput and FLOPs of training iterations
+                shared, separated = metrics.attention_pairs(routed.routing)
+                stats.add("tokens", routed.batch["tokens"].numel())
                 stats.add("shared_pairs", shared)
                 stats.add("separated_pairs", separated)
-                stats.add("vision_tokens", metrics.vision_token_count(batch, self.config))
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=[self.ddp],
-            num_microbatches=self.num_micro,
-            seq_length=self.run.seq_length * self.run.micro_batch_size,
-            micro_batch_size=1,
-            forward_only=forward_only,
-        )
+                stats.add("vision_tokens", metrics.vision_token_count(routed.batch, self.config))
+        results = run_schedule(self.ddp, batches, forward_only=forward_only)
         if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage():
             for result in results:
                 stats.add("loss_sum", float(result["lm loss"]))

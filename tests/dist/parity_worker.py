@@ -68,7 +68,7 @@ def main() -> None:
     from megatron_unix.model import build_model, make_config
     from megatron_unix.model.forward import stream_forward
     from megatron_unix.training.setup import wrap_model
-    from megatron_unix.training.step import forward_step
+    from megatron_unix.training.step import Routed, run_schedule
 
     config = make_config(
         **{**TINY_MODEL, **VARIANTS[args.variant]},
@@ -90,14 +90,7 @@ def main() -> None:
     seq = batches[0]["tokens"].numel()
     run = get_forward_backward_func()
     ddp.zero_grad_buffer()
-    results = run(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[ddp],
-        num_microbatches=len(batches),
-        seq_length=seq,
-        micro_batch_size=1,
-    )
+    results = run_schedule(ddp, [Routed.of(batch, config) for batch in batches])
     norm = grad_norm([ddp])
 
     def logits_step(data_iterator, chunk):
