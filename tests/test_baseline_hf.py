@@ -28,14 +28,15 @@ CFG_SCALE = 3.0
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def baseline(request, data, tmp_path_factory, megatron_single):  # noqa: F811
-    """A baseline trained 2 iterations (then validated on 2 global batches), its export, the samples file and
-    the Megatron model's logits of each sample; the model holds the export's bf16-rounded weights."""
+    """A baseline trained 2 iterations (then validated on 2 global batches), its export (``--verify`` passed),
+    the samples file and the Megatron model's logits of each sample; the model holds the export's
+    bf16-rounded weights."""
     from megatron_unix.conversion.convert import export_hf, load_megatron
 
     root = tmp_path_factory.mktemp(request.param)
     flags = ["--eval-interval", "2", "--eval-iters", "2", "--save", str(root / "megatron"), *VARIANTS[request.param]]
     run(common_args(data, iters=2) + flags)
-    export_hf(root / "megatron", root / "hf")
+    export_hf(root / "megatron", root / "hf", verify=True)  # raises VerificationFailed beyond the bf16 gate
     model, config, common = load_megatron(root / "megatron")
     assert config.layer_variant == request.param
     with torch.no_grad():
@@ -117,3 +118,21 @@ def test_evaluate_loss_is_the_logged_validation(baseline, tmp_path):
     proc = evaluate(["--load", str(save), "--output-dir", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_against_log(save, tmp_path, rel=1e-9)
+
+
+def test_as_qwen3_leaves_exactly_the_vision_tensors_unused(baseline):
+    """evaluate.py text --as-qwen3: transformers' own Qwen3ForCausalLM takes every tensor but the vision
+    parts (``is_vision_tensor``), and on text gives the baseline's logits."""
+    from test_convert import read_tensors
+
+    from megatron_unix.cli.evaluate_text import as_text_lm
+    from megatron_unix.conversion.hf_io import HFCheckpoint
+    from megatron_unix.conversion.mappings import is_vision_tensor
+
+    export = baseline["root"] / "hf"
+    vision = {name for name in read_tensors(export) if is_vision_tensor(name)}
+    model = as_text_lm(HFCheckpoint(export), torch.float32)
+    assert vision and not vision & set(model.state_dict())
+    with torch.no_grad():
+        logits = model(input_ids=torch.load(baseline["samples"])["rows"]["text"][None]).logits[0]
+    torch.testing.assert_close(logits, baseline["expected"]["text"], rtol=1e-5, atol=1e-5)
