@@ -324,17 +324,21 @@ def test_i2t_prompt_layout(sep):
 # ----------------------------------------------------------------------------------- program
 
 
-@pytest.fixture(scope="module")
-def vqgan_dir(tmp_path_factory) -> Path:
+def save_tiny_vqgan(root: Path, codebook: int) -> Path:
+    """A random VQGAN of ``codebook`` entries at ``root``: a 16x16 image is 4x4 = 16 codes."""
     from megatron_unix.image.vqgan import VQGAN, VQGANConfig
 
     torch.manual_seed(0)
     config = VQGANConfig(
-        n_embed=CODES, embed_dim=8, z_channels=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, resolution=16
+        n_embed=codebook, embed_dim=8, z_channels=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, resolution=16
     )
-    root = tmp_path_factory.mktemp("vqgan")
     VQGAN(config).save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def vqgan_dir(tmp_path_factory) -> Path:
+    return save_tiny_vqgan(tmp_path_factory.mktemp("vqgan"), CODES)
 
 
 def test_cli_t2i_then_i2t(sep_dir, vqgan_dir, tmp_path, capsys):

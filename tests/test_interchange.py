@@ -87,7 +87,6 @@ def exported(request, tmp_path_factory, hf_tokenizer_dir, megatron_single):
     is the export imported again, so that both hold the same bf16-rounded weights (mean-initialised
     codebook rows and random vision copies are not bf16 values before the first export)."""
     from megatron_unix.conversion.convert import ImportOptions, export_hf, import_hf, load_megatron
-    from megatron_unix.conversion.verify import megatron_logits, sample_inputs, sample_text_ids
     from megatron_unix.data.tokenizer import load_text_tokenizer
 
     tmp = tmp_path_factory.mktemp("interchange")
@@ -112,20 +111,31 @@ def exported(request, tmp_path_factory, hf_tokenizer_dir, megatron_single):
     export_hf(tmp / "megatron", tmp / "exported")
     import_hf(tmp / "exported", tmp / "reimported")
     model, config, common = load_megatron(tmp / "reimported")
+    samples, expected = write_samples(model, config, common, hf_tokenizer_dir, tmp / "samples.pt")
+    return tmp / "exported", samples, expected
+
+
+def write_samples(model, config, common: dict, tokenizer_dir: Path, samples: Path) -> tuple[Path, dict]:
+    """The inputs ``load_export.py`` runs (the verify samples, a separator inside the image where the model
+    routes one, a left-padded prompt and one ending in an image), written to ``samples``, and the
+    Megatron model's fp32 logits of each."""
+    from megatron_unix.conversion.verify import megatron_logits, sample_inputs, sample_text_ids
+    from megatron_unix.data.tokenizer import load_text_tokenizer
+
     vocab = common["model_args"]["vocab_size"]
-    rows = sample_inputs(config, sample_text_ids(config, load_text_tokenizer(hf_tokenizer_dir)))
-    t2i = rows["t2i"].tolist()
-    t2i.insert(t2i.index(config.boi_id) + 4, config.separator_ids[0])  # a separator inside the image
-    rows["t2i"] = torch.tensor(t2i)
+    rows = sample_inputs(config, sample_text_ids(config, load_text_tokenizer(tokenizer_dir)))
+    if config.separator_ids:
+        t2i = rows["t2i"].tolist()
+        t2i.insert(t2i.index(config.boi_id) + 4, config.separator_ids[0])  # a separator inside the image
+        rows["t2i"] = torch.tensor(t2i)
     text = rows["text"].tolist()
     prompts = torch.tensor([[0] * 4 + text[:8], text[:6] + rows["i2t"].tolist()[:6]])  # left-padded text; in an image
     mask = torch.tensor([[0] * 4 + [1] * 8, [1] * 12])
-    samples = tmp / "samples.pt"
     torch.save({"rows": rows, "prompts": prompts, "prompt_mask": mask}, samples)
     expected = {name: megatron_logits(model, tokens, vocab) for name, tokens in rows.items()}
     expected["prompt_last"] = megatron_logits(model, prompts[1], vocab)[-1]
     expected["padded_prompt_last"] = megatron_logits(model, prompts[0, 4:], vocab)[-1]  # left padding changes nothing
-    return tmp / "exported", samples, expected
+    return samples, expected
 
 
 def load_in_subprocess(export: Path, samples: Path, out: Path, pythonpath: Path | None) -> dict:
@@ -154,6 +164,12 @@ def test_export_reads_the_same_under_each_transformers(exported, legacy_site, tm
     export, samples, expected = exported
     result = load_in_subprocess(export, samples, tmp_path / "out.pt", legacy_site if env == "reference" else None)
     assert result["version"] == (LEGACY_VERSION if env == "reference" else transformers.__version__)
+    check_loaded(result, expected)
+
+
+def check_loaded(result: dict, expected: dict) -> None:
+    """``load_export.py``'s output against the Megatron logits: every sample through the remote code, the
+    text sample through the plain text LM, and a cached generation equal to its recomputation."""
     assert result["unix_class"].startswith("transformers_modules.")  # the export's own files
     for name, logits in result["unix"].items():
         close(logits, expected[name])

@@ -167,7 +167,7 @@ def test_reference_checkpoint_round_trip_is_bit_exact(megatron_single, hf_tokeni
     from megatron_unix.conversion.convert import ImportOptions, export_hf, import_hf, load_megatron
 
     source = _reference_dir(tmp_path / "reference", hf_tokenizer_dir, variant)
-    import_hf(source, tmp_path / "megatron", ImportOptions())
+    import_hf(source, tmp_path / "megatron", ImportOptions(), verify=True)  # against the variant's HF class
     _, config, _ = load_megatron(tmp_path / "megatron")
     assert (config.layer_variant, config.num_vision_copy_layers) == (variant, 2 if variant == "hardmoe" else 4)
     assert (config.vision_encode_layers, config.vision_decode_layers) == (0, 0)

@@ -126,11 +126,12 @@ def check(args: argparse.Namespace, prompts: list[str]) -> None:
 class Progress:
     """Token positions of one batch: tqdm on a terminal; elsewhere (batch-job logs) ten plain lines."""
 
-    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
         from tqdm import tqdm
 
         from megatron_unix.progress import Clock
 
+        stream = stream or sys.stderr  # at call time: a default bound at import keeps a stream later closed
         self.bar = tqdm(total=total, desc=label, unit="tok", file=stream) if stream.isatty() else None
         self.total, self.label, self.stream = total, label, stream
         self.done, self.clock = 0, Clock()

@@ -313,7 +313,7 @@ vocabulary {config["vocab_size"]} (text ids below {config["real_text_vocab_size"
 
 - Both modalities: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. The remote code
   (`modeling_unix.py`) needs `transformers>={low},<{high}`; CI tests 4.53.3 (the reference's pin) and
-  megatron-unix's pinned release. Cached `generate()` keeps per-modality keys and values.
+  megatron-unix's pinned release. `generate()` runs with a KV cache.
 - Text only: `{text_class}.from_pretrained(path)` ignores the vision tensors; on text input it gives the
   model's logits.
 - The reference implementation reads config.json as written (`rope_theta`, separators as token text).

@@ -1,9 +1,9 @@
-"""Load an exported Uni-X directory with whatever transformers this interpreter has, as a user would.
+"""Load an exported Uni-X (or baseline) directory with whatever transformers this interpreter has, as a user would.
 
 Run by tests/test_interchange.py in a subprocess, once with the pinned transformers and once with
 the reference's transformers 4.53.3 (an isolated site directory first on PYTHONPATH). It imports
 nothing of megatron-unix: only transformers and the files inside the export. Writes to OUT (torch.save):
-the transformers version, the remote-code logits of every sample, the plain Qwen3ForCausalLM /
+the transformers version, the remote-code class and logits of every sample, the plain Qwen3ForCausalLM /
 Qwen2ForCausalLM logits of the text sample, and a cached greedy generation beside its no-cache
 recomputation.
 
@@ -65,6 +65,7 @@ def main(root: str, samples_file: str, out_file: str) -> None:
         result = {
             "version": transformers.__version__,
             "unix_class": type(unix).__module__,
+            "class_name": type(unix).__name__,
             "unix": {name: unix(input_ids=t[None]).logits[0] for name, t in samples["rows"].items()},
             "plain_text": plain(input_ids=samples["rows"]["text"][None]).logits[0],
         }
