@@ -171,7 +171,7 @@ def test_text_logits_match_transformers(megatron_single, hf_tokenizer_dir, tmp_p
     megatron_dir, exported = convert(tmp_path, source)
     # ids 1 (BOI) and 3 (separator) are routed to the vision copies: text-only input avoids them
     tokens = torch.randint(4, tokenizer_length(hf_tokenizer_dir), (2, 40), generator=torch.Generator().manual_seed(3))
-    original = model_class(style, unix=False).from_pretrained(source, dtype=torch.float32).eval()
+    original = model_class(style).from_pretrained(source, dtype=torch.float32).eval()
     unix = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
     model, _, _ = load_megatron(megatron_dir)
     with torch.no_grad():
@@ -292,7 +292,11 @@ def test_verify_passes_then_catches_a_corrupted_conversion(
     assert run_cli("import-hf", "--hf-dir", str(untied_source), "--save", str(tmp_path / "m"), *flags, "--verify") == 0
     assert run_cli("export-hf", "--load", str(tmp_path / "m"), "--save", str(tmp_path / "h"), "--verify") == 0
     printed = capsys.readouterr().out
-    for sample in ("text vs Qwen2ForCausalLM (source)", "t2i vs Uni-X HF", "i2t vs Uni-X HF (bf16 weights)"):
+    for sample in (
+        "text vs Qwen2ForCausalLM (source)",
+        "t2i vs UniQwen2ForCausalLM",
+        "i2t vs UniQwen2ForCausalLM (bf16",
+    ):
         assert sample in printed
     assert "FAIL" not in printed
 

@@ -161,7 +161,9 @@ def _reference_dir(root: Path, tokenizer_dir: Path, variant: str) -> Path:
 @pytest.mark.parametrize("variant", ["hardmoe", "mot"])
 def test_reference_checkpoint_round_trip_is_bit_exact(megatron_single, hf_tokenizer_dir, tmp_path, variant):
     """Import of the reference's safetensors + config.json, export again: the same tensors bit for bit
-    (MoT's unused ``vis_o_proj`` dropped), every config.json field kept, no ``auto_map``."""
+    (MoT's unused ``vis_o_proj`` dropped), every config.json field kept, plus the ``auto_map`` of the
+    variant's remote code; the reference directory and the export load into the variant's classes with
+    the same logits as the Megatron checkpoint."""
     from megatron_unix.conversion.convert import ImportOptions, export_hf, import_hf, load_megatron
 
     source = _reference_dir(tmp_path / "reference", hf_tokenizer_dir, variant)
@@ -178,14 +180,17 @@ def test_reference_checkpoint_round_trip_is_bit_exact(megatron_single, hf_tokeni
     assert all(torch.equal(out[n], src[n]) for n in out)
     before, after = (json.loads((d / "config.json").read_text()) for d in (source, tmp_path / "exported"))
     assert {k: after.get(k) for k in before} == before
-    assert "auto_map" not in after and not (tmp_path / "exported" / "modeling_unix.py").exists()
-    from megatron_unix.conversion.hf_io import ConversionError
+    from megatron_unix.conversion.hf_remote import auto_map
     from megatron_unix.inference.loading import load_checkpoint, load_hf
 
-    with pytest.raises(ConversionError, match=f"is a {variant} model .the HF classes here build Uni-X only"):
-        load_hf(tmp_path / "exported")  # not silently run as a Uni-X model with the vision parts ignored
-    with pytest.raises(ValueError, match=f"is a {variant} model"):
-        load_checkpoint(tmp_path / "megatron")
+    assert after["auto_map"] == auto_map("qwen3", variant) and (tmp_path / "exported" / "modeling_unix.py").exists()
+    tokens = torch.tensor([[5, 9, 14, config.boi_id, *range(config.vq_offset, config.vq_offset + 8), 7, 11]])
+    with torch.no_grad():
+        expected = load_checkpoint(tmp_path / "megatron", device=torch.device("cpu")).model(tokens).logits
+        for directory in (source, tmp_path / "exported"):  # the reference's vis_o_proj dropped without a word
+            loaded = load_hf(directory, device=torch.device("cpu"))
+            assert type(loaded.model).__name__ == VARIANT_CONFIG[variant]["architectures"][0]
+            torch.testing.assert_close(loaded.model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_checkpoint_with_a_foreign_tensor_is_refused(megatron_single, hf_tokenizer_dir, tmp_path):
@@ -366,7 +371,7 @@ def test_baseline_starts_from_a_text_model(megatron_single, hf_tokenizer_dir, tm
     assert config.layer_variant == variant and vision_twins(config)
     tokens = torch.randint(1, text_vocab, (2, 40), generator=torch.Generator().manual_seed(5))
     tokens[:, ::7] = 1  # BOI: through the vision parts
-    original = model_class("qwen3", unix=False).from_pretrained(source, dtype=torch.float32).eval()
+    original = model_class("qwen3").from_pretrained(source, dtype=torch.float32).eval()
     with torch.no_grad():
         want = original(input_ids=tokens).logits
     for row in range(2):

@@ -92,7 +92,7 @@ def random_model(shape: dict[str, int], codebook: int, device: torch.device) -> 
     )
     hf_config = hf_config_object(unix_config_json(config, text + codebook, separator_texts=[]))
     with torch.device(device):
-        model = model_class(hf_config.model_type, unix=True)(hf_config).to(default_dtype(device))
+        model = model_class(hf_config.model_type, "unix")(hf_config).to(default_dtype(device))
     return model.eval()
 
 

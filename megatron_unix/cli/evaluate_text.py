@@ -4,11 +4,11 @@ The model is loaded here and handed to lm-eval's ``HFLM`` as an instance, one of
 
 - ``--hf DIR``: the export's own remote code (``trust_remote_code``, its config.json ``auto_map``), as a
   user of the export runs it; a directory in the reference's format has no ``auto_map`` and loads into
-  this package's Uni-X classes instead.
+  this package's classes (Uni-X or a baseline) instead.
 - ``--hf DIR --as-qwen3``: the reference's way, transformers' plain ``Qwen3ForCausalLM`` (``Qwen2ForCausalLM``
-  for Qwen2 layers): the text path alone; the vision copies are left unloaded (spec §5: on text the
-  Uni-X logits are exactly the text LM's).
-- ``--load CKPT``: a Megatron checkpoint converted to the HF Uni-X model in memory.
+  for Qwen2 layers): the text path alone; the vision tensors (Uni-X's copies, a baseline's vision parts)
+  are left unloaded (spec §5, §9: on text the model's logits are exactly the text LM's).
+- ``--load CKPT``: a Megatron checkpoint converted to the HF model of its variant in memory.
 
 lm-eval scores a choice by its summed log-likelihood under the full output distribution (image codes included).
 """
@@ -136,7 +136,7 @@ def load_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
             model = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=True, dtype=dtype)
         loader = "remote code"
     else:
-        log(f"--hf {args.hf}: config.json has no auto_map (the reference's format): this package's Uni-X classes")
+        log(f"--hf {args.hf}: config.json has no auto_map (the reference's format): this package's classes")
         model, loader = loading.load_hf(args.hf, args.tokenizer, device, dtype).model, "uni-x classes"
     log(f"model: {type(model).__name__} from {args.hf} ({loader}), {dtype}, {device}")
     identity = dict(loader=loader, source=Path(args.hf).resolve(), tokenizer=Path(tokenizer_path).resolve())
@@ -144,26 +144,25 @@ def load_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
 
 
 def as_text_lm(source: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' own text LM of the directory's layer style; the unloaded tensors must be the vision
-    copies alone, and are counted in the log instead of transformers' per-tensor report."""
+    """transformers' own text LM of the directory's layer style; the unloaded tensors must be vision
+    tensors alone (:func:`is_vision_tensor`), and are counted in the log instead of transformers' per-tensor report."""
     from megatron_unix.conversion.hf_io import model_class, quiet_loading
+    from megatron_unix.conversion.mappings import is_vision_tensor
 
-    cls = model_class(source.style, unix=False)
+    cls = model_class(source.style)
     with quiet_loading():
         model, info = cls.from_pretrained(source.path, dtype=dtype, output_loading_info=True)
     unused = sorted(info["unexpected_keys"])
-    other = [
-        name for name in unused if not name.startswith(("model.vision_encode_layers.", "model.vision_decode_layers."))
-    ]
+    other = [name for name in unused if not is_vision_tensor(name)]
     missing = sorted(info["missing_keys"])
     if missing or other:
         example = (missing or other)[0]
         raise ValueError(
             f"--as-qwen3: {source.path} does not load as {cls.__name__}: "
-            f"{len(missing)} tensors missing, {len(other)} not vision copies and unused (e.g. {example})"
+            f"{len(missing)} tensors missing, {len(other)} not vision tensors and unused (e.g. {example})"
         )
     if unused:
-        log(f"--as-qwen3: {len(unused)} tensors of the vision copies dropped (text-only evaluation does not use them)")
+        log(f"--as-qwen3: {len(unused)} vision tensors dropped (text-only evaluation does not use them)")
     return model
 
 

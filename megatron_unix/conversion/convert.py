@@ -314,8 +314,6 @@ def import_hf(
     baseline_source = source.kind == "unix" and config.layer_variant != "unix"
     if not baseline_source:
         source.validate()
-    if verify and config.layer_variant != "unix":
-        raise ConversionError(_NO_HF_MODEL.format(config.layer_variant))
     log(
         f"target: {_describe(config, vocab_size)}"
         + ("" if source.kind == "unix" else f", vision parts start: {options.vision_start()}")
@@ -338,15 +336,9 @@ def import_hf(
     return path
 
 
-_NO_HF_MODEL = (
-    "--verify compares with the Uni-X HF modeling code, which does not build --layer-variant {0} "
-    "(the reference's own classes do)"
-)
-
-
 def _validate_by_table(source: HFCheckpoint, model: torch.nn.Module, config: UniXConfig, vocab_size: int) -> None:
     """A baseline's source against what the mapping table makes of the model: every tensor present with
-    its shape, nothing else but the unused tensors import drops (the HF-side check builds Uni-X only)."""
+    its shape, nothing else but the unused tensors import drops (MoT's ``vis_o_proj``)."""
     expected = {n: t.shape for n, t in megatron_to_hf(dict(model.named_parameters()), config, vocab_size).items()}
     source.check_tensors(expected, f"{source.path} ({config.layer_variant})", dropped_on_import(config))
 
@@ -354,14 +346,15 @@ def _validate_by_table(source: HFCheckpoint, model: torch.nn.Module, config: Uni
 def hf_unix_model(
     config: UniXConfig, vocab_size: int, weights: LazyTensors, interchange: dict[str, Any] | None = None
 ) -> torch.nn.Module:
-    """The Uni-X remote-code model (fp32) holding ``weights``, built in memory; ``interchange`` (a
-    checkpoint's :data:`INTERCHANGE` record) carries the source's config.json keys, as an export does."""
+    """The remote-code model of ``config``'s variant (fp32) holding ``weights``, built in memory;
+    ``interchange`` (a checkpoint's :data:`INTERCHANGE` record) carries the source's config.json keys, as
+    an export does."""
     hf_config = hf_config_object(unix_config_json(config, vocab_size, separator_texts=[], interchange=interchange))
-    model = model_class(hf_config.model_type, unix=True)(hf_config).float()
+    model = model_class(hf_config.model_type, config.layer_variant)(hf_config).float()
     result = model.load_state_dict({name: weights[name] for name in weights}, strict=False)
     tied_head = ["lm_head.weight"] if config.tie_word_embeddings else []
     if result.unexpected_keys or result.missing_keys != tied_head:
-        raise ConversionError(f"converted weights do not fit the Uni-X HF model: {result}")
+        raise ConversionError(f"converted weights do not fit the {type(model).__name__} HF model: {result}")
     return model
 
 
@@ -373,12 +366,12 @@ def _verify_import(
     weights: LazyTensors,
     text_tokenizer: TextTokenizer | None,
 ) -> None:
-    """Megatron vs the source text model (text, original vocabulary columns) and vs the Uni-X HF
+    """Megatron vs the source text model (text, original vocabulary columns) and vs the remote-code HF
     model built in memory from the converted weights (all samples), everything in fp32."""
     samples = sample_inputs(config, sample_text_ids(config, text_tokenizer))
     results = []
     if source.kind != "unix" and source.style == layer_style(config):
-        original = model_class(source.style, unix=False).from_pretrained(source.path, dtype=torch.float32)
+        original = model_class(source.style).from_pretrained(source.path, dtype=torch.float32)
         columns = source.config.vocab_size
         results.append(
             compare(
@@ -395,7 +388,7 @@ def _verify_import(
     for name, tokens in samples.items():
         results.append(
             compare(
-                f"{name} vs Uni-X HF (converted weights)",
+                f"{name} vs {type(unix).__name__} (converted weights)",
                 megatron_logits(model, tokens, vocab_size),
                 hf_logits(unix, tokens),
                 FP32,
@@ -471,8 +464,6 @@ def export_hf(
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--save {out} is not empty")
     model, config, common = load_megatron(load, verify_checkpoint)
-    if verify and config.layer_variant != "unix":
-        raise ConversionError(_NO_HF_MODEL.format(config.layer_variant))
     vocab_size = common["model_args"]["vocab_size"]
     interchange = common["model_args"].get(INTERCHANGE)
     tokenizer_path = (common.get("args") or {}).get("tokenizer_model")
@@ -491,8 +482,7 @@ def export_hf(
         write_json(staging / "config.json", config_json)
         write_json(staging / "generation_config.json", generation_config_json(config_json, interchange))
         write_json(staging / ORIGIN, _origin(load, common))
-        if config.layer_variant == "unix":  # the remote code builds Uni-X only
-            copy_remote_code(staging)
+        copy_remote_code(staging)
         write_model_card(staging, config_json)
         if tokenizer_path and has_tokenizer(tokenizer_path):
             log(f"tokenizer files from {tokenizer_path}: {', '.join(copy_tokenizer(Path(tokenizer_path), staging))}")
@@ -522,7 +512,7 @@ def _origin(load: str | Path, common: dict[str, Any]) -> dict[str, Any]:
 
 
 def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, out: Path) -> None:
-    """Megatron vs the written directory: the Uni-X model through trust_remote_code on all samples,
+    """Megatron vs the written directory: its remote-code model through trust_remote_code on all samples,
     and transformers' own text LM class on text. The bf16 files are loaded into fp32, so what is
     measured is the export (names, layout, rounding of the weights to bf16), not bf16 arithmetic,
     which flips near-tied greedy tokens of a correct conversion (random image codes have many)."""
@@ -534,12 +524,12 @@ def _verify_export(model: torch.nn.Module, config: UniXConfig, vocab_size: int, 
     with quiet_loading():
         unix = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     results = [
-        compare(f"{name} vs Uni-X HF (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
+        compare(f"{name} vs {type(unix).__name__} (bf16 weights)", reference[name], hf_logits(unix, tokens), BF16)
         for name, tokens in samples.items()
     ]
     del unix
     with quiet_loading():  # its report would list every vision tensor, which it ignores by design
-        plain = model_class(layer_style(config), unix=False).from_pretrained(out, dtype=torch.float32)
+        plain = model_class(layer_style(config)).from_pretrained(out, dtype=torch.float32)
     results.append(
         compare(
             f"text vs {type(plain).__name__} (bf16 weights)", reference["text"], hf_logits(plain, samples["text"]), BF16

@@ -19,8 +19,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from megatron_unix.conversion.hf_io import CLASSES, ConversionError, HFCheckpoint, read_json
-from megatron_unix.conversion.hf_remote import auto_map
+from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, model_class, read_json
+from megatron_unix.conversion.hf_remote import auto_map, variant_of
 from megatron_unix.conversion.hf_remote.configuration_unix import (
     UNIX_DEFAULTS,
     VIS_SEP_TOKEN_IDS,
@@ -48,9 +48,6 @@ NOT_CARRIED = (
     VIS_SEP_TOKEN_IDS,
 )
 """Source keys always recomputed on export."""
-VARIANT_ARCHITECTURES = {"hardmoe": "HardMoeQwen3CausalLM", "mot": "MoTQwen3ForCausalLM"}
-"""The reference's class names of the Table-4 baselines (spec §9), which its config.json records under
-``architectures``; any other is Uni-X. No remote code here builds them, so their exports carry no ``auto_map``."""
 
 
 def layer_style(config: UniXConfig) -> str:
@@ -132,15 +129,9 @@ def _token_id(tokenizer: TextTokenizer, text: str, where: Path) -> int:
     return index
 
 
-def layer_variant(hf: PretrainedConfig) -> str:
-    """``"hardmoe"``, ``"mot"`` or ``"unix"``, by the reference class named in ``architectures``."""
-    names = getattr(hf, "architectures", None) or []
-    return next((v for v, cls in VARIANT_ARCHITECTURES.items() if cls in names), "unix")
-
-
 def variant_fields(hf: PretrainedConfig) -> dict[str, Any]:
     """The layer variant and its fields; the baselines' reference classes ignore the Uni-X split fields."""
-    variant = layer_variant(hf)
+    variant = variant_of(hf)
     if variant == "unix":
         return {"layer_variant": variant}
     fields: dict[str, Any] = {"layer_variant": variant, "vision_encode_layers": 0, "vision_decode_layers": 0}
@@ -205,9 +196,9 @@ def unix_config_json(
         "layer_types": ["full_attention"] * config.num_layers,
     }
     fixed: dict[str, Any] = {
-        "architectures": [CLASSES[style][3].__name__],
+        "architectures": [model_class(style, config.layer_variant).__name__],
         "model_type": style,
-        "auto_map": auto_map(style),
+        "auto_map": auto_map(style, config.layer_variant),
         "vocab_size": vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_hidden_size,
@@ -244,19 +235,15 @@ def unix_config_json(
 
 
 def _variant_fixed(fixed: dict[str, Any], config: UniXConfig) -> dict[str, Any]:
-    """A baseline's fixed keys: the reference's class and the variant's own field; no ``auto_map`` (it
-    would name the Uni-X code) and the Uni-X split left to the carried keys (its classes ignore it)."""
-    dropped = ("auto_map", "num_vision_encode_layers", "num_vision_decode_layers")
+    """A baseline's fixed keys: the variant's own field; the Uni-X split is left to the carried keys (the
+    baselines' classes, the reference's and ours, ignore it)."""
+    dropped = ("num_vision_encode_layers", "num_vision_decode_layers")
     own = (
         {"decoder_sparse_step": config.decoder_sparse_step}
         if config.layer_variant == "hardmoe"
         else {"ffn_vision_size": config.ffn_vision_size}
     )
-    return {
-        **{k: v for k, v in fixed.items() if k not in dropped},
-        "architectures": [VARIANT_ARCHITECTURES[config.layer_variant]],
-        **own,
-    }
+    return {**{k: v for k, v in fixed.items() if k not in dropped}, **own}
 
 
 def generation_config_json(config_json: dict[str, Any], interchange: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,5 +261,5 @@ def generation_config_json(config_json: dict[str, Any], interchange: dict[str, A
 
 
 def hf_config_object(config_json: dict[str, Any]) -> PretrainedConfig:
-    """The remote-code config class holding ``config_json`` (for in-memory HF models)."""
-    return CLASSES[config_json["model_type"]][2].from_dict(config_json)
+    """The remote-code config class of ``config_json``'s variant holding it (for in-memory HF models)."""
+    return model_class(config_json["model_type"], variant_of(config_json)).config_class.from_dict(config_json)

@@ -25,13 +25,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import PretrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
-from megatron_unix.conversion.hf_remote.configuration_unix import UniQwen2Config, UniQwen3Config
-from megatron_unix.conversion.hf_remote.modeling_unix import (
-    TRANSFORMERS_SUPPORTED,
-    UniQwen2ForCausalLM,
-    UniQwen3ForCausalLM,
-)
+from megatron_unix.conversion.hf_remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES, causal_lm_class, variant_of
+from megatron_unix.conversion.hf_remote.modeling_unix import TRANSFORMERS_SUPPORTED
 from megatron_unix.files import WriteError, write_atomically
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -49,26 +44,27 @@ TOKENIZER_FILES = (
 UNIX_MARKER = "num_vision_encode_layers"
 """A config.json with this field is a Uni-X checkpoint in the reference format (spec §5)."""
 
-# (text LM config, text LM, Uni-X config, Uni-X LM) per layer style = HF model_type
-CLASSES: dict[str, tuple[type, type, type, type]] = {
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, UniQwen2Config, UniQwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, UniQwen3Config, UniQwen3ForCausalLM),
+TEXT_CLASSES: dict[str, tuple[type, type]] = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
+"""transformers' (config, text LM) per layer style = HF model_type."""
 
 
 class ConversionError(ValueError):
     """A checkpoint or option the converter refuses; the message names the tensor, field or flag."""
 
 
-def model_class(style: str, unix: bool) -> type:
-    """The HF causal-LM class of a layer style: Uni-X (remote code) or transformers' text LM."""
-    return CLASSES[style][3 if unix else 1]
+def model_class(style: str, variant: str | None = None) -> type:
+    """The HF causal-LM class of a layer style: transformers' text LM (``variant`` None) or the remote
+    code's class of ``"unix"``, ``"hardmoe"`` or ``"mot"``."""
+    return TEXT_CLASSES[style][1] if variant is None else causal_lm_class(style, variant)
 
 
-def expected_tensors(config: PretrainedConfig, unix: bool) -> dict[str, torch.Size]:
+def expected_tensors(config: PretrainedConfig, variant: str | None) -> dict[str, torch.Size]:
     """Name -> shape of every tensor an HF checkpoint of ``config`` holds (``lm_head`` absent when tied)."""
     with torch.device("meta"):
-        model = model_class(config.model_type, unix)(config)
+        model = model_class(config.model_type, variant)(config)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -117,12 +113,14 @@ class HFCheckpoint:
         self.raw: dict = raw
         """config.json as written (transformers' config object below may normalise or rename keys)."""
         self.style = raw.get("model_type")
-        if self.style not in CLASSES:
+        if self.style not in TEXT_CLASSES:
             raise ConversionError(
-                f"{config_file}: model_type={self.style!r} is not supported (expected one of {sorted(CLASSES)})"
+                f"{config_file}: model_type={self.style!r} is not supported (expected one of {sorted(TEXT_CLASSES)})"
             )
         self.kind = "unix" if UNIX_MARKER in raw else self.style
-        config_cls = CLASSES[self.style][2 if self.kind == "unix" else 0]
+        self.variant: str | None = variant_of(raw) if self.kind == "unix" else None
+        """The remote-code variant of a reference-format directory; None for a text model."""
+        config_cls = model_class(self.style, self.variant).config_class
         try:
             self.config: PretrainedConfig = config_cls.from_dict(copy.deepcopy(raw))
         except Exception as error:  # transformers' validation errors are of types that differ between versions
@@ -173,7 +171,7 @@ class HFCheckpoint:
     def validate(self) -> None:
         """Every tensor config.json implies is present with its shape, and nothing else is there."""
         where = f"{self.path} (model_type {self.style}{', Uni-X' if self.kind == 'unix' else ''})"
-        self.check_tensors(expected_tensors(self.config, self.kind == "unix"), where)
+        self.check_tensors(expected_tensors(self.config, self.variant), where)
 
     def check_tensors(self, expected: Mapping[str, torch.Size], where: str, unused: Iterable[str] = ()) -> None:
         """Each ``expected`` tensor present with its shape; nothing else but ``unused`` (and a tied head)."""
@@ -282,15 +280,32 @@ def copy_remote_code(directory: Path) -> None:
         shutil.copy(REMOTE_CODE_DIR / name, directory / name)
 
 
+def _architecture_line(config: dict) -> str:
+    """What the variant separates by modality, for the model card."""
+    layers = config["num_hidden_layers"]
+    variant = variant_of(config)
+    if variant == "hardmoe":
+        step = config["decoder_sparse_step"]
+        return f"HardMoE (spec §9): {layers} layers, every {step}th with a vision MLP; one global attention"
+    if variant == "mot":
+        return (
+            f"MoT (spec §9): {layers} layers, each with vision q/k/v projections, QK norms and an MLP of width "
+            f"{config['ffn_vision_size']}; one global attention"
+        )
+    return (
+        f"Uni-X: {layers} layers of which the first {config['num_vision_encode_layers']} and the last "
+        f"{config['num_vision_decode_layers']} are separated by modality"
+    )
+
+
 def write_model_card(directory: Path, config: dict) -> None:
     """README.md: what the directory is and how each kind of user loads it (HF's model-card convention)."""
     low, high = TRANSFORMERS_SUPPORTED
-    text_class = CLASSES[config["model_type"]][1].__name__
-    (directory / "README.md").write_text(f"""# Uni-X checkpoint
+    text_class = TEXT_CLASSES[config["model_type"]][1].__name__
+    (directory / "README.md").write_text(f"""# {config["architectures"][0]} checkpoint
 
 Exported by megatron-unix (`tools/convert_checkpoint.py export-hf`): {config["model_type"]} layers,
-{config["num_hidden_layers"]} layers of which the first {config["num_vision_encode_layers"]} and the last \
-{config["num_vision_decode_layers"]} are separated by modality;
+{_architecture_line(config)};
 vocabulary {config["vocab_size"]} (text ids below {config["real_text_vocab_size"]}, then \
 {config["vision_vocab_size"]} VQ codes), bf16 safetensors.
 
@@ -300,6 +315,6 @@ vocabulary {config["vocab_size"]} (text ids below {config["real_text_vocab_size"
   (`modeling_unix.py`) needs `transformers>={low},<{high}`; CI tests 4.53.3 (the reference's pin) and
   megatron-unix's pinned release. Cached `generate()` keeps per-modality keys and values.
 - Text only: `{text_class}.from_pretrained(path)` ignores the vision tensors; on text input it gives the
-  Uni-X logits.
+  model's logits.
 - The reference implementation reads config.json as written (`rope_theta`, separators as token text).
 """)

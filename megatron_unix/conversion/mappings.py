@@ -146,6 +146,23 @@ def dropped_on_import(config: UniXConfig) -> list[str]:
     ]
 
 
+VISION_LAYER_PREFIXES = ("model.vision_encode_layers.", "model.vision_decode_layers.")
+"""HF prefixes of Uni-X's vision copies of the separated layers (:func:`layer_prefixes`)."""
+VISION_PART_NAMES = frozenset(
+    {name for table in VARIANT_VISION_MAPPINGS.values() for m in table for name in m.hf}
+    | {name for names in DROPPED_ON_IMPORT.values() for name in names}
+)
+"""The baselines' vision tensors inside ``model.layers.N.`` (the reference's names, unused ones included)."""
+
+
+def is_vision_tensor(name: str) -> bool:
+    """An HF tensor only vision tokens use (a Uni-X vision copy's, a baseline's vision part): what a plain
+    Qwen text LM loading the directory leaves unused."""
+    parts = name.split(".", 3)
+    in_layer = len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+    return name.startswith(VISION_LAYER_PREFIXES) or (in_layer and parts[3] in VISION_PART_NAMES)
+
+
 def megatron_to_hf(state_dict: dict[str, torch.Tensor], config: UniXConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """Unsharded Megatron weights -> HF names; vocabulary padding stripped to ``vocab_size`` rows."""
     out: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig
 
 from megatron_unix.conversion import convert
 from megatron_unix.conversion.convert import load_megatron
-from megatron_unix.conversion.hf_config import INTERCHANGE, layer_variant, unix_fields
+from megatron_unix.conversion.hf_config import INTERCHANGE, unix_fields
 from megatron_unix.conversion.hf_io import ConversionError, HFCheckpoint, has_tokenizer, model_class, quiet_loading
 from megatron_unix.conversion.hf_remote.configuration_unix import unix_field
 from megatron_unix.conversion.hf_remote.modeling_unix import separator_ids
@@ -37,15 +37,11 @@ from megatron_unix.data.tokenizer import (
 from megatron_unix.inference.sampling import VocabLayout
 from megatron_unix.model.config import UniXConfig
 
-NO_HF_CODE = (
-    "the HF classes here build Uni-X only; the reference's modeling/moe_qwen.py and mot_qwen.py run the baselines"
-)
-
 
 @dataclass(frozen=True)
 class LoadedModel:
     model: torch.nn.Module
-    """A ``UniXForCausalLM`` (in-repo class) in eval mode."""
+    """A ``UniXForCausalLM`` (in-repo class: Uni-X or a baseline) in eval mode."""
     tokenizer: TextTokenizer
     layout: VocabLayout
 
@@ -157,11 +153,9 @@ def load_hf(
     if source.kind != "unix":
         raise ConversionError(f"--hf {directory}: config.json has no num_vision_encode_layers: not a Uni-X model")
     config = source.config
-    if (variant := layer_variant(config)) != "unix":
-        raise ConversionError(f"--hf {directory} is a {variant} model ({NO_HF_CODE})")
     text, vocab = hf_tokenizer(directory, config, tokenizer)
     with quiet_loading():
-        model = model_class(source.style, unix=True).from_pretrained(
+        model = model_class(source.style, source.variant).from_pretrained(
             directory, config=config, dtype=dtype or default_dtype(device)
         )
     return LoadedModel(model.to(device).eval(), text, vocab)
@@ -187,8 +181,6 @@ def load_checkpoint(
     ``tokenizer`` defaults to the one the checkpoint records."""
     device = device or default_device()
     megatron, config, common = load_megatron(path, verify)
-    if config.layer_variant != "unix":
-        raise ValueError(f"--load {path} is a {config.layer_variant} model ({NO_HF_CODE})")
     run_args = common.get("args") or {}
     recorded = run_args.get("tokenizer_model")
     missing = (

@@ -1,9 +1,12 @@
-"""Uni-X configs for Hugging Face remote code (copied verbatim into exported checkpoints).
+"""Uni-X and baseline configs for Hugging Face remote code (copied verbatim into exported checkpoints).
 
 Plain subclasses of transformers' Qwen3Config / Qwen2Config, like the reference's: the Uni-X fields
 (spec §5) are ordinary config.json keys, which every transformers version keeps as attributes, so
 the same file works from transformers 4.53 (the reference's pin) to 5.x. ``model_type`` stays the
 base model's, so transformers' own Qwen3ForCausalLM / Qwen2ForCausalLM load the directory as a text LM.
+Each model class has a config class of its own (the reference's share one, ``UniQwen3Config``): an
+``auto_map`` registers its config class with AutoModelForCausalLM, which maps one config class to one
+model class.
 """
 
 from transformers import Qwen2Config, Qwen3Config
@@ -56,3 +59,19 @@ class UniQwen3Config(Qwen3Config):
 
 class UniQwen2Config(Qwen2Config):
     """Uni-X with Qwen2-style layers (q/k/v bias, no QK norm): a Qwen2.5 import kept as is."""
+
+
+class HardMoeQwen3Config(Qwen3Config):
+    """HardMoE (spec §9) with Qwen3-style layers: the reference's ``modeling/moe_qwen.py``."""
+
+
+class HardMoeQwen2Config(Qwen2Config):
+    """HardMoE with Qwen2-style layers."""
+
+
+class MoTQwen3Config(Qwen3Config):
+    """MoT (spec §9) with Qwen3-style layers: the reference's ``modeling/mot_qwen.py``."""
+
+
+class MoTQwen2Config(Qwen2Config):
+    """MoT with Qwen2-style layers."""

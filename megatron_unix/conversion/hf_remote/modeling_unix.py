@@ -1,4 +1,5 @@
-"""Uni-X causal LM for Hugging Face remote code (spec §1, §5, §6); copied verbatim into exports.
+"""Uni-X and the Table-4 baselines as causal LMs for Hugging Face remote code (spec §1, §5, §6, §9);
+copied verbatim into exports.
 
 This file runs under the *user's* transformers, so it owns everything that changes between
 versions: the layers (RMSNorm, rotary, attention, MLP: parameter names exactly spec §5), the
@@ -16,6 +17,11 @@ modality" and keeps, per token, the output of its modality's copy. That is exact
 at least itself, so no softmax row is empty) and simple, at twice the compute and KV memory of
 those layers; the reference's gather per modality avoids the 2x. Each copy has its own cache slot,
 so cached keys/values are per modality (spec §6).
+
+The baselines (spec §9) route by the same vision mask inside a layer, under one global causal
+attention: HardMoE gives every ``decoder_sparse_step``-th layer a vision MLP (``mlp.vis_*_proj``), MoT
+gives every layer vision q/k/v projections and QK norms (``self_attn.vis_*``) and a vision MLP
+(``mlp.vision_*_proj``). A routed projection runs each copy on its own tokens only.
 """
 
 import warnings
@@ -28,7 +34,18 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_unix import VIS_SEP_TOKEN_IDS, UniQwen2Config, UniQwen3Config, head_dim, rope_theta, unix_field
+from .configuration_unix import (
+    VIS_SEP_TOKEN_IDS,
+    HardMoeQwen2Config,
+    HardMoeQwen3Config,
+    MoTQwen2Config,
+    MoTQwen3Config,
+    UniQwen2Config,
+    UniQwen3Config,
+    head_dim,
+    rope_theta,
+    unix_field,
+)
 
 TRANSFORMERS_SUPPORTED = (Version("4.53.3"), Version("6.0"))
 """[lowest, first unsupported): the range this file is written for; CI tests both ends' releases."""
@@ -187,22 +204,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-class Attention(nn.Module):
-    """Grouped-query attention; Qwen3 style has per-head QK norm, Qwen2 style q/k/v bias."""
+def routed(x: torch.Tensor, vision: torch.Tensor, text_fn, vision_fn) -> torch.Tensor:
+    """``text_fn`` on the text tokens of ``x`` [b, s, ...] and ``vision_fn`` on the vision ones (``vision``
+    [b, s]), each over its own tokens only, put back in place."""
+    if not vision.any():
+        return text_fn(x)
+    if vision.all():
+        return vision_fn(x)
+    text, image = text_fn(x[~vision]), vision_fn(x[vision])
+    out = text.new_empty(*vision.shape, *text.shape[1:])
+    out[~vision], out[vision] = text, image
+    return out
 
-    def __init__(self, config, qk_norm: bool, qkv_bias: bool) -> None:
+
+class Attention(nn.Module):
+    """Grouped-query attention; Qwen3 style has per-head QK norm, Qwen2 style q/k/v bias. With
+    ``vision_qkv`` (MoT) vision tokens take their own q/k/v projections and QK norms (``vis_*``); the
+    output projection is shared."""
+
+    def __init__(self, config, qk_norm: bool, qkv_bias: bool, vision_qkv: bool = False) -> None:
         super().__init__()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = head_dim(config)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.prefixes = ("", "vis_") if vision_qkv else ("",)
+        for prefix in self.prefixes:
+            for name, heads in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads)):
+                self.add_module(f"{prefix}{name}_proj", nn.Linear(hidden, heads * self.head_dim, bias=qkv_bias))
+            if qk_norm:
+                self.add_module(f"{prefix}q_norm", RMSNorm(self.head_dim, config.rms_norm_eps))
+                self.add_module(f"{prefix}k_norm", RMSNorm(self.head_dim, config.rms_norm_eps))
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
-        if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
+
+    def project(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        """q, k, v of tokens ``x`` [..., hidden] through the ``prefix`` copy, as [..., heads + 2 kv heads, d]."""
+        q = getattr(self, f"{prefix}q_proj")(x).unflatten(-1, (self.heads, self.head_dim))
+        k = getattr(self, f"{prefix}k_proj")(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = getattr(self, f"{prefix}v_proj")(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        if self.qk_norm:
+            q, k = getattr(self, f"{prefix}q_norm")(q), getattr(self, f"{prefix}k_norm")(k)
+        return torch.cat([q, k, v], dim=-2)
 
     def forward(
         self,
@@ -211,14 +253,15 @@ class Attention(nn.Module):
         mask: torch.Tensor,
         cache: UniXCache | None,
         slot: int,
+        vision: torch.Tensor,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q.transpose(1, 2), *rotary), _rotate(k.transpose(1, 2), *rotary)
+        if len(self.prefixes) == 1:
+            qkv = self.project(x, "")
+        else:
+            qkv = routed(x, vision, lambda t: self.project(t, ""), lambda t: self.project(t, "vis_"))
+        q, k, v = qkv.transpose(1, 2).split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         if cache is not None:
             k, v = cache.update(slot, k, v)
         groups = self.heads // self.kv_heads
@@ -228,50 +271,81 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+    """SwiGLU MLP; with a ``vision`` (prefix, width), vision tokens take their own (HardMoE: ``vis_`` at the
+    text width; MoT: ``vision_`` at ``ffn_vision_size``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __init__(self, config, vision: tuple[str, int] | None = None) -> None:
+        super().__init__()
+        self.copies = [("", config.intermediate_size)] + ([vision] if vision else [])
+        for prefix, width in self.copies:
+            self.add_module(f"{prefix}gate_proj", nn.Linear(config.hidden_size, width, bias=False))
+            self.add_module(f"{prefix}up_proj", nn.Linear(config.hidden_size, width, bias=False))
+            self.add_module(f"{prefix}down_proj", nn.Linear(width, config.hidden_size, bias=False))
+
+    def swiglu(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        gate, up, down = (getattr(self, f"{prefix}{name}_proj") for name in ("gate", "up", "down"))
+        return down(F.silu(gate(x)) * up(x))
+
+    def forward(self, x: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        if len(self.copies) == 1:
+            return self.swiglu(x, "")
+        return routed(x, vision, lambda t: self.swiglu(t, ""), lambda t: self.swiglu(t, self.copies[1][0]))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and SwiGLU MLP; ``slot`` is its place in the KV cache."""
+    """Pre-norm attention and SwiGLU MLP; ``slot`` is its place in the KV cache; ``vision_qkv`` and
+    ``vision_mlp`` give it a baseline's vision parts."""
 
-    def __init__(self, config, slot: int) -> None:
+    def __init__(self, config, slot: int, vision_qkv: bool = False, vision_mlp: tuple[str, int] | None = None) -> None:
         super().__init__()
         qwen3 = config.model_type == "qwen3"
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, qk_norm=qwen3, qkv_bias=not qwen3)
+        self.self_attn = Attention(config, qk_norm=qwen3, qkv_bias=not qwen3, vision_qkv=vision_qkv)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, vision_mlp)
         self.slot = slot
 
-    def forward(self, h: torch.Tensor, rotary, mask: torch.Tensor, cache: UniXCache | None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rotary, mask, cache, self.slot)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, h: torch.Tensor, rotary, mask: torch.Tensor, cache: UniXCache | None, vision: torch.Tensor
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rotary, mask, cache, self.slot, vision)
+        return h + self.mlp(self.post_attention_layernorm(h), vision)
+
+
+def baseline_layer(config, variant: str, i: int) -> DecoderLayer:
+    """Layer ``i`` of a baseline (spec §9): HardMoE's vision MLP where (i + 1) % decoder_sparse_step == 0;
+    MoT's vision q/k/v, QK norms and MLP of ``ffn_vision_size`` in every layer."""
+    if variant == "hardmoe":
+        step = int(unix_field(config, "decoder_sparse_step"))
+        if step < 1:
+            raise ValueError(f"decoder_sparse_step={step} must be positive")
+        return DecoderLayer(config, i, vision_mlp=("vis_", config.intermediate_size) if (i + 1) % step == 0 else None)
+    return DecoderLayer(config, i, vision_qkv=True, vision_mlp=("vision_", int(unix_field(config, "ffn_vision_size"))))
 
 
 class UniXModel(nn.Module):
-    """Embedding, text/shared layers, vision copies of the separated layers, final norm.
+    """Embedding, text/shared layers, vision copies of the separated layers, final norm; for a baseline
+    ``variant``, its layers with their vision parts and no separated layers (the Uni-X split fields of
+    its config.json are ignored, as the reference's classes ignore them).
 
     Cache slots: 0..L-1 text/shared layers, L..L+N-1 vision encode copies, L+N..L+N+M-1 vision
     decode copies.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, variant: str = "unix") -> None:
         super().__init__()
         L = config.num_hidden_layers
         N, M = unix_field(config, "num_vision_encode_layers"), unix_field(config, "num_vision_decode_layers")
+        if variant != "unix":
+            N = M = 0
         if N < 0 or M < 0 or N + M > L:
             raise ValueError(
                 f"num_vision_encode_layers={N} + num_vision_decode_layers={M} must be within num_hidden_layers={L}"
             )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(L))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) if variant == "unix" else baseline_layer(config, variant, i) for i in range(L)
+        )
         self.vision_encode_layers = nn.ModuleList(DecoderLayer(config, L + i) for i in range(N))
         self.vision_decode_layers = nn.ModuleList(DecoderLayer(config, L + N + j) for j in range(M))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -328,17 +402,22 @@ class UniXModel(nn.Module):
         for i, layer in enumerate(self.layers):
             copy = self.vision_copy(i)
             if copy is None:
-                h = layer(h, rotary, shared_mask, cache)
+                h = layer(h, rotary, shared_mask, cache, vision)
             else:
                 h = torch.where(
-                    vision[..., None], copy(h, rotary, separated_mask, cache), layer(h, rotary, separated_mask, cache)
+                    vision[..., None],
+                    copy(h, rotary, separated_mask, cache, vision),
+                    layer(h, rotary, separated_mask, cache, vision),
                 )
         return self.norm(h)
 
 
 class UniXForCausalLM(PreTrainedModel, GenerationMixin):
-    """Uni-X LM head model shared by both layer styles (the subclasses only pick the config class)."""
+    """LM head model shared by every variant and layer style (the subclasses pick the config class,
+    the ``variant`` and the ``style``)."""
 
+    variant = "unix"
+    style = "qwen3"
     base_model_prefix = "model"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # iterates as a list for 4.x
     _no_split_modules = ["DecoderLayer"]
@@ -347,7 +426,7 @@ class UniXForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config) -> None:
         super().__init__(config)
         check_supported(config)
-        self.model = UniXModel(config)
+        self.model = UniXModel(config, self.variant)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -409,3 +488,52 @@ class UniQwen2ForCausalLM(UniXForCausalLM):
     """Uni-X with Qwen2-style layers (q/k/v bias, no QK norm)."""
 
     config_class = UniQwen2Config
+    style = "qwen2"
+
+
+class HardMoeQwen3CausalLM(UniXForCausalLM):
+    """HardMoE with Qwen3-style layers, under the reference's class name (``modeling/moe_qwen.py``)."""
+
+    config_class = HardMoeQwen3Config
+    variant = "hardmoe"
+
+
+class HardMoeQwen2CausalLM(UniXForCausalLM):
+    """HardMoE with Qwen2-style layers."""
+
+    config_class = HardMoeQwen2Config
+    variant, style = "hardmoe", "qwen2"
+
+
+MOT_UNUSED = [r"self_attn\.vis_o_proj\."]
+"""The reference's MoT creates a vision output projection it never uses: accepted and dropped on load."""
+
+
+class MoTQwen3ForCausalLM(UniXForCausalLM):
+    """MoT with Qwen3-style layers, under the reference's class name (``modeling/mot_qwen.py``)."""
+
+    config_class = MoTQwen3Config
+    variant = "mot"
+    _keys_to_ignore_on_load_unexpected = MOT_UNUSED
+
+
+class MoTQwen2ForCausalLM(UniXForCausalLM):
+    """MoT with Qwen2-style layers."""
+
+    config_class = MoTQwen2Config
+    variant, style = "mot", "qwen2"
+    _keys_to_ignore_on_load_unexpected = MOT_UNUSED
+
+
+CAUSAL_LM_CLASSES: dict[tuple[str, str], type[UniXForCausalLM]] = {
+    (cls.style, cls.variant): cls
+    for cls in (
+        UniQwen3ForCausalLM,
+        UniQwen2ForCausalLM,
+        HardMoeQwen3CausalLM,
+        HardMoeQwen2CausalLM,
+        MoTQwen3ForCausalLM,
+        MoTQwen2ForCausalLM,
+    )
+}
+"""(layer style, variant) -> class; its name is what config.json ``architectures`` records."""
