@@ -80,6 +80,8 @@ def test_sigterm_ends_in_one_line_and_the_rerun_resumes(run):
 
 @pytest.mark.slow
 def test_report_rows_are_the_runs_numbers(run, megatron_single):
+    from transformers import AutoModelForCausalLM
+
     from megatron_unix.conversion.convert import load_megatron
     from megatron_unix.model.builder import parameter_counts
 
@@ -105,6 +107,9 @@ def test_report_rows_are_the_runs_numbers(run, megatron_single):
         padded = model.embedding.word_embeddings.weight.shape[0]
         padding = (padded - hf_config["vocab_size"]) * config.hidden_size
         assert row["parameters"] == parameter_counts(model)[0] - padding
+        # and the HF model's, as transformers builds it from the export's own modeling code
+        hf = AutoModelForCausalLM.from_pretrained(out / "hf" / variant, trust_remote_code=True)
+        assert row["parameters"] == sum(p.numel() for p in hf.parameters())
         assert row["evaluations"]["loss"] == "done"
         assert row["evaluations"]["text"].startswith("skipped: not requested")
     names = [row["name"] for row in rows.values()]
