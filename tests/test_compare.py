@@ -20,8 +20,6 @@ from PIL import Image
 
 from megatron_unix.cli.compare import job_argv
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("shared", "hardmoe", "mot", "unix")
 FLAGS = ["--train-iters", "3", "--global-batch-size", "2", "--eval-iters", "1", "--grad-batches", "1"]
@@ -59,6 +57,7 @@ def run(tmp_path_factory):
     return out, (first.returncode, stopped_err), before, stdout
 
 
+@pytest.mark.slow
 def test_sigterm_ends_in_one_line_and_the_rerun_resumes(run):
     out, (status, stderr), before, stdout = run
     assert status == 128 + signal.SIGTERM
@@ -79,7 +78,10 @@ def test_sigterm_ends_in_one_line_and_the_rerun_resumes(run):
     assert iterations == [1, 2, 3]  # each iteration trained once, across the two attempts
 
 
+@pytest.mark.slow
 def test_report_rows_are_the_runs_numbers(run, megatron_single):
+    from transformers import AutoModelForCausalLM
+
     from megatron_unix.conversion.convert import load_megatron
     from megatron_unix.model.builder import parameter_counts
 
@@ -100,10 +102,14 @@ def test_report_rows_are_the_runs_numbers(run, megatron_single):
         assert row["tokens_per_sec"] == pytest.approx(statistics.fmean(windows[1:]))
         assert row["throughput_ratio"] == pytest.approx(row["tokens_per_sec"] / shared_speed)
         # parameters: the model's, less the rows Megatron pads the vocabulary with (its output is tied)
-        model, config, common = load_megatron(out / "checkpoints" / variant, verify=False)
+        model, config, _ = load_megatron(out / "checkpoints" / variant, verify=False)
         hf_config = json.loads((out / "hf" / variant / "config.json").read_text())
-        padding = (common["model_args"]["vocab_size"] - hf_config["vocab_size"]) * config.hidden_size
+        padded = model.embedding.word_embeddings.weight.shape[0]
+        padding = (padded - hf_config["vocab_size"]) * config.hidden_size
         assert row["parameters"] == parameter_counts(model)[0] - padding
+        # and the HF model's, as transformers builds it from the export's own modeling code
+        hf = AutoModelForCausalLM.from_pretrained(out / "hf" / variant, trust_remote_code=True)
+        assert row["parameters"] == sum(p.numel() for p in hf.parameters())
         assert row["evaluations"]["loss"] == "done"
         assert row["evaluations"]["text"].startswith("skipped: not requested")
     names = [row["name"] for row in rows.values()]
@@ -115,6 +121,7 @@ def test_report_rows_are_the_runs_numbers(run, megatron_single):
     assert "docs/spec.md §8" in table
 
 
+@pytest.mark.slow
 def test_conflict_profile_and_plots(run):
     out = run[0]
     rows = json.loads((out / "report.json").read_text())["variants"]
@@ -138,6 +145,7 @@ def test_conflict_profile_and_plots(run):
             assert image.format == "PNG" and image.size == (900, 540)
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_naming_them(run):
     out = run[0]
     report = (out / "report.json").stat().st_mtime_ns
@@ -152,3 +160,39 @@ def test_other_settings_are_refused_naming_them(run):
 def test_slurm_jobs_run_the_same_command_one_stage_each():
     argv = ["--train-iters", "3", "--slurm", "--sbatch-args", "--time=1:00:00", "--only=mot", "--seed", "5"]
     assert job_argv(argv) == ["--train-iters", "3", "--seed", "5"]
+
+
+def plan_settings(**overrides):
+    from megatron_unix.cli.compare import build_parser, settings_of
+
+    parser = build_parser()
+    return settings_of(parser, parser.parse_args([*FLAGS, *overrides.get("argv", [])]))
+
+
+def test_plan_passes_each_family_its_flags_and_says_why_one_is_skipped(tmp_path):
+    from megatron_unix.comparison.plan import Layout, build_plan
+
+    layout = Layout(tmp_path)
+    settings = plan_settings(argv=["--generation-args", "--geneval-prompts p.jsonl --vqgan 'my vqgan'"])
+    steps = {step.name: step for step in build_plan(settings, layout, ["python"])}
+    generation = steps["generation-mot"]
+    assert generation.argv[-4:] == ("--geneval-prompts", "p.jsonl", "--vqgan", "my vqgan")
+    assert generation.argv[generation.argv.index("--hf") + 1] == str(tmp_path / "hf" / "mot")
+    (tmp_path / "hf" / "mot").mkdir(parents=True)
+    (tmp_path / "hf" / "mot" / "config.json").write_text(json.dumps({"architectures": ["MoTQwen3ForCausalLM"]}))
+    assert "carries no HF modeling code" in generation.skip()
+    (tmp_path / "hf" / "mot" / "config.json").write_text(json.dumps({"auto_map": {}}))
+    assert generation.skip() is None
+    assert steps["text-mot"].skip().startswith("not requested: it needs the lm-eval tasks")
+    # one budget: the four train on the same data, batches and schedule; only the architecture differs
+    architecture = {
+        "shared": "--vision-encode-layers 0 --vision-decode-layers 0",
+        "hardmoe": "--layer-variant hardmoe --decoder-sparse-step 2 --vision-encode-layers 0 --vision-decode-layers 0",
+        "mot": "--layer-variant mot --vision-encode-layers 0 --vision-decode-layers 0",
+        "unix": "--vision-encode-layers 1 --vision-decode-layers 1",
+    }
+    train = {
+        " ".join(steps[f"train-{v}"].argv).replace(architecture[v], "").replace(str(layout.checkpoint(v)), "SAVE")
+        for v in VARIANTS
+    }
+    assert len(train) == 1 and "--train-iters 3 --lr" in train.pop()

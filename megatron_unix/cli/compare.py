@@ -4,9 +4,9 @@ same data at one token budget, exported, evaluated and reported side by side.
     python tools/compare.py                                   # tiny preset, shipped data, CPU: minutes
     python tools/compare.py --hf-dir Qwen2.5-1.5B --data-path 0.6 data/text 0.4 data/pairs \\
         --seq-length 8192 --global-batch-size 256 --train-iters 20000 --lr 1e-4 --min-lr 1e-5 \\
-        --train-args '--bf16 --use-distributed-optimizer' --launcher 'torchrun --nproc-per-node 8' \\
+        --train-args='--bf16 --use-distributed-optimizer' --launcher 'torchrun --nproc-per-node 8' \\
         --grad-text-data data/text --grad-mm-data data/pairs \\
-        --text-args '--tasks mmlu' --output-dir compare-1.5b [--slurm --sbatch-args '--gres=gpu:8 --time=48:00:00']
+        --text-args='--tasks mmlu' --output-dir compare-1.5b [--slurm --sbatch-args='--gres=gpu:8 --time=48:00:00']
 
 Each variant starts from the text LLM (--hf-dir, through import-hf) or from scratch (--model-preset), and
 trains with the same data, batches, schedule and iterations. Then each is exported (export-hf) and
@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log-interval", type=int, default=5)
     train.add_argument("--save-interval", type=int, help="default: a checkpoint at the end (and on SIGTERM)")
     train.add_argument("--seed", type=int, default=1234)
-    train.add_argument("--train-args", default="", help="more pretrain_unix.py flags, e.g. '--bf16'")
+    train.add_argument(
+        "--train-args",
+        default="",
+        help="more pretrain_unix.py flags, e.g. --train-args='--bf16' (with '=': the value starts with --)",
+    )
     train.add_argument(
         "--launcher",
         help="what runs pretrain, evaluate loss and analyze_gradients before '-m MODULE', e.g. "
@@ -75,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation = p.add_argument_group("evaluation and analysis")
     for family in ("text", "understanding", "generation"):
-        evaluation.add_argument(f"--{family}-args", help=f"flags of tools/evaluate.py {family} (runs it)")
+        evaluation.add_argument(
+            f"--{family}-args", help=f"flags of tools/evaluate.py {family}, e.g. --{family}-args='...' (runs it)"
+        )
     evaluation.add_argument("--grad-batches", type=int, default=4, help="analyze_gradients --batches (default: 4)")
     evaluation.add_argument("--grad-text-data", nargs="+", help="text-only prefixes (default: the quickstart's)")
     evaluation.add_argument("--grad-mm-data", nargs="+", help="image-text prefixes (default: the quickstart's)")

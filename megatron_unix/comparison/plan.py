@@ -26,10 +26,10 @@ STAGES = ("data", *VARIANTS, "report")
 FAMILIES = ("text", "understanding", "generation")
 """The evaluations on the HF export that run only when their data (pass-through flags) is given."""
 FAMILY_NEEDS = {
-    "text": "the lm-eval tasks, e.g. --text-args '--tasks arc_easy,mmlu --limit 100'",
-    "understanding": "VLMEvalKit TSVs and a VQGAN: --understanding-args '--benchmark-dir DIR --vqgan-config ... "
+    "text": "the lm-eval tasks, e.g. --text-args='--tasks arc_easy,mmlu --limit 100'",
+    "understanding": "VLMEvalKit TSVs and a VQGAN: --understanding-args='--benchmark-dir DIR --vqgan-config ... "
     "--vqgan-checkpoint ...'",
-    "generation": "GenEval/DPG-Bench prompts and a VQGAN: --generation-args '--geneval-prompts FILE "
+    "generation": "GenEval/DPG-Bench prompts and a VQGAN: --generation-args='--geneval-prompts FILE "
     "--vqgan-config ... --vqgan-checkpoint ...'",
 }
 SOURCE_TREE = Path(megatron_unix.__file__).resolve().parents[1]

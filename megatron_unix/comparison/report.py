@@ -15,7 +15,7 @@ from typing import Any
 from megatron_unix.comparison.plan import FAMILIES, VARIANTS, Layout, Settings, Step, label
 from megatron_unix.comparison.runner import finished
 from megatron_unix.evaluation.progress import CheckpointResults
-from megatron_unix.evaluation.report import PAPER, markdown_table, write_results
+from megatron_unix.evaluation.report import PAPER, markdown_table
 from megatron_unix.evaluation.results import read_results
 from megatron_unix.files import write_text_atomically
 from megatron_unix.plotting import PALETTE, Curve, render_lines
@@ -227,6 +227,6 @@ def write_report(settings: Settings, layout: Layout, steps: Sequence[Step]) -> P
         "paper": {"source": PAPER_SOURCE, "table4": PAPER, "throughput_ratio": PAPER_THROUGHPUT},
         "plots": plots,
     }
-    write_results(layout.root / "report.json", record)
+    write_text_atomically(layout.root / "report.json", json.dumps(record, indent=1) + "\n")  # rows in Table 4's order
     write_text_atomically(layout.root / "report.md", text)
     return layout.root / "report.md"
