@@ -167,3 +167,78 @@ def test_killed_rank_resumes_to_the_bytes_of_an_uninterrupted_run(data, referenc
     assert "[rank 1/2] resuming" in stderr
     assert (folder / "out.jsonl").read_bytes() == reference[0]
     assert dataset_bytes(folder / "pairs") == reference[1]
+
+
+class FileShard:
+    """A jsonl file as one shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.name, self.path = str(path), path
+
+    def items(self, skip: int = 0):
+        from megatron_unix.image.encode import jsonl_items
+
+        return jsonl_items([self.path], skip=skip)
+
+    def count(self) -> int:
+        return len(self.path.read_text().splitlines())
+
+
+def test_merge_joins_what_the_ranks_of_a_job_left(data, reference, tmp_path, capsys):
+    """Four ranks over three shards (rank 0 has none), encoded one after the other by the library; then
+    --merge tokenizes each rank's output, merges the datasets and joins the codes, as the job would."""
+    from megatron_unix.image import ranks
+    from megatron_unix.image.encode import Filters, encode_images
+    from megatron_unix.image.vqgan import VQGAN
+
+    assert [list(ranks.rank_block(range(5), rank, 3)) for rank in range(3)] == [[0], [1, 2], [3, 4]]
+    folder = tmp_path / "merge"
+    copy_shards(data, folder)
+    args = flags(data, folder, "--workers", 0)
+    model, out = VQGAN.from_pretrained(data / "vqgan"), folder / "out.jsonl"
+    shards = [FileShard(folder / name) for name in SHARDS]
+    for rank in range(4):
+        mine = ranks.rank_block(shards, rank, 4)
+        batches = lambda skip, mine=mine: ranks.batches(mine, skip, 2)  # noqa: E731
+        part = ranks.rank_output(out, rank, 4)
+        encode_images(batches, part, model, Filters(32, 16, 2.5), {}, log=sys.stderr, rank_output=True)
+        if rank < 3:
+            status, _, stderr = run(capsys, "--merge", "--output", out)
+            assert status == 2 and f"{3 - rank} of 4 ranks have not finished: rank {rank + 1} (not started)" in stderr
+
+    status, stdout, stderr = run(capsys, "--merge", *args[args.index("--output") :])
+    assert status == 0, stderr
+    assert out.read_bytes() == reference[0] and dataset_bytes(folder / "pairs") == reference[1]
+    assert "merged from 3 ranks" in stdout and "images encoded  6" in stdout
+    assert not list(folder.glob("*.rank-*")), "the ranks' files are removed once joined"
+
+
+def test_ctrl_c_ends_in_one_line_and_keeps_what_was_encoded(data, tmp_path):
+    """The whole process group gets SIGINT (as from a terminal), decoding workers included."""
+    folder = tmp_path / "stop"
+    copy_shards(data, folder, fifo="in1.jsonl")
+    args = flags(data, folder, "--workers", 1, "--batch-size", 1)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "encode_images.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        writer = open_fifo_for_writing(folder / "in1.jsonl", proc)
+        os.write(writer, shard_text("in1.jsonl").encode()[:-1])  # a line short of the end: more to come
+        deadline = time.monotonic() + 60
+        while consumed(folder / "out.jsonl.progress.json") < 1 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        os.close(writer)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == (
+        "encode_images.py: stopped by SIGINT; what was encoded is kept: the same command resumes"
+    )
+    assert "Traceback" not in stderr and (folder / "out.jsonl.partial").read_bytes().count(b"\n") >= 1
