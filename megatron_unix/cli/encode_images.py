@@ -2,18 +2,35 @@
 
     python tools/encode_images.py --input pairs.jsonl --output pairs_codes.jsonl \\
         --vqgan-config chameleon/tokenizer/vqgan.yaml --vqgan-checkpoint chameleon/tokenizer/vqgan.ckpt
-    python tools/encode_images.py --image-dir photos/ --output photos.jsonl --vqgan vqgan_dir \\
-        --output-prefix data/photos --tokenizer-model Qwen2.5-1.5B
+    python tools/encode_images.py --input 'finevision/*.parquet' --output sft_codes.jsonl --vqgan vqgan_dir
+    python tools/encode_images.py --input 'laion/*.tar' --output pairs.jsonl --vqgan vqgan_dir \\
+        --output-prefix data/pairs --tokenizer-model Qwen2.5-1.5B
 
-Input: jsonl(.gz) files or globs of lines with an image path under --image-key (relative to --image-root, by default the
-jsonl's folder) or the image itself as base64 or a data: URI under --base64-key; every other key is
-copied to the output line. Or --image-dir: the images under a folder, each captioned by its same-stem
-.txt file (as "caption"). Images are prepared as the reference does (transparency on white, short
-side resized to the model's resolution, centre crop) and encoded in batches, on the GPU when there
-is one (in fp32 on every device, as image prompts are at inference). Images with a short side below --min-size (upscaling them more than 2x gives blurry
-codes) or an aspect ratio above --max-aspect (the centre crop would lose most of them), missing,
-unreadable or truncated files and bad lines are skipped and counted (the first few named by
-file:line); --strict stops at the first (exit 2).
+Inputs (--input: files, globs, folders, in the order given):
+- jsonl(.gz): an image path under --image-key (relative to --image-root, by default the jsonl's folder)
+  or the image as base64 or a data: URI under --base64-key; every other key is copied to the output;
+- parquet (Hugging Face datasets), read a row group at a time: the image column (--image-column) holds
+  {"bytes", "path"} structs, lists of them, bytes or paths; the other columns (--text-column: those
+  only) are copied;
+- webdataset tars (.tar, .tar.gz, .tgz; what img2dataset writes): KEY.jpg/png/webp... with KEY.txt as
+  the caption (under the first --caption-key) and KEY.json's fields;
+- folders (or --image-dir): the images under it, each captioned by its same-stem .txt file.
+A record is an image-text pair (a caption under --caption-key) or a conversation, which preprocess_data.py
+lays out as SFT (loss on the answers): LLaVA "conversations" or chat "messages" (--conversation-key), or
+FineVision's "texts" turns of {"user", "assistant"} (--turns-key; written as LLaVA conversations). The
+SFT layout holds one image, before the first turn: a conversation with one image and no <image> or
+one in its first turn is taken; others (several images, <image> in a later turn) are skipped as
+unsupported_layout.
+
+Images are prepared as the reference does (transparency on white, palette, CMYK and grey to RGB, short
+side resized to the model's resolution, centre crop) and encoded in batches, on the GPU when there is
+one (in fp32 on every device, as image prompts are at inference). Bad records are skipped and counted
+by reason, the first few named by file and line (jsonl), row (parquet, counted from 0) or member
+(tar): images missing, unreadable, truncated, of 16-bit pixels, with a short side below --min-size
+(upscaling them more than 2x gives blurry codes) or an aspect ratio above --max-aspect (the centre crop
+would lose most of them); records without image or text, bad lines, unsupported conversations; a
+corrupt parquet row group (each of its rows) or tar (where reading stopped). --strict stops at the
+first (exit 2).
 
 The output is written as OUT.partial with a progress record OUT.progress.json after every batch: a
 killed run started again with the same arguments resumes where it stopped, and the output is
@@ -38,6 +55,8 @@ from megatron_unix.cli.preprocess_data import (
     build_tokenizer,
     layout_checks,
 )
+from megatron_unix.image.records import RecordKeys
+from megatron_unix.image.sources import SourceOptions
 
 MIN_SIZE = 256
 MAX_ASPECT = 2.5
@@ -48,19 +67,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB", help=".jsonl or .jsonl.gz files, in order")
+    source.add_argument(
+        "--input", nargs="+", metavar="FILE_OR_GLOB", help="jsonl(.gz), .parquet, .tar(.gz) files or folders, in order"
+    )
     source.add_argument("--image-dir", type=Path, help="a folder of images (recursively), captions in same-stem .txt")
     p.add_argument("--output", type=Path, required=True, help="jsonl to write")
-    p.add_argument("--image-key", default="image", help="key of the image path (or a data: URI)")
-    p.add_argument("--base64-key", default="image_base64", help="key of the base64-encoded image")
-    p.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the jsonl's folder)")
+    o = SourceOptions()
+    g = p.add_argument_group("inputs (where images and texts are; of a key list the first one a record has)")
+    g.add_argument("--image-key", default=o.image_key, help="jsonl: key of the image path (or a data: URI)")
+    g.add_argument("--base64-key", default=o.base64_key, help="jsonl: key of the base64-encoded image")
+    g.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the input's folder)")
+    g.add_argument("--image-column", nargs="+", default=list(o.image_columns), help="parquet: the image column")
+    g.add_argument(
+        "--text-column", nargs="+", default=[], help="parquet: the columns to copy (default: all but the image's)"
+    )
+    g.add_argument(
+        "--turns-key", nargs="+", default=list(o.keys.turns_keys), help="FineVision's {user, assistant} turns"
+    )
 
     add_vqgan_arguments(p.add_argument_group("VQGAN (either a save_pretrained folder or Chameleon's release files)"))
 
     g = p.add_argument_group("filters")
     g.add_argument("--min-size", type=int, default=MIN_SIZE, help="smallest short side in pixels")
     g.add_argument("--max-aspect", type=float, default=MAX_ASPECT, help="largest long side / short side")
-    g.add_argument("--strict", action="store_true", help="the first bad image or line is fatal (else: skipped)")
+    g.add_argument("--strict", action="store_true", help="the first bad image or record is fatal (else: skipped)")
 
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
@@ -98,26 +128,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_unix.files import expand_inputs
-    from megatron_unix.image.encode import EncodeError, Filters, encode_images, folder_items, jsonl_items
+    from megatron_unix.image.encode import Filters, encode_images
+    from megatron_unix.image.sources import FolderShard, SourceError, chained, shards
     from megatron_unix.image.vqgan import VQGAN
     from megatron_unix.inference.loading import device_of
 
     try:
-        inputs = expand_inputs(args.input) if args.input else []
+        options = _source_options(args)
+        inputs = shards(args.input, options) if args.input else [FolderShard(args.image_dir, options)]
         model = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device_of(args.device))
         tok = _tokenizer(args, model) if args.output_prefix else None  # fail early
         filters = Filters(model.image_size, args.min_size, args.max_aspect)
-        if args.input:
-            items = partial(jsonl_items, inputs, args.image_key, args.base64_key, args.image_root)
-        else:
-            items = partial(folder_items, args.image_dir, "caption")
         summary = encode_images(
-            items,
+            partial(chained, inputs),
             args.output,
             model,
             filters,
-            _settings(args, inputs, model.image_size),
+            _settings(args, model.image_size),
             args.batch_size,
             args.workers,
             args.strict,
@@ -127,17 +154,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"output          {args.output}")
         if tok:
             _build_dataset(args, tok)
-    except (EncodeError, OSError, ValueError) as e:
+    except (SourceError, OSError, ValueError) as e:
         print(f"encode_images.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def _settings(args: argparse.Namespace, inputs: list[Path], size: int) -> dict:
+def _source_options(args: argparse.Namespace) -> SourceOptions:
+    keys = RecordKeys(tuple(args.caption_key), tuple(args.conversation_key), tuple(args.turns_key))
+    return SourceOptions(
+        args.image_key, args.base64_key, args.image_root, tuple(args.image_column), tuple(args.text_column), keys
+    )
+
+
+def _settings(args: argparse.Namespace, size: int) -> dict:
     """What the output depends on: a resumed run must have the same (paths resolved, so that a run
-    from another folder is the same run)."""
+    from another folder is the same run; the shards are the files the inputs named then)."""
+    from megatron_unix.files import expand_inputs
+
+    inputs = expand_inputs(args.input) if args.input else []
     paths = {"input": [str(p.resolve()) for p in inputs], "image_dir": _resolved(args.image_dir)}
     keys = {"image_key": args.image_key, "base64_key": args.base64_key, "image_root": _resolved(args.image_root)}
+    keys |= {
+        k: getattr(args, k) for k in ("image_column", "text_column", "turns_key", "caption_key", "conversation_key")
+    }
     model = [str(p.resolve()) for p in (args.vqgan, args.vqgan_config, args.vqgan_checkpoint) if p]
     return {**paths, **keys, "vqgan": model, "size": size, "min_size": args.min_size, "max_aspect": args.max_aspect}
 
