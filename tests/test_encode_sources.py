@@ -149,6 +149,10 @@ def test_conversations_become_the_sft_samples_laid_out_by_hand(tmp_path, picture
             {"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."},
             {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "Noise."},
         ]},
+        {"image": [str(pictures["a.png"])], "messages": [  # Hugging Face's content parts
+            {"role": "user", "content": [{"type": "text", "text": "What now?"}, {"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Still noise."}]},
+        ]},
     ]  # fmt: skip
     source = write_jsonl(tmp_path / "llava.jsonl", llava)
     out = tmp_path / "out.jsonl"
@@ -165,6 +169,9 @@ def test_conversations_become_the_sft_samples_laid_out_by_hand(tmp_path, picture
             {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "By a wall."},
         ], "vqcode": codes[0]},
         {"conversations": llava[0]["conversations"], "vqcode": codes[1]},
+        {"messages": [
+            {"role": "user", "content": "What now?\n<image>"}, {"role": "assistant", "content": "Still noise."}
+        ], "vqcode": codes[0]},
     ]  # fmt: skip
 
     tokenizer = train_bpe_tokenizer(CORPUS, 400, tmp_path / "tok")
@@ -177,8 +184,9 @@ def test_conversations_become_the_sft_samples_laid_out_by_hand(tmp_path, picture
     hand = [
         sft_tokens(tok, codes[0], [("What is shown?", False), ("A red bicycle.", True), ("Where?", False), ("By a wall.", True)]),
         sft_tokens(tok, codes[1], [("Describe it.", False), ("Noise, mostly.", True)]),
+        sft_tokens(tok, codes[0], [("What now?", False), ("Still noise.", True)]),
     ]  # fmt: skip
-    assert len(docs) == 2
+    assert len(docs) == 3
     for i, (tokens, trained) in enumerate(hand):
         got_tokens, got_trained = docs.sample(i)
         assert got_tokens.tolist() == tokens and got_trained.tolist() == trained, i

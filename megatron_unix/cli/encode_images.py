@@ -55,8 +55,6 @@ from megatron_unix.cli.preprocess_data import (
     build_tokenizer,
     layout_checks,
 )
-from megatron_unix.image.records import RecordKeys
-from megatron_unix.image.sources import SourceOptions
 
 MIN_SIZE = 256
 MAX_ASPECT = 2.5
@@ -72,18 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     source.add_argument("--image-dir", type=Path, help="a folder of images (recursively), captions in same-stem .txt")
     p.add_argument("--output", type=Path, required=True, help="jsonl to write")
-    o = SourceOptions()
     g = p.add_argument_group("inputs (where images and texts are; of a key list the first one a record has)")
-    g.add_argument("--image-key", default=o.image_key, help="jsonl: key of the image path (or a data: URI)")
-    g.add_argument("--base64-key", default=o.base64_key, help="jsonl: key of the base64-encoded image")
+    g.add_argument("--image-key", default="image", help="jsonl: key of the image path (or a data: URI)")
+    g.add_argument("--base64-key", default="image_base64", help="jsonl: key of the base64-encoded image")
     g.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the input's folder)")
-    g.add_argument("--image-column", nargs="+", default=list(o.image_columns), help="parquet: the image column")
+    g.add_argument("--image-column", nargs="+", default=["images", "image"], help="parquet: the image column")
     g.add_argument(
         "--text-column", nargs="+", default=[], help="parquet: the columns to copy (default: all but the image's)"
     )
-    g.add_argument(
-        "--turns-key", nargs="+", default=list(o.keys.turns_keys), help="FineVision's {user, assistant} turns"
-    )
+    g.add_argument("--turns-key", nargs="+", default=["texts"], help="FineVision's {user, assistant} turns")
 
     add_vqgan_arguments(p.add_argument_group("VQGAN (either a save_pretrained folder or Chameleon's release files)"))
 
@@ -160,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _source_options(args: argparse.Namespace) -> SourceOptions:
+def _source_options(args: argparse.Namespace):
+    """The sources' options of the flags (image.sources imports torch: not for --help)."""
+    from megatron_unix.image.records import RecordKeys
+    from megatron_unix.image.sources import SourceOptions
+
     keys = RecordKeys(tuple(args.caption_key), tuple(args.conversation_key), tuple(args.turns_key))
     return SourceOptions(
         args.image_key, args.base64_key, args.image_root, tuple(args.image_column), tuple(args.text_column), keys

@@ -6,8 +6,10 @@ first turn, and trains the answers only. The conversations that put their image 
 
 - FineVision / the Cauldron rows: one image and ``texts``, turns of ``{"user", "assistant"}`` (their chat
   template puts the images before the first question) -> LLaVA ``conversations`` (``human``/``gpt``);
-- LLaVA ``conversations`` (``{"from", "value"}``) and chat ``messages`` (``{"role", "content"}``) with one
-  image and no ``<image>`` placeholder or one in the first turn (LLaVA moves it to the front of the turn).
+- LLaVA ``conversations`` (``{"from", "value"}``) and chat ``messages`` (``{"role", "content"}``; a content
+  of Hugging Face's parts, ``{"type": "text" | "image"}``, becomes the texts joined by newlines, the image
+  part an ``<image>``) with one image and no ``<image>`` placeholder or one in the first turn (LLaVA moves
+  it to the front of the turn).
 
 Other layouts (several images, several placeholders, a placeholder in a later turn) are refused by row,
 as ``unsupported_layout``: laying them out image-first would train on a conversation that is not theirs.
@@ -49,7 +51,9 @@ def output_fields(fields: dict[str, Any], images: int, keys: RecordKeys) -> dict
     conversation_key = _first_key(fields, keys.conversation_keys)
     turns_key = _first_key(fields, keys.turns_keys)
     if conversation_key is not None:
-        _check_placeholders(_turn_texts(fields[conversation_key], conversation_key), conversation_key)
+        conversation = text_turns(fields[conversation_key], conversation_key)
+        _check_placeholders([turn.get("value", turn.get("content")) for turn in conversation], conversation_key)
+        fields = {**fields, conversation_key: conversation}
     elif turns_key is not None:
         conversation = finevision_conversation(fields[turns_key], turns_key)
         _check_placeholders([turn["value"] for turn in conversation], turns_key)
@@ -84,20 +88,35 @@ def finevision_conversation(turns: Any, key: str) -> list[dict[str, str]]:
     return conversation
 
 
-def _turn_texts(turns: Any, key: str) -> list[str]:
-    """The texts of LLaVA or chat turns (their roles and emptiness are preprocess_data's to check)."""
+def text_turns(turns: Any, key: str) -> list[dict[str, Any]]:
+    """LLaVA or chat turns with text (their roles and emptiness are preprocess_data's to check); a content
+    of parts as one text (:func:`parts_text`)."""
     if not isinstance(turns, list) or not turns:
         raise BadRecord("bad_conversation", f"{key!r} is not a non-empty list of turns")
-    texts = []
+    result = []
     for i, turn in enumerate(turns):
-        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-        if not isinstance(text, str):
-            raise BadRecord(
-                "unsupported_layout" if isinstance(text, list) else "bad_conversation",
-                f"{key}[{i}] has no text ('value' or 'content' string): {ONE_IMAGE_FIRST}, and text turns",
-            )
-        texts.append(text)
-    return texts
+        text_key = "value" if isinstance(turn, dict) and "value" in turn else "content"
+        text = turn.get(text_key) if isinstance(turn, dict) else None
+        if isinstance(text, list):
+            turn = {**turn, text_key: parts_text(text, f"{key}[{i}]")}
+        elif not isinstance(text, str):
+            raise BadRecord("bad_conversation", f"{key}[{i}] has no text ('value' or 'content')")
+        result.append(turn)
+    return result
+
+
+def parts_text(parts: list[Any], where: str) -> str:
+    """Hugging Face's content parts as one text: the texts joined by newlines, an image part as ``<image>``."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image":
+            texts.append(IMAGE_PLACEHOLDER)
+        else:
+            raise BadRecord("bad_conversation", f"{where}.content[{j}] is no text or image part")
+    return "\n".join(texts)
 
 
 def _check_placeholders(texts: list[str], key: str) -> None:

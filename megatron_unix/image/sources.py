@@ -254,7 +254,7 @@ def parquet_shards(path: Path, options: SourceOptions) -> list[Shard]:
         metadata = pq.ParquetFile(path).metadata
         schema = metadata.schema.to_arrow_schema()
     except arrow_errors() as e:
-        return [BrokenShard(path, "corrupt_file", f"not a readable parquet file ({e})")]
+        return [BrokenShard(path, "corrupt_file", f"not a readable parquet file ({one_line(e)})")]
     names = schema.names
     image = next((c for c in options.image_columns if c in names), None)
     if image is None:
@@ -277,6 +277,11 @@ def arrow_errors() -> tuple[type[BaseException], ...]:
     import pyarrow as pa
 
     return (pa.ArrowException, OSError, ValueError, EOFError)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (pyarrow's span several)."""
+    return " ".join(str(error).split())
 
 
 def _json_type(kind: Any) -> bool:
@@ -332,7 +337,7 @@ class ParquetShard(Shard):
                     done += batch.num_rows
         except arrow_errors() as e:
             first = max(done, skip)
-            why = f"row group {self.index} unreadable from row {self.first_row + first} on ({e})"
+            why = f"row group {self.index} unreadable from row {self.first_row + first} on ({one_line(e)})"
             for i in range(first, self.rows):
                 yield bad_item(str(self.path), f"row {self.first_row + i}", "corrupt_row_group", why, i / self.rows)
 
@@ -416,6 +421,7 @@ class TarShard(Shard):
         try:
             with open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
+                    tar.members = []  # the stream's list of members would grow with the tar
                     position = raw.tell() / (self.size or 1)
                     where = member.name
                     match = WEBDATASET_KEY.match(member.name)
@@ -429,7 +435,6 @@ class TarShard(Shard):
                         sample = Sample(key)
                     read = skip is not None and done >= skip
                     sample.members[extension] = tar.extractfile(member).read() if read else None
-                    tar.members = []  # the stream's list of members would grow with the tar
                 if sample is not None:
                     yield sample, 1.0
                     sample = None
@@ -437,7 +442,8 @@ class TarShard(Shard):
                     raise tarfile.ReadError(f"an unreadable member header at byte {tar.offset}: {rest!r}...")
         except TAR_ERRORS as e:
             at = sample.at if sample is not None else f"after {where}"
-            yield bad_item(self.name, at, "corrupt_member", f"tar unreadable from here on ({e})", position), 1.0
+            why = f"tar unreadable from here on ({one_line(e)})"
+            yield bad_item(self.name, at, "corrupt_member", why, position), 1.0
 
     def _item(self, sample: Sample, progress: float) -> Item:
         keys = self.options.keys
