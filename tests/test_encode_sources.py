@@ -121,6 +121,15 @@ def test_shards_count_and_resume_where_a_count_says(tmp_path, pictures):
     for skip in (1, 3, 5, 7):
         assert list(chained(found, skip)) == every[skip:], skip
     assert [i.where for i in found[3].items(2)] == [f"{tar}:h.png"]
+    cut = tmp_path / "cut.tar"
+    g_data = next(m.offset_data for m in tarfile.open(tar) if m.name == "g.png")
+    cut.write_bytes(tar.read_bytes()[: g_data + 100])  # into g.png's data
+    records = list(TarShard(cut, SourceOptions()).items())
+    assert [(i.where, i.error and i.error[0]) for i in records] == [
+        (f"{cut}:f.png", None),
+        (f"{cut}:g.png", "corrupt_member"),
+    ]
+    assert TarShard(cut, SourceOptions()).count() == 2 and list(TarShard(cut, SourceOptions()).items(1)) == records[1:]
 
 
 def sft_tokens(tok: MultimodalTokenizer, codes: list[int], turns: list[tuple[str, bool]]) -> tuple[list, list]:

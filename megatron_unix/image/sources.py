@@ -417,7 +417,7 @@ class TarShard(Shard):
         number comes whether members are read or not: a failed read ends the sample, as the failed
         header it would otherwise meet next."""
         sample: Sample | None = None
-        done, position, where = 0, 0.0, "the start"
+        done, position, where = 0, 0.0, "the start"  # the member being read, or the last one read
         try:
             with open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
@@ -435,15 +435,14 @@ class TarShard(Shard):
                         sample = Sample(key)
                     read = skip is not None and done >= skip
                     sample.members[extension] = tar.extractfile(member).read() if read else None
+                    where = f"after {member.name}"
                 if sample is not None:
                     yield sample, 1.0
-                    sample = None
                 if rest := _first_nonzero(tar.fileobj):
                     raise tarfile.ReadError(f"an unreadable member header at byte {tar.offset}: {rest!r}...")
         except TAR_ERRORS as e:
-            at = sample.at if sample is not None else f"after {where}"
             why = f"tar unreadable from here on ({one_line(e)})"
-            yield bad_item(self.name, at, "corrupt_member", why, position), 1.0
+            yield bad_item(self.name, where, "corrupt_member", why, position), 1.0
 
     def _item(self, sample: Sample, progress: float) -> Item:
         keys = self.options.keys
@@ -453,10 +452,13 @@ class TarShard(Shard):
                 fields = json.loads(meta)
                 if not isinstance(fields, dict):
                     raise ValueError(f"a JSON {type(fields).__name__}, not an object")
-            if (caption := sample.members.get("txt")) is not None:
-                fields[keys.caption_keys[0]] = caption.decode("utf-8").strip()
         except ValueError as e:
-            return bad_item(self.name, sample.at, "unparsable_json", f"{sample.key}.json/.txt: {e}", progress)
+            return bad_item(self.name, sample.at, "unparsable_json", f"{sample.key}.json: {e}", progress)
+        if (caption := sample.members.get("txt")) is not None:
+            try:
+                fields[keys.caption_keys[0]] = caption.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                return bad_item(self.name, sample.at, "unreadable_text", f"{sample.key}.txt: {e}", progress)
         images = [{"data": data} for e, data in sample.members.items() if f".{e.lower()}" in IMAGE_SUFFIXES]
         why = f"no image: no member {sample.key}.{{{','.join(sorted(s[1:] for s in IMAGE_SUFFIXES))}}}"
         return record_item(self.name, sample.at, fields, images, keys, progress, why)
