@@ -107,7 +107,10 @@ def test_two_ranks_equal_one_process_byte_for_byte(data, reference, tmp_path):
     ), "the ranks' files are removed once joined"
     assert "images encoded  6" in stdout and "skipped         2, aspect_ratio 1, unreadable 1" in stdout
     assert "(joined from 2 ranks)" in stdout and "merged from 2 ranks" in stdout
-    assert re.search(r"^\[rank 1/2\] \d images \([\d.,]+ images/s\), 50% of the input", stderr, re.M), stderr
+    lines = re.findall(r"^\[rank 1/2\] (\d) images \([\d.,]+ images/s\), (\d+)% of the input, ETA", stderr, re.M)
+    assert [int(n) for n, _ in lines] == [2, 3, 4], "a line a batch: batches of 2 end at the end of in2's 3 lines"
+    shares = [int(share) for _, share in lines]
+    assert shares == sorted(shares) and shares[-1] == 100, stderr
     assert re.search(r"^\[rank 0/2\] 1 shards, images encoded  2 \(", stderr, re.M), stderr
     totals = re.findall(
         r"^total: (\d) images over 2 ranks \([\d.,]+ images/s\), (\d+)% of the input, ETA", stderr, re.M
@@ -169,25 +172,10 @@ def test_killed_rank_resumes_to_the_bytes_of_an_uninterrupted_run(data, referenc
     assert dataset_bytes(folder / "pairs") == reference[1]
 
 
-class FileShard:
-    """A jsonl file as one shard."""
-
-    def __init__(self, path: Path) -> None:
-        self.name, self.path = str(path), path
-
-    def items(self, skip: int = 0):
-        from megatron_unix.image.encode import jsonl_items
-
-        return jsonl_items([self.path], skip=skip)
-
-    def count(self) -> int:
-        return len(self.path.read_text().splitlines())
-
-
 def test_merge_joins_what_the_ranks_of_a_job_left(data, reference, tmp_path, capsys):
     """Four ranks over three shards (rank 0 has none), encoded one after the other by the library; then
     --merge tokenizes each rank's output, merges the datasets and joins the codes, as the job would."""
-    from megatron_unix.image import ranks
+    from megatron_unix.image import ranks, sources
     from megatron_unix.image.encode import Filters, encode_images
     from megatron_unix.image.vqgan import VQGAN
 
@@ -196,7 +184,7 @@ def test_merge_joins_what_the_ranks_of_a_job_left(data, reference, tmp_path, cap
     copy_shards(data, folder)
     args = flags(data, folder, "--workers", 0)
     model, out = VQGAN.from_pretrained(data / "vqgan"), folder / "out.jsonl"
-    shards = [FileShard(folder / name) for name in SHARDS]
+    shards = sources.shards([folder / name for name in SHARDS], sources.SourceOptions())
     for rank in range(4):
         mine = ranks.rank_block(shards, rank, 4)
         batches = lambda skip, mine=mine: ranks.batches(mine, skip, 2)  # noqa: E731
