@@ -121,15 +121,20 @@ def test_shards_count_and_resume_where_a_count_says(tmp_path, pictures):
     for skip in (1, 3, 5, 7):
         assert list(chained(found, skip)) == every[skip:], skip
     assert [i.where for i in found[3].items(2)] == [f"{tar}:h.png"]
-    cut = tmp_path / "cut.tar"
-    g_data = next(m.offset_data for m in tarfile.open(tar) if m.name == "g.png")
-    cut.write_bytes(tar.read_bytes()[: g_data + 100])  # into g.png's data
-    records = list(TarShard(cut, SourceOptions()).items())
-    assert [(i.where, i.error and i.error[0]) for i in records] == [
-        (f"{cut}:f.png", None),
-        (f"{cut}:g.png", "corrupt_member"),
-    ]
-    assert TarShard(cut, SourceOptions()).count() == 2 and list(TarShard(cut, SourceOptions()).items(1)) == records[1:]
+    offsets = {m.name: (m.offset, m.offset_data) for m in tarfile.open(tar)}
+    for cut_at, expected in [
+        (offsets["g.png"][1] + 100, [("f.png", None), ("g.png", "unexpected end of data")]),  # in g.png's data
+        (offsets["g.png"][0], [("f.png", None), ("after f.txt", "no end-of-archive blocks")]),  # tarfile: "the end"
+    ]:
+        cut = tmp_path / f"cut{cut_at}.tar"
+        cut.write_bytes(tar.read_bytes()[:cut_at])
+        shard = TarShard(cut, SourceOptions())
+        records = list(shard.items())
+        assert [(i.at, i.error and i.error[0]) for i in records] == [
+            (at, why and "corrupt_member") for at, why in expected
+        ]
+        assert expected[-1][1] in records[-1].error[1]
+        assert shard.count() == 2 and list(shard.items(1)) == records[1:]
 
 
 def sft_tokens(tok: MultimodalTokenizer, codes: list[int], turns: list[tuple[str, bool]]) -> tuple[list, list]:

@@ -62,7 +62,8 @@ def output_fields(fields: dict[str, Any], images: int, keys: RecordKeys) -> dict
     else:
         if images > 1:
             raise BadRecord("unsupported_layout", f"{images} images beside a caption: a pair holds one image")
-        if not any(isinstance(fields.get(k), str) and fields[k].strip() for k in keys.caption_keys):
+        caption = fields.get(_first_key(fields, keys.caption_keys))  # preprocess_data's: the first key present
+        if not (isinstance(caption, str) and caption.strip()):
             conversations = "/".join(keys.conversation_keys + keys.turns_keys)
             raise BadRecord(
                 "missing_text",

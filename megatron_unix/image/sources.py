@@ -11,7 +11,9 @@ record where reading stopped).
 
 Parquet is read ``batch_rows`` rows at a time (only the row group's column chunks are held, never the
 file); the image column holds Hugging Face's ``{"bytes", "path"}`` structs, lists of them, bytes or
-paths. Tars are streamed (stdlib ``tarfile``): members ``KEY.EXT`` are grouped by key as webdataset does,
+paths. Tars are read member by member, in order (stdlib ``tarfile``; the data of skipped samples is
+seeked over, and a tar cut short or with an unreadable header, which tarfile takes for the end, is a
+bad record): members ``KEY.EXT`` are grouped by key as webdataset does,
 the image from an image extension, the caption from ``KEY.txt``, further fields from ``KEY.json``.
 """
 
@@ -35,6 +37,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 BLOCK_BYTES = 1 << 20
 """jsonl read per block (whole lines; a longer line makes a longer block)."""
+BLOCK = tarfile.BLOCKSIZE
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 """What reading a damaged tar (or its gzip stream) raises."""
 
@@ -403,7 +406,7 @@ class Sample:
 
 
 class TarShard(Shard):
-    """A webdataset tar(.gz), streamed: a record per key (members named ``KEY.EXT``, consecutive)."""
+    """A webdataset tar(.gz), a member at a time: a record per key (members named ``KEY.EXT``, consecutive)."""
 
     def __init__(self, path: Path, options: SourceOptions) -> None:
         self.path, self.options, self.name = path, options, str(path)
@@ -426,9 +429,9 @@ class TarShard(Shard):
         sample: Sample | None = None
         done, position, where = 0, 0.0, "the start"  # the member being read, or the last one read
         try:
-            with open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with open(self.path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
                 for member in tar:
-                    tar.members = []  # the stream's list of members would grow with the tar
+                    tar.members = []  # tarfile's list of members would grow with the tar
                     position = raw.tell() / (self.size or 1)
                     where = member.name
                     match = WEBDATASET_KEY.match(member.name)
@@ -445,8 +448,11 @@ class TarShard(Shard):
                     where = f"after {member.name}"
                 if sample is not None:
                     yield sample, 1.0
-                if rest := _first_nonzero(tar.fileobj):
+                rest, length = _rest(tar.fileobj)
+                if rest:
                     raise tarfile.ReadError(f"an unreadable member header at byte {tar.offset}: {rest!r}...")
+                if length < BLOCK:  # tarfile reads a file's end as the end of the archive
+                    raise tarfile.ReadError(f"no end-of-archive blocks after byte {tar.offset}: cut short?")
         except TAR_ERRORS as e:
             why = f"tar unreadable from here on ({one_line(e)})"
             yield bad_item(self.name, where, "corrupt_member", why, position), 1.0
@@ -471,11 +477,13 @@ class TarShard(Shard):
         return record_item(self.name, sample.at, fields, images, keys, progress, why)
 
 
-def _first_nonzero(stream: Any, chunk: int = 1 << 16) -> bytes:
-    """Up to 16 bytes from the first non-zero byte of what is left of a tar after its end (b"" if all
-    zeros, as a tar's end is: tarfile takes an unreadable header for the end, silently)."""
+def _rest(stream: Any, chunk: int = 1 << 16) -> tuple[bytes, int]:
+    """What is left of a tar after the block that tarfile took for its end: up to 16 bytes from the first
+    non-zero one (b"" if all zeros, as a tar's end is: tarfile takes an unreadable header for the end,
+    silently), and how many bytes are left (a whole tar has at least a second zero block)."""
+    length = 0
     while data := stream.read(chunk):
-        stripped = data.lstrip(b"\0")
-        if stripped:
-            return stripped[:16]
-    return b""
+        length += len(data)
+        if stripped := data.lstrip(b"\0"):
+            return stripped[:16], length
+    return b"", length
