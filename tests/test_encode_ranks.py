@@ -21,9 +21,9 @@ from megatron_unix.data.indexed import VOCABULARY_SUFFIX, output_files
 from megatron_unix.data.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARDS = {  # three jsonl shards; 2 ranks take [in1] and [in2, in3]
-    "in1.jsonl": [("a.png", 0), ("wide.png", 1), ("b.png", 2)],
-    "in2.jsonl": [("c.png", 3), ("a.png", 4), ("b.png", 5)],
+SHARDS = {  # three jsonl shards; 2 ranks take [in1] and [in2, in3]: rank 1 has the bad images
+    "in1.jsonl": [("a.png", 0), ("b.png", 1), ("c.png", 2)],
+    "in2.jsonl": [("c.png", 3), ("wide.png", 4), ("a.png", 5)],
     "in3.jsonl": [("c.png", 6), ("broken.png", 7)],
 }
 
@@ -88,13 +88,21 @@ def copy_shards(data: Path, folder: Path, fifo: str | None = None) -> None:
 
 
 def test_two_ranks_equal_one_process_byte_for_byte(data, reference, tmp_path):
+    """With --strict, rank 1 stops at its first bad image, and rank 0 still finishes its output; the job
+    run again without leaves rank 0's output as it is and joins."""
     folder = tmp_path / "two"
     copy_shards(data, folder)
-    proc = torchrun(
-        flags(data, folder, "--workers", 1, "--batch-size", 2, "--log-interval", 1, "--total-log-interval", 0.5)
-    )
+    args = flags(data, folder, "--workers", 1, "--batch-size", 2, "--log-interval", 1, "--total-log-interval", 0.5)
+    proc = torchrun([*args, "--strict"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and f"[rank 1/2] error: {folder}/in2.jsonl:2: 120x40: the aspect ratio" in stderr
+    assert "rank 1 of 2 failed (above); the others' outputs are kept" in stderr
+    assert (folder / "out.jsonl.rank-0-of-2").is_file() and not (folder / "out.jsonl").exists()
+
+    proc = torchrun(args)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
+    assert f"[rank 0/2] {folder}/out.jsonl.rank-0-of-2: finished by an earlier run" in stderr
     assert (folder / "out.jsonl").read_bytes() == reference[0]
     assert dataset_bytes(folder / "pairs") == reference[1], "the merged dataset, vocabulary record included"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
@@ -108,10 +116,10 @@ def test_two_ranks_equal_one_process_byte_for_byte(data, reference, tmp_path):
     assert "images encoded  6" in stdout and "skipped         2, aspect_ratio 1, unreadable 1" in stdout
     assert "(joined from 2 ranks)" in stdout and "merged from 2 ranks" in stdout
     lines = re.findall(r"^\[rank 1/2\] (\d) images \([\d.,]+ images/s\), (\d+)% of the input, ETA", stderr, re.M)
-    assert [int(n) for n, _ in lines] == [2, 3, 4], "a line a batch: batches of 2 end at the end of in2's 3 lines"
+    assert [int(n) for n, _ in lines] == [1, 2, 3], "a line a batch: batches of 2 end at the end of in2's 3 lines"
     shares = [int(share) for _, share in lines]
     assert shares == sorted(shares) and shares[-1] == 100, stderr
-    assert re.search(r"^\[rank 0/2\] 1 shards, images encoded  2 \(", stderr, re.M), stderr
+    assert re.search(r"^\[rank 1/2\] 2 shards, images encoded  3 \(", stderr, re.M), stderr
     totals = re.findall(
         r"^total: (\d) images over 2 ranks \([\d.,]+ images/s\), (\d+)% of the input, ETA", stderr, re.M
     )
