@@ -144,7 +144,7 @@ def test_codes_equal_direct_encoding_and_bad_images_are_counted_by_reason(tmp_pa
 
 def test_strict_stops_at_the_first_bad_image_naming_file_and_line(tmp_path, images, vqgan_dir, capsys):
     source = write_jsonl(
-        tmp_path / "in.jsonl", [{"image": "img/a.png"}, {"image": "img/wide.png"}, {"image": "img/b.jpg"}]
+        tmp_path / "in.jsonl", [{"image": f"img/{n}", "caption": n} for n in ("a.png", "wide.png", "b.jpg")]
     )
     out = tmp_path / "out.jsonl"
     status, _, stderr = run(capsys, "--input", source, "--output", out, "--vqgan", vqgan_dir, *MIN, "--strict")
@@ -158,7 +158,9 @@ def test_missing_input_default_min_size_and_no_image_at_all(tmp_path, images, vq
         capsys, "--input", tmp_path / "nothere.jsonl", "--output", tmp_path / "o", "--vqgan", vqgan_dir
     )
     assert status == 2 and f"--input {tmp_path / 'nothere.jsonl'}: no such file" in stderr
-    source = write_jsonl(tmp_path / "in.jsonl", [{"image": "img/a.png"}, {"image": "img/b.jpg"}])
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [{"image": "img/a.png", "caption": "a"}, {"image": "img/b.jpg", "caption": "b"}]
+    )
     status, _, stderr = run(capsys, "--input", source, "--output", tmp_path / "o", "--vqgan", vqgan_dir, "--workers", 0)
     assert status == 2, "default --min-size 256 skips 48x40 and 40x70 images, and no image is an error"
     assert f"{tmp_path / 'o'}: no image to write (inputs skipped: 2, too_small 2); nothing written" in stderr
@@ -192,13 +194,13 @@ def test_image_dir_with_caption_files(tmp_path, images, model, vqgan_dir, capsys
     (folder / "sub" / "0.txt").write_text("nested")
     (folder / "notes.md").write_text("not an image")
     out = tmp_path / "out.jsonl"
-    status, _, stderr = run(capsys, "--image-dir", folder, "--output", out, "--vqgan", vqgan_dir, *MIN)
+    status, stdout, stderr = run(capsys, "--image-dir", folder, "--output", out, "--vqgan", vqgan_dir, *MIN)
     assert status == 0, stderr
     assert lines(out) == [
         {"caption": "a caption", "vqcode": expected_codes(model, images["jpeg"])},
-        {"vqcode": expected_codes(model, images["png"])},
         {"caption": "nested", "vqcode": expected_codes(model, images["rgba"])},
     ]
+    assert f"{folder / '2.png'}: missing_text: no text: no caption under caption/text" in stdout
 
 
 def test_output_prefix_builds_a_dataset_through_preprocessing(tmp_path, images, model, vqgan_dir, capsys):
@@ -221,7 +223,7 @@ def test_output_prefix_builds_a_dataset_through_preprocessing(tmp_path, images, 
 
 def test_workers_give_the_output_of_the_main_process(tmp_path, images, vqgan_dir, capsys):
     names = ["a.png", "b.jpg", "wide.png", "c.png", "truncated.jpg", "d.png", "a.png"]
-    source = write_jsonl(tmp_path / "in.jsonl", [{"image": f"img/{n}", "n": i} for i, n in enumerate(names)])
+    source = write_jsonl(tmp_path / "in.jsonl", [{"image": f"img/{n}", "caption": str(i)} for i, n in enumerate(names)])
     outputs = []
     for workers in (0, 2):
         out = tmp_path / f"out{workers}.jsonl"
@@ -314,14 +316,16 @@ def test_codes_of_a_batch_equal_codes_one_by_one(model, images):
 
 
 def test_resumed_inputs_are_skipped_unparsed_and_globs_expand(tmp_path, images, model, vqgan_dir, capsys):
-    from megatron_unix.image.encode import folder_items, jsonl_items
+    from megatron_unix.image.sources import FolderShard, JsonlShard, SourceOptions
 
     source = write_jsonl(tmp_path / "in.jsonl", ["{not json", "", "[1]", {"image": "img/a.png", "caption": "x"}])
-    items = list(jsonl_items([source], skip=2))
+    items = list(JsonlShard(source, SourceOptions()).items(skip=2))
     assert [(item.where, item.fields, item.error) for item in items] == [(f"{source}:4", {"caption": "x"}, None)], (
         "the first two non-blank lines are skipped, bad or not, and numbering goes on"
     )
-    assert [item.where for item in folder_items(tmp_path / "img", skip=7)] == [str(images["wide"])]
+    assert [item.where for item in FolderShard(tmp_path / "img", SourceOptions()).items(skip=7)] == [
+        str(images["wide"])
+    ]
 
     write_jsonl(tmp_path / "in2.jsonl", [{"image": "img/b.jpg", "caption": "y"}])
     out = tmp_path / "out.jsonl"

@@ -542,7 +542,10 @@ def cases(fx: dict[str, str]) -> list[Case]:
             "not an image, --strict",
             [*enc, "--input", "{C}/in.jsonl", "--strict"],
             ("{C}/in.jsonl:1",),
-            prepare=lambda c: (write("in.jsonl", '{"image": "x.png"}\n')(c), write("x.png", b"not a png")(c)),
+            prepare=lambda c: (
+                write("in.jsonl", '{"image": "x.png", "caption": "x"}\n')(c),
+                write("x.png", b"not a png")(c),
+            ),
         ),
         Case(
             "encode_images",

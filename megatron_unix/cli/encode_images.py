@@ -2,18 +2,35 @@
 
     python tools/encode_images.py --input pairs.jsonl --output pairs_codes.jsonl \\
         --vqgan-config chameleon/tokenizer/vqgan.yaml --vqgan-checkpoint chameleon/tokenizer/vqgan.ckpt
-    python tools/encode_images.py --image-dir photos/ --output photos.jsonl --vqgan vqgan_dir \\
-        --output-prefix data/photos --tokenizer-model Qwen2.5-1.5B
+    python tools/encode_images.py --input 'finevision/*.parquet' --output sft_codes.jsonl --vqgan vqgan_dir
+    python tools/encode_images.py --input 'laion/*.tar' --output pairs.jsonl --vqgan vqgan_dir \\
+        --output-prefix data/pairs --tokenizer-model Qwen2.5-1.5B
 
-Input: jsonl(.gz) files or globs of lines with an image path under --image-key (relative to --image-root, by default the
-jsonl's folder) or the image itself as base64 or a data: URI under --base64-key; every other key is
-copied to the output line. Or --image-dir: the images under a folder, each captioned by its same-stem
-.txt file (as "caption"). Images are prepared as the reference does (transparency on white, short
-side resized to the model's resolution, centre crop) and encoded in batches, on the GPU when there
-is one (in fp32 on every device, as image prompts are at inference). Images with a short side below --min-size (upscaling them more than 2x gives blurry
-codes) or an aspect ratio above --max-aspect (the centre crop would lose most of them), missing,
-unreadable or truncated files and bad lines are skipped and counted (the first few named by
-file:line); --strict stops at the first (exit 2).
+Inputs (--input: files, globs, folders, in the order given):
+- jsonl(.gz): an image path under --image-key (relative to --image-root, by default the jsonl's folder)
+  or the image as base64 or a data: URI under --base64-key; every other key is copied to the output;
+- parquet (Hugging Face datasets), read a row group at a time: the image column (--image-column) holds
+  {"bytes", "path"} structs, lists of them, bytes or paths; the other columns (--text-column: those
+  only) are copied;
+- webdataset tars (.tar, .tar.gz, .tgz; what img2dataset writes): KEY.jpg/png/webp... with KEY.txt as
+  the caption (under the first --caption-key) and KEY.json's fields;
+- folders (or --image-dir): the images under it, each captioned by its same-stem .txt file.
+A record is an image-text pair (a caption under --caption-key) or a conversation, which preprocess_data.py
+lays out as SFT (loss on the answers): LLaVA "conversations" or chat "messages" (--conversation-key), or
+FineVision's "texts" turns of {"user", "assistant"} (--turns-key; written as LLaVA conversations). The
+SFT layout holds one image, before the first turn: a conversation with one image and no <image> or
+one in its first turn is taken; others (several images, <image> in a later turn) are skipped as
+unsupported_layout.
+
+Images are prepared as the reference does (transparency on white, palette, CMYK and grey to RGB, short
+side resized to the model's resolution, centre crop) and encoded in batches, on the GPU when there is
+one (in fp32 on every device, as image prompts are at inference). Bad records are skipped and counted
+by reason, the first few named by file and line (jsonl), row (parquet, counted from 0) or member
+(tar): images missing, unreadable, truncated, of 16-bit pixels, with a short side below --min-size
+(upscaling them more than 2x gives blurry codes) or an aspect ratio above --max-aspect (the centre crop
+would lose most of them); records without image or text, bad lines, unsupported conversations; a
+corrupt parquet row group (each of its rows) or tar (where reading stopped). --strict stops at the
+first (exit 2).
 
 The output is written as OUT.partial with a progress record OUT.progress.json after every batch: a
 killed run started again with the same arguments resumes where it stopped, and the output is
@@ -21,6 +38,12 @@ identical to an uninterrupted run's. Progress goes to stderr, the summary (with 
 stdout; with --output-prefix the output is then tokenized into a dataset as preprocess_data.py would,
 with its tokenizer, input-key and layout flags (--vq-codebook-size and --image-tokens default to the
 VQGAN's).
+
+Under torchrun or srun every rank encodes a contiguous block of the shards on its LOCAL_RANK-th GPU into
+OUT.rank-<r>-of-<W> (and, with --output-prefix, a dataset PREFIX.rank-<r>-of-<W>); when all are done,
+rank 0 merges the datasets into PREFIX and joins the outputs into OUT in input order: the bytes one
+process writes. A killed job run again resumes each rank; --merge joins what a job's finished ranks left.
+Ctrl-C or SIGTERM ends in one line (exit 130 or 143), what was encoded kept.
 """
 
 from __future__ import annotations
@@ -29,7 +52,6 @@ import argparse
 import io
 import sys
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -57,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE_OR_GLOB", help=".jsonl or .jsonl.gz files, in order")
+    source.add_argument(
+        "--input", nargs="+", metavar="FILE_OR_GLOB", help="jsonl(.gz), .parquet, .tar(.gz) files or folders, in order"
+    )
     source.add_argument("--image-dir", type=Path, help="a folder of images (recursively), captions in same-stem .txt")
     source.add_argument(
         "--merge",
@@ -65,16 +89,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only join the outputs (and datasets) that a job's ranks finished, e.g. after it was killed at the end",
     )
     p.add_argument("--output", type=Path, required=True, help="jsonl to write")
-    p.add_argument("--image-key", default="image", help="key of the image path (or a data: URI)")
-    p.add_argument("--base64-key", default="image_base64", help="key of the base64-encoded image")
-    p.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the jsonl's folder)")
+    g = p.add_argument_group("inputs (where images and texts are; of a key list the first one a record has)")
+    g.add_argument("--image-key", default="image", help="jsonl: key of the image path (or a data: URI)")
+    g.add_argument("--base64-key", default="image_base64", help="jsonl: key of the base64-encoded image")
+    g.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the input's folder)")
+    g.add_argument("--image-column", nargs="+", default=["images", "image"], help="parquet: the image column")
+    g.add_argument(
+        "--text-column", nargs="+", default=[], help="parquet: the columns to copy (default: all but the image's)"
+    )
+    g.add_argument("--turns-key", nargs="+", default=["texts"], help="FineVision's {user, assistant} turns")
 
     add_vqgan_arguments(p.add_argument_group("VQGAN (either a save_pretrained folder or Chameleon's release files)"))
 
     g = p.add_argument_group("filters")
     g.add_argument("--min-size", type=int, default=MIN_SIZE, help="smallest short side in pixels")
     g.add_argument("--max-aspect", type=float, default=MAX_ASPECT, help="largest long side / short side")
-    g.add_argument("--strict", action="store_true", help="the first bad image or line is fatal (else: skipped)")
+    g.add_argument("--strict", action="store_true", help="the first bad image or record is fatal (else: skipped)")
 
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
@@ -123,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with stop_on_signals():
-            from megatron_unix.image.encode import EncodeError
+            from megatron_unix.image.sources import SourceError
 
             try:
                 return _run(args)
-            except (EncodeError, OSError, ValueError) as e:
+            except (SourceError, OSError, ValueError) as e:
                 print(f"encode_images.py: error: {e}", file=sys.stderr)
                 return 2
     except Interrupted as stop:
@@ -137,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from megatron_unix.distributed import init_process_group, launched_world
-    from megatron_unix.files import expand_inputs
+    from megatron_unix.image import sources
     from megatron_unix.image.encode import Filters, encode_images
     from megatron_unix.image.ranks import batches, rank_block
     from megatron_unix.image.vqgan import VQGAN
@@ -152,10 +182,10 @@ def _run(args: argparse.Namespace) -> int:
     model = VQGAN.load(args.vqgan, args.vqgan_config, args.vqgan_checkpoint, device_of(args.device))
     tok = _tokenizer(args, model) if args.output_prefix else None  # fail early
     filters = Filters(model.image_size, args.min_size, args.max_aspect)
-    inputs = expand_inputs(args.input) if args.input else []
-    shards = _input_shards(args, inputs)
+    options = _source_options(args)
+    shards = sources.shards(args.input, options) if args.input else [sources.FolderShard(args.image_dir, options)]
     mine = rank_block(shards, world.rank, world.size)
-    settings = _settings(args, inputs, model.image_size)
+    settings = _settings(args, model.image_size)
     if world.size > 1:
         return _run_rank(args, world, shards, model, filters, settings, tok)
     summary = encode_images(
@@ -176,28 +206,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Shard:
-    """A jsonl file or the image folder, as one shard."""
-
-    def __init__(self, name: str, items) -> None:
-        self.name, self._items = name, items
-
-    def items(self, skip: int = 0):
-        return self._items(skip=skip)
-
-    def count(self) -> int:
-        return sum(1 for _ in self._items())
-
-
-def _input_shards(args: argparse.Namespace, inputs: list[Path]) -> list:
-    from megatron_unix.image.encode import folder_items, jsonl_items
-
-    if args.image_dir:
-        return [_Shard(str(args.image_dir), partial(folder_items, args.image_dir, "caption"))]
-    keys = (args.image_key, args.base64_key, args.image_root)
-    return [_Shard(str(path), partial(jsonl_items, [path], *keys)) for path in inputs]
-
-
 def _run_rank(args: argparse.Namespace, world, shards: list, model, filters, settings: dict, tok) -> int:
     """This rank's block of shards into its own output (and dataset); then rank 0 joins them all, unless
     a rank failed: the others' outputs are kept finished, and the job run again resumes the failed."""
@@ -205,6 +213,7 @@ def _run_rank(args: argparse.Namespace, world, shards: list, model, filters, set
 
     from megatron_unix.image import ranks
     from megatron_unix.image.encode import EncodeError, encode_images
+    from megatron_unix.image.sources import SourceError
 
     log = _Prefixed(sys.stderr, f"[rank {world.rank}/{world.size}] ")
     mine = ranks.rank_block(shards, world.rank, world.size)
@@ -235,7 +244,7 @@ def _run_rank(args: argparse.Namespace, world, shards: list, model, filters, set
                 print(f"{len(mine)} shards, {summary.report().splitlines()[0]}", file=log)
             if tok and ranks.read_record(part)["encoded"]:
                 _build_dataset(args, tok, part, ranks.rank_prefix(args.output_prefix, world.rank, world.size), log)
-        except (EncodeError, OSError, ValueError) as e:
+        except (SourceError, OSError, ValueError) as e:
             error = str(e)
             print(f"error: {e}", file=log)
         errors = [None] * world.size
@@ -314,11 +323,28 @@ class _Prefixed(io.TextIOBase):
         self.stream.flush()
 
 
-def _settings(args: argparse.Namespace, inputs: list[Path], size: int) -> dict:
+def _source_options(args: argparse.Namespace):
+    """The sources' options of the flags (image.sources imports torch: not for --help)."""
+    from megatron_unix.image.records import RecordKeys
+    from megatron_unix.image.sources import SourceOptions
+
+    keys = RecordKeys(tuple(args.caption_key), tuple(args.conversation_key), tuple(args.turns_key))
+    return SourceOptions(
+        args.image_key, args.base64_key, args.image_root, tuple(args.image_column), tuple(args.text_column), keys
+    )
+
+
+def _settings(args: argparse.Namespace, size: int) -> dict:
     """What the output depends on: a resumed run must have the same (paths resolved, so that a run
-    from another folder is the same run)."""
+    from another folder is the same run; the shards are the files the inputs named then)."""
+    from megatron_unix.files import expand_inputs
+
+    inputs = expand_inputs(args.input) if args.input else []
     paths = {"input": [str(p.resolve()) for p in inputs], "image_dir": _resolved(args.image_dir)}
     keys = {"image_key": args.image_key, "base64_key": args.base64_key, "image_root": _resolved(args.image_root)}
+    keys |= {
+        k: getattr(args, k) for k in ("image_column", "text_column", "turns_key", "caption_key", "conversation_key")
+    }
     model = [str(p.resolve()) for p in (args.vqgan, args.vqgan_config, args.vqgan_checkpoint) if p]
     return {**paths, **keys, "vqgan": model, "size": size, "min_size": args.min_size, "max_aspect": args.max_aspect}
 

@@ -112,9 +112,11 @@ def _init_worker(tok: MultimodalTokenizer, fmt: LineFormat, strict: bool) -> Non
 def quiet_worker() -> None:
     """Initializer of worker processes: a stop is the main process's to report. Ctrl-C reaches the whole
     process group, and a worker whose main process was killed would print a BrokenPipeError traceback;
-    it ends quietly instead."""
+    it ends quietly instead. SIGTERM (slurm's, or the pool's terminate) ends a worker at once, whatever
+    handler the main process had when it forked (a Python handler would wait for the worker's Python)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _process_in_worker(block: Block) -> BlockResult:

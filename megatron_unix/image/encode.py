@@ -1,18 +1,19 @@
 """Images -> VQ codes, as jsonl lines that ``tools/preprocess_data.py`` reads (``vqcode`` plus the texts).
 
-Images come from jsonl(.gz) lines (a path under ``--image-key``, or base64 / a ``data:`` URI under the
-base64 key) or from a folder (captions in same-stem ``.txt`` files), in batches that the caller makes
-(:mod:`~megatron_unix.image.ranks`: never across a shard's end, so that any split over ranks batches
-alike). Worker processes decode and crop a batch each (:func:`load_chunk`), a few batches ahead; the
-main process encodes the batches in input order and appends the lines to ``OUT.partial``. After every batch the partial is flushed and a progress record (inputs
+Images come as records of the input shards (:mod:`~megatron_unix.image.sources`: jsonl, image folders,
+parquet, webdataset tars), in batches that the caller makes (:func:`~megatron_unix.image.ranks.batches`:
+never across a shard's end, so that any split over ranks batches alike). Worker processes decode and
+crop a batch each (:func:`load_chunk`), a few batches ahead; the main process encodes the batches in
+input order and appends the lines to ``OUT.partial``. After every batch the partial is flushed and a progress record (inputs
 consumed, output bytes, counts) replaces the previous one, so a killed run resumes where the record
 says: the partial is cut to the recorded length and the consumed inputs are skipped. The output is
 the same for any worker count and any number of interruptions. The VQGAN encodes in fp32 on every
 device (:meth:`VQGAN.encode`), so codes equal those of an image prompt at inference.
 
-Bad images (missing, unreadable, truncated, smaller than ``min_size`` on the short side, more
-elongated than ``max_aspect``) and bad lines are skipped and counted by reason, or, with ``strict``,
-stop the run.
+Bad images (missing, unreadable, truncated, of more than 8 bits a channel, smaller than ``min_size`` on
+the short side, more elongated than ``max_aspect``) and bad records (their reasons come from the
+sources) are skipped and counted by reason, named by file and line, row or member, or, with
+``strict``, stop the run. Palette, CMYK and grey images are converted to RGB as the reference does.
 """
 
 from __future__ import annotations
@@ -33,38 +34,24 @@ from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from megatron_unix.data.preprocess import PreprocessError, in_order, quiet_worker, read_blocks
+from megatron_unix.data.preprocess import in_order, quiet_worker
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
 from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
+from megatron_unix.image.sources import Item, SourceError
 from megatron_unix.image.transforms import BadImage, crop_bytes, normalize, open_image
 from megatron_unix.image.vqgan import VQGAN
 from megatron_unix.platform import leftovers_of_dead_processes
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-BLOCK_BYTES = 1 << 20
-"""Input read per block (whole lines; a longer line makes a longer block)."""
 PROGRESS_SUFFIX = ".progress.json"
 PARTIAL_SUFFIX = ".partial"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 """What Pillow's decoders raise for damaged files (PNG chunk errors are SyntaxErrors)."""
+HIGH_BIT_DEPTH = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+"""Pillow's modes of 16- and 32-bit pixels (16-bit grey PNGs, float TIFFs): converting them to RGB clips."""
 
 
-class EncodeError(RuntimeError):
+class EncodeError(SourceError):
     """Fatal: the message names the file (and line) or the flag."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input image: where it is reported from (``file:line`` or the image file), the text fields kept
-    for the output line, and the image as a path or a base64 string; or why the line has none."""
-
-    where: str
-    fields: dict[str, Any]
-    path: str | None = None
-    base64: str | None = None
-    error: tuple[str, str] | None = None
-    progress: float = 0.0
-    """Share of the input read when this item was (for the ETA)."""
 
 
 class Batch(NamedTuple):
@@ -81,84 +68,19 @@ class Filters:
     max_aspect: float
 
 
-def jsonl_items(
-    paths: Sequence[Path],
-    image_key: str = "image",
-    base64_key: str = "image_base64",
-    image_root: Path | None = None,
-    skip: int = 0,
-) -> Iterator[Item]:
-    """The lines of jsonl(.gz) files, in order; blank lines are skipped, and so are the first ``skip``
-    others, unparsed (a resumed run's). Relative image paths are taken from ``image_root``, by default
-    the folder of the jsonl file."""
-    total = sum(p.stat().st_size for p in paths if p.is_file()) or 1
-    position = 0
-    try:
-        for block in read_blocks(paths, BLOCK_BYTES):
-            path = Path(block.path)
-            start, end, offset = position, block.position, 0
-            position = block.position
-            lines = block.data.split(b"\n")
-            if block.data.endswith(b"\n"):
-                lines.pop()
-            for number, line in enumerate(lines, block.first_line):
-                offset = min(offset + len(line) + 1, len(block.data))
-                if not line.strip():
-                    continue
-                if skip:
-                    skip -= 1
-                    continue
-                # the share at the line's end, within the block's span of the file on disk
-                progress = (start + (end - start) * offset / len(block.data)) / total
-                root = image_root or path.parent
-                yield _line_item(line, f"{path}:{number}", image_key, base64_key, root, progress)
-    except PreprocessError as e:
-        raise EncodeError(str(e)) from e
-
-
-def _line_item(line: bytes, where: str, image_key: str, base64_key: str, root: Path, progress: float) -> Item:
-    try:
-        record = json.loads(line)
-    except ValueError as e:
-        return Item(where, {}, error=("unparsable_json", str(e)), progress=progress)
-    if not isinstance(record, dict):
-        why = f"a JSON {type(record).__name__}, not an object"
-        return Item(where, {}, error=("unparsable_json", why), progress=progress)
-    fields = {k: v for k, v in record.items() if k not in (image_key, base64_key)}
-    path, data = record.get(image_key), record.get(base64_key)
-    if isinstance(path, str) and path.startswith("data:"):
-        path, data = None, path
-    if isinstance(data, str):
-        return Item(where, fields, base64=data, progress=progress)
-    if isinstance(path, str) and path:
-        return Item(where, fields, path=str(root / path), progress=progress)
-    why = f"no image: neither {image_key!r} (a path or data: URI) nor {base64_key!r} (base64) holds a string"
-    return Item(where, fields, error=("missing_image", why), progress=progress)
-
-
-def folder_items(directory: Path, caption_key: str = "caption", skip: int = 0) -> Iterator[Item]:
-    """The images under ``directory`` (recursively, sorted by path), each with the text of the same-stem
-    ``.txt`` file as its caption, if there is one; the first ``skip`` are left out (captions unread)."""
-    if not directory.is_dir():
-        raise EncodeError(f"--image-dir {directory}: no such directory")
-    paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    for i, path in enumerate(paths[skip:], skip):
-        text = path.with_suffix(".txt")
-        fields = {caption_key: text.read_text(encoding="utf-8").strip()} if text.is_file() else {}
-        yield Item(str(path), fields, path=str(path), progress=i / len(paths))
-
-
 def load(item: Item, filters: Filters) -> np.ndarray:
     """The item's ``[size, size, 3]`` uint8 crop, or :class:`BadImage`. Size and aspect are checked from
     the header, before decoding."""
     if item.error:
         raise BadImage(*item.error)
     try:
-        source = _base64_bytes(item.base64) if item.base64 is not None else item.path
+        source = _base64_bytes(item.base64) if item.base64 is not None else item.data or item.path
     except ValueError as e:
         raise BadImage("unreadable", f"not an image ({e})") from None
     with open_image(source) as image:
         width, height = image.size
+        if image.mode in HIGH_BIT_DEPTH:
+            raise BadImage("high_bit_depth", f"{image.mode} pixels: more than 8 bits a channel, which RGB would clip")
         if min(width, height) < filters.min_size:
             raise BadImage("too_small", f"{width}x{height}: the short side is below --min-size {filters.min_size}")
         if max(width, height) / min(width, height) > filters.max_aspect:

@@ -21,23 +21,12 @@ import threading
 from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import IO, Any, Iterator, Protocol, Sequence, TypeVar
+from typing import IO, Any, Iterator, Sequence, TypeVar
 
 from megatron_unix.data.preprocess_report import eta_text, first_reported
 from megatron_unix.files import write_atomically
-from megatron_unix.image.encode import PARTIAL_SUFFIX, PROGRESS_SUFFIX, Batch, EncodeError, Item, Summary
-
-
-class Shard(Protocol):
-    """What a rank needs of a shard: a name, its items after the first ``skip``, and how many it has
-    (asked only of shards that a resumed rank has done)."""
-
-    name: str
-
-    def items(self, skip: int = 0) -> Iterator[Item]: ...
-
-    def count(self) -> int: ...
-
+from megatron_unix.image.encode import PARTIAL_SUFFIX, PROGRESS_SUFFIX, Batch, EncodeError, Summary
+from megatron_unix.image.sources import Shard, resumed
 
 S = TypeVar("S")
 
@@ -49,17 +38,11 @@ def rank_block(shards: Sequence[S], rank: int, world: int) -> Sequence[S]:
 
 
 def batches(shards: Sequence[Shard], skip: int, size: int) -> Iterator[Batch]:
-    """The items of ``shards`` after the first ``skip``, in batches of up to ``size`` that never cross a
-    shard's end; the share of the input read counts shards (each item's ``progress`` within its own)."""
-    for i, shard in enumerate(shards):
-        if skip:
-            count = shard.count()
-            if skip >= count:
-                skip -= count
-                continue
-        items, skip = shard.items(skip), 0
+    """The records of ``shards`` after the first ``skip``, in batches of up to ``size`` that never cross a
+    shard's end (:func:`~megatron_unix.image.sources.resumed`); the share read weighs shards by size."""
+    for before, share, items in resumed(shards, skip):
         while chunk := list(islice(items, size)):
-            yield Batch(chunk, (i + chunk[-1].progress) / len(shards))
+            yield Batch(chunk, before + share * chunk[-1].progress)
 
 
 def rank_output(output: Path, rank: int, world: int) -> Path:
