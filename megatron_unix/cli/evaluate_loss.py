@@ -20,6 +20,7 @@ from megatron_unix.cli import out_of_range
 from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record
 
 HELP = "validation loss and perplexity per modality of a Megatron checkpoint (any TP/PP)"
+KEPT = "nothing written ({output_dir}/results.json as it was)"
 
 CARRIED = (
     "tokenizer_model",

@@ -105,9 +105,11 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tok: MultimodalTokenizer, fmt: LineFormat, strict: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers is the CPU budget
-    # A stop is the main process's to report: Ctrl-C reaches the whole process group, and a worker whose
-    # main process was killed would print a BrokenPipeError traceback; it ends quietly instead.
+    # A stop is the main process's to report: Ctrl-C reaches the whole process group, a SIGTERM there ends
+    # a worker quietly (not by the main process's handler, which a forked worker inherits), and a worker
+    # whose main process was killed would print a BrokenPipeError traceback; it ends quietly instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _WORKER.update(tok=tok, fmt=fmt, strict=strict)
 
