@@ -2,9 +2,9 @@
 a terminal sends it): one line saying what was kept, exit 130, no traceback, every file left whole and
 no temporary left behind (``cli.stops_in_one_line``, which preprocess_data and conditional_entropy use too).
 
-Each child is stopped once its first result is on disk. generate's progress goes to a pipe of one page
-that the test stops reading there, so the child cannot finish first; evaluate has far more items than
-it answers in the moment the signal takes."""
+Each child is stopped once its first result is on disk. generate's progress goes to a pipe of four pages
+that the test does not read (less than the whole run's progress), so the child cannot finish first;
+evaluate has far more items than it answers in the moment the signal takes."""
 
 from __future__ import annotations
 
@@ -35,15 +35,18 @@ def start(tool: str, *argv: str) -> subprocess.Popen:
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
     )
-    fcntl.fcntl(proc.stdout.fileno(), F_SETPIPE_SZ, 4096)
+    fcntl.fcntl(proc.stdout.fileno(), F_SETPIPE_SZ, 16384)
     return proc
 
 
-def wait_for(proc: subprocess.Popen, done) -> None:
-    """Until ``done()``; a child that ended first fails the test with its output."""
+def wait_for(proc: subprocess.Popen, done, timeout: float = 300) -> None:
+    """Until ``done()``; a child that ended first, or never got there, fails the test with its output."""
+    deadline = time.monotonic() + timeout
     while not done():
-        if proc.poll() is not None:
-            pytest.fail(f"ended first ({proc.returncode}):\n{proc.stdout.read()}")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"ended first or stuck ({proc.wait()}):\n{proc.stdout.read()}")
         time.sleep(0.02)
 
 

@@ -103,15 +103,32 @@ def read_blocks(paths: Sequence[Path], block_bytes: int) -> Iterator[Block]:
 _WORKER: dict[str, Any] = {}
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker(tok: MultimodalTokenizer, fmt: LineFormat, strict: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers is the CPU budget
-    # A stop is the main process's to report: Ctrl-C reaches the whole process group, a SIGTERM there ends
-    # a worker quietly (not by the main process's handler, which a forked worker inherits), and a worker
-    # whose main process was killed would print a BrokenPipeError traceback; it ends quietly instead.
+    # A stop is the main process's to report: Ctrl-C reaches the whole process group, the pool's SIGTERM
+    # ends a worker quietly, and a worker whose main process was killed would print a BrokenPipeError
+    # traceback; it ends quietly instead. A worker starts with the stop signals blocked (new_pool), so
+    # that one sent before these lines waits for them, not for the main process's handler it inherited
+    # (a SIGTERM caught by that handler and then dropped here left a worker that the pool waits for forever).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _WORKER.update(tok=tok, fmt=fmt, strict=strict)
+
+
+def new_pool(workers: int, tok: MultimodalTokenizer, fmt: LineFormat, strict: bool) -> multiprocessing.pool.Pool:
+    """The tokenizing workers, started (and their pool's threads, which start replacements) with the stop
+    signals blocked: each unblocks them once its own handling is set (:func:`_init_worker`). A stop sent
+    meanwhile to this process is delivered when this returns."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _process_in_worker(block: Block) -> BlockResult:
@@ -158,7 +175,7 @@ def preprocess(
     summary = Summary()
     progress = Progress(summary, sum(path.stat().st_size for path in paths), log_interval, log)
     with (
-        multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool,
+        new_pool(workers, tok, fmt, strict) as pool,
         DatasetWriter(output_prefix, vocabulary=tok.model_config_fields()) as writer,
     ):
         for result in in_order(pool, _process_in_worker, read_blocks(paths, block_bytes), 2 * workers):
