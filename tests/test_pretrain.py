@@ -145,10 +145,10 @@ def initial(data, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def straight(data, initial, tmp_path_factory) -> Path:
-    """The reference run: 4 iterations in one process, every sink on."""
+def straight_run(data, initial, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The reference run: 4 iterations in one process, every sink on; its save folder and its output."""
     save = tmp_path_factory.mktemp("straight")
-    run(
+    proc = run(
         common_args(data)
         + [
             "--pretrained-checkpoint",
@@ -168,7 +168,12 @@ def straight(data, initial, tmp_path_factory) -> Path:
         ],
         env={"WANDB_MODE": "offline"},
     )
-    return save
+    return save, proc
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run) -> Path:
+    return straight_run[0]
 
 
 def test_metrics_file_and_sinks(straight):
@@ -447,10 +452,11 @@ def test_bad_setting_cli_exits_before_any_work(data):
     assert time.time() - start < 60
 
 
-def test_understood_warnings_are_silenced_and_absent_accelerators_named_once(data, initial, tmp_path):
+def test_understood_warnings_are_silenced_and_absent_accelerators_named_once(straight_run):
+    """On the reference run (training, validation, saves and every sink: what a run can warn about)."""
     from megatron_unix import platform
 
-    proc = run(common_args(data, iters=2) + ["--pretrained-checkpoint", initial, "--save", str(tmp_path)])
+    proc = straight_run[1]
     assert_no_understood_warnings(proc.stderr)
     absent = ", ".join(platform.detect_accelerators().absent()) or "none"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("> accelerators absent: ")]

@@ -7,7 +7,8 @@ import argparse
 import errno
 import math
 import signal
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,7 @@ class Interrupted(BaseException):
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread; the
-    program catches it outside, says in one line what was kept, and returns ``exit_status``."""
+    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread."""
 
     def stop(signum: int, frame: object) -> None:
         raise Interrupted(signum)
@@ -86,6 +86,34 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stops_in_one_line(
+    program: str,
+    parse: Callable[[Sequence[str] | None], argparse.Namespace],
+    kept: Callable[[argparse.Namespace], str],
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[Sequence[str] | None], int]]:
+    """Makes a program's ``main(argv)`` of its ``parse(argv)`` and of the decorated ``main(args) -> exit
+    status``: SIGTERM or SIGINT (Ctrl-C) during either unwinds it (:class:`Interrupted`: its ``with`` and
+    ``finally`` blocks remove what is unfinished) and ends it in one line on stderr, ``PROGRAM: stopped
+    by SIGINT; KEPT`` (``kept(args)``, read after the unwinding: what the stop left; "nothing written"
+    while parsing), with the shell's status of that signal (130, 143) and no traceback."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[Sequence[str] | None], int]:
+        def main(argv: Sequence[str] | None = None) -> int:
+            args = None
+            try:
+                with stop_on_signals():
+                    args = parse(argv)
+                    return run(args)
+            except Interrupted as stop:
+                print(f"{program}: {stop}; {'nothing written' if args is None else kept(args)}", file=sys.stderr)
+                return stop.exit_status
+
+        main.__doc__ = run.__doc__
+        return main
+
+    return decorate
 
 
 def add_vqgan_arguments(group: argparse._ActionsContainer) -> None:

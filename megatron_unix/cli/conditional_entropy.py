@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_unix.cli import Interrupted, os_error_message, refuse_out_of_range, stop_on_signals
+from megatron_unix.cli import os_error_message, refuse_out_of_range, stops_in_one_line
 from megatron_unix.files import settings_mismatch, stat_digest, write_text_atomically
 
 if TYPE_CHECKING:  # the analysis imports megatron-core: imported after the flags are parsed
@@ -252,24 +252,23 @@ def count(args: argparse.Namespace, names: list[str], progress_path: Path, spill
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)  # before megatron-core is imported: --help and flag errors answer at once
+def kept(args: argparse.Namespace) -> str:
+    """What a stop leaves: the progress record of the datasets counted to the end, if any."""
+    progress_path = args.output_dir / PROGRESS
+    if progress_path.exists():
+        return f"the datasets counted so far are kept in {progress_path}: the same command resumes after them"
+    return "no dataset was counted to the end"
+
+
+@stops_in_one_line("conditional_entropy.py", parse_args, kept)
+def main(args: argparse.Namespace) -> int:
     names = labels(args.data_path)
     progress_path = args.output_dir / PROGRESS
     spill_root = (args.temp_dir or args.output_dir) / f"{SPILL_PREFIX}{os.getpid()}"
     try:
-        with stop_on_signals():
-            results = count(args, names, progress_path, spill_root)
-            write_outputs(results, args.max_n, args.output_dir, definition_of(args))
-            progress_path.unlink(missing_ok=True)
-    except Interrupted as stop:
-        kept = (
-            f"the datasets counted so far are kept in {progress_path}: the same command resumes after them"
-            if progress_path.exists()
-            else "no dataset was counted to the end"
-        )
-        print(f"conditional_entropy.py: {stop}; {kept}", file=sys.stderr)
-        return stop.exit_status
+        results = count(args, names, progress_path, spill_root)
+        write_outputs(results, args.max_n, args.output_dir, definition_of(args))
+        progress_path.unlink(missing_ok=True)
     except (OSError, ValueError) as error:
         if isinstance(error, OSError):
             error = os_error_message(error, f"the spilled runs under {spill_root.parent} (--temp-dir: one with room)")

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_unix.cli import MODEL_PATHS, missing_flag_path, not_a_folder, vqgan_flags_error
+from megatron_unix.cli import MODEL_PATHS, missing_flag_path, not_a_folder, stops_in_one_line, vqgan_flags_error
 
 SUBCOMMANDS = {
     "loss": "megatron_unix.cli.evaluate_loss",
@@ -32,7 +32,8 @@ SUBCOMMANDS = {
     "generation": "megatron_unix.cli.evaluate_generation",
     "report": "megatron_unix.cli.evaluate_report",
 }
-"""Subcommand -> module with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int`` (exit status)."""
+"""Subcommand -> module with ``HELP``, ``KEPT`` (what a stop leaves in ``{output_dir}``),
+``add_arguments(parser)`` and ``run(args) -> int`` (exit status)."""
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,10 +138,16 @@ def build_parser(commands: dict[str, str] = SUBCOMMANDS) -> argparse.ArgumentPar
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags, the chosen subcommand's module only imported (``--help`` without one imports all)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = {argv[0]: SUBCOMMANDS[argv[0]]} if argv and argv[0] in SUBCOMMANDS else SUBCOMMANDS
-    args = build_parser(chosen).parse_args(argv)
+    return build_parser(chosen).parse_args(argv)
+
+
+@stops_in_one_line("evaluate", parse, lambda args: args.module.KEPT.format(output_dir=args.output_dir))
+def main(args: argparse.Namespace) -> int:
+    """The chosen subcommand; its module's ``KEPT`` says what a stop leaves."""
     return args.module.run(args)
 
 

@@ -27,6 +27,7 @@ from megatron_unix.cli.evaluate import (
 from megatron_unix.cli.generate import T2I_SAMPLING
 
 HELP = "GenEval / DPG-Bench images with CFG (spec §6), laid out for their scorers; scored where they run"
+KEPT = "the images painted so far are kept under {output_dir}: the same command resumes after them"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

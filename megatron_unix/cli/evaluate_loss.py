@@ -19,6 +19,7 @@ from megatron_unix.cli import RUN_FLAGS, add_run_arguments, add_verify_argument,
 from megatron_unix.cli.evaluate import add_output_arguments, checkpoint_record
 
 HELP = "validation loss and perplexity per modality of a Megatron checkpoint (any TP/PP)"
+KEPT = "nothing written ({output_dir}/results.json as it was)"
 
 DATA_FLAGS = (
     "data_path",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 HELP = "gather the results of several checkpoints: tables beside the paper, loss and scores vs tokens seen"
+KEPT = "each file written so far is whole"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 HELP = "text benchmarks (ARC, WinoGrande, BoolQ, MMLU) through lm-evaluation-harness"
+KEPT = "the answers so far are in the request cache in {output_dir}/" + text.CACHE_DIR + ": the same command resumes"
 SECTION = "text"
 
 RESUME = f"""\

@@ -26,6 +26,7 @@ from megatron_unix.cli.evaluate import (
 
 HELP = "VLMEvalKit understanding benchmarks (MME, POPE, MMBench, SEED) from local TSVs, greedy answers"
 ANSWERS = "answers.jsonl"
+KEPT = "the answers so far are in {output_dir}/" + ANSWERS + ": the same command resumes after them"
 ALIASES = {"MMBench": "MMBench_DEV_EN", "MMBench_CN": "MMBench_DEV_CN", "SEED": "SEEDBench_IMG"}
 """Short names the flag takes; results use VLMEvalKit's file names."""
 DEFAULT_BENCHMARKS = "MME,POPE,MMBench_DEV_EN,SEEDBench_IMG"

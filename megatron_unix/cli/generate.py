@@ -33,6 +33,7 @@ from megatron_unix.cli import (
     not_a_folder,
     out_of_range,
     sampling_checks,
+    stops_in_one_line,
     vqgan_flags_error,
 )
 
@@ -297,8 +298,15 @@ def generate_all(args: argparse.Namespace, prompts: list[str]) -> list[dict[str,
     return run_text(args, loaded, contexts, [f"{path}: {question}" for path in args.image], params)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def kept(args: argparse.Namespace) -> str:
+    """What a stop leaves: t2i's finished batches (images and samples.jsonl are rewritten whole after each)."""
+    if args.mode == "t2i":
+        return f"{args.output_dir / 'samples.jsonl'} lists the images of the finished batches, each file whole"
+    return "the samples printed above are whole; no samples.jsonl written"
+
+
+@stops_in_one_line("generate", lambda argv: build_parser().parse_args(argv), kept)
+def main(args: argparse.Namespace) -> int:
     try:
         prompts = read_prompts(args)
         check(args, prompts)

@@ -21,7 +21,7 @@ import argparse
 import inspect
 import sys
 
-from megatron_unix.cli import os_error_message, refuse_out_of_range
+from megatron_unix.cli import os_error_message, refuse_out_of_range, stops_in_one_line
 from megatron_unix.data.jsonl_schema import LineFormat
 from megatron_unix.data.tokenizer import MultimodalTokenizer
 
@@ -137,11 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)  # before megatron-core is imported: --help and flag errors answer at once
-    try:
-        from megatron_unix.data.preprocess import PreprocessError, merge, preprocess
+@stops_in_one_line("preprocess_data.py", parse_args, lambda args: "nothing written")
+def main(args: argparse.Namespace) -> int:
+    """Preprocess or merge (the workers leave a stop to this process: the pool is ended on the way out)."""
+    from megatron_unix.data.preprocess import PreprocessError, merge, preprocess  # (a stop here: no name unbound)
 
+    try:
         if args.merge_prefixes:
             docs = merge(args.merge_prefixes, args.output_prefix)
             print(
@@ -152,10 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         tok = build_tokenizer(args)
         fmt = build_line_format(args)
         summary = preprocess(args.input, args.output_prefix, tok, fmt, args.workers, args.strict, args.log_interval)
-    except KeyboardInterrupt:  # first: at start-up the names below are not imported yet
-        # (the workers ignore Ctrl-C: the pool is terminated on the way out)
-        print("preprocess_data.py: stopped by SIGINT; nothing written", file=sys.stderr)
-        return 130
     except (PreprocessError, OSError, ValueError) as e:
         if isinstance(e, OSError):
             e = os_error_message(e, f"--output-prefix {args.output_prefix} (nothing written)")

@@ -103,6 +103,9 @@ def read_blocks(paths: Sequence[Path], block_bytes: int) -> Iterator[Block]:
 _WORKER: dict[str, Any] = {}
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker(tok: MultimodalTokenizer, fmt: LineFormat, strict: bool) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers is the CPU budget
     quiet_worker()
@@ -113,10 +116,26 @@ def quiet_worker() -> None:
     """Initializer of worker processes: a stop is the main process's to report. Ctrl-C reaches the whole
     process group, and a worker whose main process was killed would print a BrokenPipeError traceback;
     it ends quietly instead. SIGTERM (slurm's, or the pool's terminate) ends a worker at once, whatever
-    handler the main process had when it forked (a Python handler would wait for the worker's Python)."""
+    handler the main process had when it forked. A worker starts with the stop signals blocked
+    (:func:`new_pool`), so that one sent before these lines waits for them, not for the inherited handler
+    (a SIGTERM caught by that handler and then dropped left a worker that the pool waits for forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def new_pool(
+    workers: int, initializer: Callable[..., None] = quiet_worker, initargs: tuple = ()
+) -> multiprocessing.pool.Pool:
+    """Worker processes started (and their pool's threads, which start replacements) with the stop signals
+    blocked: each unblocks them once its own handling is set (``initializer`` calls :func:`quiet_worker`).
+    A stop sent meanwhile to this process is delivered when this returns."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return multiprocessing.Pool(workers, initializer, initargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _process_in_worker(block: Block) -> BlockResult:
@@ -163,7 +182,7 @@ def preprocess(
     summary = Summary()
     progress = Progress(summary, sum(path.stat().st_size for path in paths), log_interval, log)
     with (
-        multiprocessing.Pool(workers, _init_worker, (tok, fmt, strict)) as pool,
+        new_pool(workers, _init_worker, (tok, fmt, strict)) as pool,
         DatasetWriter(output_prefix, vocabulary=tok.model_config_fields()) as writer,
     ):
         for result in in_order(pool, _process_in_worker, read_blocks(paths, block_bytes), 2 * workers):

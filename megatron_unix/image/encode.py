@@ -28,13 +28,12 @@ from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from megatron_unix.data.preprocess import in_order, quiet_worker
+from megatron_unix.data.preprocess import in_order, new_pool
 from megatron_unix.data.preprocess_report import ProgressLine, first_reported, reported_lines, skipped_text
 from megatron_unix.files import lock_exclusively, settings_mismatch, write_error, write_text_atomically
 from megatron_unix.image.sources import Item, SourceError
@@ -301,7 +300,7 @@ def encode_images(
             summary = Summary.from_record(record, model.config.n_embed, consumed)
             print(f"resuming {out.partial}: {consumed:,} inputs done, {summary.encoded:,} images", file=log)
         submitted: deque[Batch] = deque()
-        with Pool(workers, quiet_worker) if workers else nullcontext() as pool:
+        with new_pool(workers) if workers else nullcontext() as pool:
             chunks = _submitted(iter(inputs(consumed)), submitted)
             for chunk in in_order(pool, partial(load_chunk, filters=filters), chunks, 2 * workers):
                 batch = submitted.popleft()
