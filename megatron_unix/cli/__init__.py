@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import errno
 import math
-import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from megatron_unix.signals import Interrupted, stop_on_signals  # noqa: F401  (the programs' names for them)
 
 
 def out_of_range(args: argparse.Namespace, checks: Iterable[tuple[str, bool]]) -> str | None:
@@ -56,36 +56,6 @@ def os_error_message(error: OSError, writing: str) -> str:
         what = error.strerror if error.errno else f"a write fell short ({error}: a full disk?)"
         return f"{what} while writing {writing}"
     return str(error)
-
-
-class Interrupted(BaseException):
-    """A stop asked by SIGTERM (what slurm and ``kill`` send) or SIGINT (Ctrl-C), raised where the program
-    was, so its ``with`` and ``finally`` blocks clean up (a BaseException, as KeyboardInterrupt: no
-    ``except Exception`` catches it)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-    @property
-    def exit_status(self) -> int:
-        """The shell's status of a process that a signal ended: 128 + its number (143, 130)."""
-        return 128 + self.signum
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread."""
-
-    def stop(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def stops_in_one_line(

@@ -17,9 +17,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_unix.cli import Interrupted, stop_on_signals
 from megatron_unix.comparison.plan import SOURCE_TREE, STAGES, VARIANTS, Layout, Settings, Step
 from megatron_unix.files import lock_exclusively, settings_mismatch, write_text_atomically
+from megatron_unix.signals import Interrupted, stop_on_signals
 
 SETTINGS = "settings.json"
 
