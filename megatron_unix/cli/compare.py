@@ -26,6 +26,7 @@ failed (its log is named), 2 refused (a flag or file, named), 128+N stopped by s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from collections.abc import Sequence
@@ -142,33 +143,20 @@ def settings_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> Setting
             shlex.split(getattr(args, flag[2:].replace("-", "_")) or "")
         except ValueError as error:
             p.error(f"{flag}: {error}")
+    resolved = {
+        "model_preset": None if args.hf_dir else args.model_preset or "tiny",
+        "hf_dir": str(Path(args.hf_dir).resolve()) if args.hf_dir else None,
+        "data_path": _absolute(args.data_path),
+        "tokenizer_model": str(Path(args.tokenizer_model).resolve()) if args.tokenizer_model else None,
+        "lr_warmup_iters": args.train_iters // 10 if args.lr_warmup_iters is None else args.lr_warmup_iters,
+        "grad_text_data": _absolute(args.grad_text_data),
+        "grad_mm_data": _absolute(args.grad_mm_data),
+    }
     return Settings(
-        model_preset=None if args.hf_dir else args.model_preset or "tiny",
-        hf_dir=str(Path(args.hf_dir).resolve()) if args.hf_dir else None,
-        data_path=_absolute(args.data_path),
-        tokenizer_model=str(Path(args.tokenizer_model).resolve()) if args.tokenizer_model else None,
-        split=args.split,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size,
-        train_iters=args.train_iters,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_iters=args.train_iters // 10 if args.lr_warmup_iters is None else args.lr_warmup_iters,
-        eval_iters=args.eval_iters,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        seed=args.seed,
-        vision_encode_layers=args.vision_encode_layers,
-        vision_decode_layers=args.vision_decode_layers,
-        decoder_sparse_step=args.decoder_sparse_step,
-        train_args=args.train_args,
-        grad_batches=args.grad_batches,
-        grad_text_data=_absolute(args.grad_text_data),
-        grad_mm_data=_absolute(args.grad_mm_data),
-        text_args=args.text_args,
-        understanding_args=args.understanding_args,
-        generation_args=args.generation_args,
+        **{
+            f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name)
+            for f in dataclasses.fields(Settings)
+        }
     )
 
 
